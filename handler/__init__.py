@@ -1,0 +1,16 @@
+"""Batched image classification handler for TorchServe.
+
+Modules, one concern each:
+    config        -- HandlerConfig, validated once from model-config.yaml's ``handler:`` section
+    errors        -- request/image errors that carry their HTTP status
+    decode        -- TorchServe request rows -> raw image bytes (raw body, multipart, JSON base64)
+    images        -- image bytes -> uint8 CHW tensor (decode, EXIF, RGB, resize/crop)
+    dataset       -- the torch Dataset the DataLoader workers run ``images`` in
+    loader        -- the persistent multi-worker DataLoader, reset per request batch
+    batching      -- flatten the server-side batch into image slots and split results back
+    architectures -- the demo model (ShapesNet) and the architecture registry
+    model_loading -- build an architecture and load its weights and labels
+    postprocess   -- logits -> top-k {label: score}
+    responses     -- per-request response bodies and statuses
+    service       -- the one TorchServe handler class that wires the above together
+"""

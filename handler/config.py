@@ -1,0 +1,131 @@
+"""Handler settings: one frozen dataclass, validated once from model-config.yaml's ``handler:``."""
+
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+RESIZE_MODES = ("center_crop", "letterbox", "squash")
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class HandlerConfig:
+    """Every setting the handler reads. Defaults suit an ImageNet-style torchvision classifier.
+
+    Attributes:
+        arch: model architecture: ``shapes_cnn`` (the demo model) or any
+            ``torchvision.models`` classification name, e.g. ``resnet18``.
+        image_size: side of the square tensor the model sees.
+        resize_size: ``center_crop`` mode: the shorter side is resized to this before cropping.
+        resize_mode: ``center_crop`` (torchvision eval preset), ``letterbox`` (whole image,
+            aspect kept, padded) or ``squash`` (whole image stretched to a square).
+        pad_value: ``letterbox`` fill, 0-255 on every channel.
+        mean, std: per-channel normalization applied to pixels scaled to [0, 1].
+        top_k: classes returned per image.
+        batch_size: images per DataLoader batch (and per model forward pass).
+        num_workers: DataLoader worker processes (0 decodes in the handler process).
+        pin_memory: pin host batches for fast, asynchronous copies to the GPU (CUDA only).
+        mp_context: multiprocessing start method of the loader workers.
+        max_images_per_request: more images than this in one request is a 413.
+        max_image_pixels: an image with more pixels (width x height) is a 413.
+        jpeg_draft: let libjpeg downscale large JPEGs while decoding (DCT scaling).
+        loader_timeout_s: a loader batch that takes longer is an error, never a hang.
+    """
+
+    arch: str = "resnet18"
+    image_size: int = 224
+    resize_size: int = 256
+    resize_mode: str = "center_crop"
+    pad_value: int = 0
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    top_k: int = 5
+    batch_size: int = 16
+    num_workers: int = 2
+    pin_memory: bool = True
+    mp_context: str = "fork"
+    max_images_per_request: int = 64
+    max_image_pixels: int = 50_000_000
+    jpeg_draft: bool = True
+    loader_timeout_s: float = 120.0
+
+    def __post_init__(self) -> None:
+        _positive("image_size", self.image_size)
+        _positive("resize_size", self.resize_size)
+        _positive("top_k", self.top_k)
+        _positive("batch_size", self.batch_size)
+        _positive("max_images_per_request", self.max_images_per_request)
+        _positive("max_image_pixels", self.max_image_pixels)
+        if self.loader_timeout_s <= 0:
+            raise ValueError(f"handler.loader_timeout_s must be > 0, got {self.loader_timeout_s}")
+        if self.num_workers < 0:
+            raise ValueError(f"handler.num_workers must be >= 0, got {self.num_workers}")
+        if self.resize_mode not in RESIZE_MODES:
+            raise ValueError(
+                f"handler.resize_mode must be one of {', '.join(RESIZE_MODES)}; got {self.resize_mode!r}"
+            )
+        if self.resize_mode == "center_crop" and self.resize_size < self.image_size:
+            raise ValueError(
+                f"handler.resize_size ({self.resize_size}) must be >= image_size ({self.image_size})"
+            )
+        if not 0 <= self.pad_value <= 255:
+            raise ValueError(f"handler.pad_value must be within 0..255, got {self.pad_value}")
+        if any(s <= 0 for s in self.std):
+            raise ValueError(f"handler.std values must be > 0, got {list(self.std)}")
+        if self.mp_context not in multiprocessing.get_all_start_methods():
+            raise ValueError(
+                f"handler.mp_context must be one of {multiprocessing.get_all_start_methods()}, "
+                f"got {self.mp_context!r}"
+            )
+
+    @classmethod
+    def from_mapping(cls, settings: Mapping[str, Any] | None) -> "HandlerConfig":
+        """Build from the YAML ``handler:`` mapping; unknown keys and wrong types are errors."""
+        settings = dict(settings or {})
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(settings) - set(fields))
+        if unknown:
+            raise ValueError(
+                f"unknown handler setting {unknown[0]!r} in model-config.yaml; "
+                f"known settings: {', '.join(sorted(fields))}"
+            )
+        values = {name: _coerce(name, fields[name].default, value) for name, value in settings.items()}
+        return cls(**values)
+
+
+def _positive(name: str, value: int) -> None:
+    if value <= 0:
+        raise ValueError(f"handler.{name} must be > 0, got {value}")
+
+
+def _coerce(name: str, default: Any, value: Any) -> Any:
+    """Check a YAML value against the type of the field's default and convert it."""
+    where = f"handler.{name}"
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ValueError(f"{where} must be true or false, got {value!r}")
+        return value
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{where} must be an integer, got {value!r}")
+        return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if isinstance(default, tuple):
+        if (
+            not isinstance(value, (list, tuple))
+            or len(value) != len(default)
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+        ):
+            raise ValueError(f"{where} must be a list of {len(default)} numbers, got {value!r}")
+        return tuple(float(v) for v in value)
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{where} must be a non-empty string, got {value!r}")
+    return value

@@ -1,0 +1,139 @@
+"""TorchServe request rows -> the raw image bytes they carry.
+
+A row is one request as TorchServe hands it to ``handle``:
+    raw body (``curl -T``, octet-stream, image/*)  {"body": bytearray}
+    multipart form, one file per field             {"a": bytearray, "b": bytearray, ...}
+    JSON (application/json, already parsed)        {"body": {"images": [b64, ...]}} or {"body": {"data": b64}}
+Text bodies arrive as ``str`` and are rejected: they are not images.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from handler.errors import BadRequest, ImageProblem, PayloadTooLarge, RequestError
+
+
+@dataclass(frozen=True)
+class RawImage:
+    """One image of a request: where it came from and its encoded bytes."""
+
+    index: int
+    field: str | None
+    data: bytes
+
+
+@dataclass(frozen=True)
+class ParsedRequest:
+    """The images of one request; ``as_list`` says whether the client sent a list."""
+
+    images: list[RawImage]
+    as_list: bool
+
+
+JSON_SHAPE_HELP = 'send {"images": ["<base64>", ...]} or {"data": "<base64>"}'
+
+
+def parse_request(row: Mapping[str, Any], max_images: int) -> ParsedRequest:
+    """Extract a request's images; raise RequestError (4xx) if it carries none or too many."""
+    if not row:
+        raise BadRequest("empty_request", "the request has no body; send one or more images")
+    if "body" in row and len(row) == 1:
+        parsed = _parse_body(row["body"])
+    else:
+        parsed = _parse_multipart(row)
+    if not parsed.images:
+        raise BadRequest("no_images", "the request holds no images; send at least one")
+    if len(parsed.images) > max_images:
+        raise PayloadTooLarge(
+            "too_many_images",
+            f"the request holds {len(parsed.images)} images; the limit is {max_images} per request, "
+            "split it into several requests",
+        )
+    _reject_empty(parsed.images)
+    return parsed
+
+
+def _parse_body(body: Any) -> ParsedRequest:
+    if isinstance(body, (bytes, bytearray)):
+        return ParsedRequest([RawImage(0, None, bytes(body))], as_list=False)
+    if isinstance(body, (dict, list)):
+        return _parse_json(body)
+    raise BadRequest(
+        "unsupported_content",
+        "the body is text, not an image; send image bytes (Content-Type: application/octet-stream "
+        "or image/*), multipart files, or JSON with base64 images",
+    )
+
+
+def _parse_multipart(row: Mapping[str, Any]) -> ParsedRequest:
+    # A single JSON part is treated like a JSON body, so clients may also post JSON as a form field.
+    if len(row) == 1:
+        (value,) = row.values()
+        if isinstance(value, (dict, list)):
+            return _parse_json(value)
+    images: list[RawImage] = []
+    problems: list[ImageProblem] = []
+    for index, (name, value) in enumerate(row.items()):
+        if isinstance(value, (bytes, bytearray)):
+            images.append(RawImage(index, name, bytes(value)))
+        else:
+            problems.append(ImageProblem(index, name, "field is text or JSON, not an image file"))
+    if problems:
+        raise BadRequest("invalid_field", "multipart fields must be image files", problems)
+    return ParsedRequest(images, as_list=len(images) > 1)
+
+
+def _parse_json(body: Any) -> ParsedRequest:
+    if not isinstance(body, dict):
+        raise BadRequest("invalid_json", f"the JSON body must be an object; {JSON_SHAPE_HELP}")
+    if "images" in body:
+        items = body["images"]
+        if not isinstance(items, list):
+            raise BadRequest("invalid_json", f'"images" must be a list; {JSON_SHAPE_HELP}')
+        return ParsedRequest(_decode_base64_list(items, "images"), as_list=True)
+    if "data" in body:
+        return ParsedRequest(_decode_base64_list([body["data"]], "data"), as_list=False)
+    raise BadRequest("invalid_json", f"no images found in the JSON body; {JSON_SHAPE_HELP}")
+
+
+def _decode_base64_list(items: list[Any], field: str) -> list[RawImage]:
+    images: list[RawImage] = []
+    problems: list[ImageProblem] = []
+    for index, item in enumerate(items):
+        try:
+            images.append(RawImage(index, field, decode_base64(item)))
+        except ValueError as exc:
+            problems.append(ImageProblem(index, field, str(exc)))
+    if problems:
+        raise BadRequest("invalid_base64", "some images are not valid base64 strings", problems)
+    return images
+
+
+def decode_base64(item: Any) -> bytes:
+    """Strict base64 (standard or URL-safe alphabet, optional data: URL prefix, line breaks allowed)."""
+    if not isinstance(item, str):
+        raise ValueError(f"expected a base64 string, got {type(item).__name__}")
+    text = item
+    if text.startswith("data:"):
+        _, sep, text = text.partition(",")
+        if not sep:
+            raise ValueError("data: URL without a comma before the payload")
+    text = "".join(text.split())
+    if "-" in text or "_" in text:
+        text = text.replace("-", "+").replace("_", "/")
+    text += "=" * (-len(text) % 4) if "=" not in text else ""
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ValueError(f"invalid base64: {exc}") from None
+
+
+def _reject_empty(images: list[RawImage]) -> None:
+    problems = [ImageProblem(img.index, img.field, "zero bytes") for img in images if not img.data]
+    if problems:
+        raise BadRequest("empty_image", "some images are empty (zero bytes)", problems)
+

@@ -1,0 +1,153 @@
+"""Encoded image bytes -> a uint8 CHW tensor of the model's input size.
+
+Pixels stay uint8 all the way (resizing uint8 tensors with antialiasing is several times faster
+than PIL's float path); conversion to float and normalization happen once per batch, later.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torchvision.transforms.v2 import functional as TF
+
+from handler.config import HandlerConfig
+
+
+class ImageDecodeError(Exception):
+    """An image that cannot be turned into model input; ``status`` is its HTTP status."""
+
+    def __init__(self, reason: str, status: int = 400):
+        super().__init__(reason)
+        self.reason = reason
+        self.status = status
+
+
+@dataclass(frozen=True)
+class ImageTransform:
+    """Callable turning encoded bytes into a (3, S, S) uint8 tensor as the config describes."""
+
+    config: HandlerConfig
+
+    def __call__(self, data: bytes) -> torch.Tensor:
+        image = open_image(data, self.config.max_image_pixels)
+        if self.config.jpeg_draft and image.format == "JPEG":
+            # Ask libjpeg for a DCT-scaled decode no smaller than what the resize needs.
+            need = _decoded_side_needed(self.config)
+            image.draft("RGB", (need, need))
+        pixels = to_rgb_tensor(image)
+        return resize_to_input(pixels, self.config)
+
+
+def open_image(data: bytes, max_pixels: int) -> Image.Image:
+    """Open (header only) and check the pixel count before any pixel is decoded."""
+    try:
+        with warnings.catch_warnings():
+            # Our own limit below is the guard; Pillow's warning would only be noise.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError:
+        raise ImageDecodeError(f"image has more than {max_pixels} pixels", 413) from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise ImageDecodeError(_describe_unreadable(exc)) from None
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ImageDecodeError(
+            f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}", 413
+        )
+    if width < 1 or height < 1:
+        raise ImageDecodeError(f"image has no pixels ({width}x{height})")
+    return image
+
+
+def to_rgb_tensor(image: Image.Image) -> torch.Tensor:
+    """Decode: EXIF orientation applied, first frame, any mode -> (3, H, W) uint8 RGB."""
+    try:
+        image.seek(0)
+        image = ImageOps.exif_transpose(image)
+        array = _rgb_array(image)
+    except ImageDecodeError:
+        raise
+    except Exception as exc:  # Pillow raises many types for corrupt data; all mean the same here.
+        raise ImageDecodeError(_describe_unreadable(exc)) from None
+    return torch.from_numpy(array).permute(2, 0, 1)
+
+
+def _rgb_array(image: Image.Image) -> np.ndarray:
+    mode = image.mode
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        return _high_depth_to_rgb(image)
+    if mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+        mode = "RGBA"
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        # Transparent pixels show what a viewer shows: white behind the image.
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    return np.array(image, dtype=np.uint8)
+
+
+def _high_depth_to_rgb(image: Image.Image) -> np.ndarray:
+    """16-bit and float grayscale: scale to 8 bits (Pillow's convert would clip to white)."""
+    values = np.asarray(image, dtype=np.float64)
+    if image.mode == "F":
+        low, high = float(np.nanmin(values)), float(np.nanmax(values))
+        scale = 255.0 / (high - low) if high > low else 0.0
+        gray = (np.nan_to_num(values) - low) * scale
+    elif image.mode == "I" and values.max(initial=0) <= 255 and values.min(initial=0) >= 0:
+        gray = values  # an "I" image that only holds 8-bit values
+    else:
+        gray = np.clip(values, 0, 65535) / 257.0
+    gray8 = np.clip(np.rint(gray), 0, 255).astype(np.uint8)
+    return np.repeat(gray8[:, :, None], 3, axis=2)
+
+
+def resize_to_input(pixels: torch.Tensor, config: HandlerConfig) -> torch.Tensor:
+    """(3, H, W) uint8 -> (3, S, S) uint8 by the configured resize mode, antialiased."""
+    size = config.image_size
+    _, height, width = pixels.shape
+    if config.resize_mode == "squash":
+        return _resize(pixels, size, size)
+    if config.resize_mode == "letterbox":
+        scale = size / max(height, width)
+        new_h, new_w = max(1, round(height * scale)), max(1, round(width * scale))
+        resized = _resize(pixels, new_h, new_w)
+        top, left = (size - new_h) // 2, (size - new_w) // 2
+        padding = [left, size - new_w - left, top, size - new_h - top]
+        return F.pad(resized, padding, value=config.pad_value)
+    # center_crop: the crop of the resized image, computed in source pixels so that an extreme
+    # aspect ratio (8000x16) never materialises a huge intermediate image.
+    scale = config.resize_size / min(height, width)
+    crop_h = min(height, max(1, round(size / scale)))
+    crop_w = min(width, max(1, round(size / scale)))
+    top, left = (height - crop_h) // 2, (width - crop_w) // 2
+    return _resize(pixels[:, top : top + crop_h, left : left + crop_w], size, size)
+
+
+def _resize(pixels: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    if pixels.shape[1:] == (height, width):
+        return pixels.contiguous()
+    return TF.resize(pixels.contiguous(), [height, width], antialias=True)
+
+
+def _decoded_side_needed(config: HandlerConfig) -> int:
+    if config.resize_mode == "center_crop":
+        return config.resize_size
+    return config.image_size
+
+
+def _describe_unreadable(exc: BaseException) -> str:
+    if isinstance(exc, UnidentifiedImageError):
+        return "not a recognised image format"
+    text = str(exc).strip() or type(exc).__name__
+    # Keep messages short and free of image bytes.
+    return f"image data is corrupt or truncated ({text[:120]})"
+

@@ -1,0 +1,153 @@
+"""A DataLoader whose worker processes persist across requests.
+
+Creating a DataLoader with workers per request forks new processes every time and measured
+slower than a plain loop. Here the DataLoader is built once with ``persistent_workers=True``;
+each request swaps the batches in a ``RequestBatchSampler`` and iterates the loader again, which
+resets the same workers to a new epoch. The items the sampler yields carry the image bytes, so
+the workers need no shared state with the handler.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import multiprocessing
+import signal
+import threading
+from typing import Iterator, Sequence
+
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from handler.dataset import DecodedBatch, ImageBytesDataset, LoaderItem, collate_decoded
+
+log = logging.getLogger(__name__)
+
+# How often a request may rebuild a loader whose worker died before the error is given up on.
+MAX_REBUILDS_PER_RUN = 2
+
+
+class RequestBatchSampler(Sampler[list[LoaderItem]]):
+    """Yields the batches of the current request; replaced before every epoch."""
+
+    def __init__(self) -> None:
+        self._batches: list[list[LoaderItem]] = []
+
+    def set_batches(self, batches: list[list[LoaderItem]]) -> None:
+        self._batches = batches
+
+    def __iter__(self) -> Iterator[list[LoaderItem]]:
+        return iter(self._batches)
+
+    def __len__(self) -> int:
+        return len(self._batches)
+
+
+def _init_worker(_worker_id: int) -> None:
+    # One intra-op thread per worker: parallelism comes from the worker count, and the
+    # handler process keeps its own threads for the model.
+    torch.set_num_threads(1)
+
+
+def _disarm_sigchld_handler() -> None:
+    """Undo the SIGCHLD handler DataLoader installs once per process.
+
+    That handler raises RuntimeError in the main thread wherever it happens to be when a worker
+    dies -- in a TorchServe worker that is usually the socket read between requests, which would
+    kill the whole backend worker. Dead loader workers are detected in ``iterate`` instead.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return
+    from torch.utils.data._utils import signal_handling
+
+    if signal_handling._SIGCHLD_handler_set and signal.getsignal(signal.SIGCHLD) not in (
+        signal.SIG_DFL,
+        None,
+    ):
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+
+
+class PersistentImageLoader:
+    """Decodes lists of LoaderItems in parallel with long-lived DataLoader workers."""
+
+    def __init__(
+        self,
+        dataset: ImageBytesDataset,
+        *,
+        batch_size: int,
+        num_workers: int,
+        image_size: int,
+        pin_memory: bool,
+        mp_context: str,
+        timeout_s: float,
+    ) -> None:
+        self.batch_size = batch_size
+        self._dataset = dataset
+        self._num_workers = num_workers
+        self._collate = functools.partial(collate_decoded, image_size=image_size)
+        self._pin_memory = pin_memory
+        self._mp_context = mp_context
+        self._timeout_s = timeout_s
+        self._sampler = RequestBatchSampler()
+        self._loader = self._build()
+
+    def _build(self) -> DataLoader:
+        workers = self._num_workers
+        return DataLoader(
+            self._dataset,
+            batch_sampler=self._sampler,
+            num_workers=workers,
+            collate_fn=self._collate,
+            pin_memory=self._pin_memory,
+            persistent_workers=workers > 0,
+            multiprocessing_context=multiprocessing.get_context(self._mp_context) if workers else None,
+            worker_init_fn=_init_worker if workers else None,
+            timeout=self._timeout_s if workers else 0,
+        )
+
+    def start(self) -> None:
+        """Fork the workers now (an empty epoch), e.g. before the model is moved to a GPU."""
+        for _ in self.iterate([]):
+            pass
+        _disarm_sigchld_handler()
+
+    def iterate(self, items: Sequence[LoaderItem]) -> Iterator[DecodedBatch]:
+        """Decoded batches of ``items`` in order; rebuilds the loader if a worker died."""
+        batches = [list(items[i : i + self.batch_size]) for i in range(0, len(items), self.batch_size)]
+        delivered = 0
+        rebuilds = 0
+        self._replace_dead_workers()
+        while True:
+            self._sampler.set_batches(batches[delivered:])
+            try:
+                for batch in self._loader:
+                    _disarm_sigchld_handler()
+                    delivered += 1
+                    yield batch
+                return
+            except RuntimeError as exc:
+                # A killed worker ("DataLoader worker (pid N) exited unexpectedly") or a timeout.
+                if rebuilds >= MAX_REBUILDS_PER_RUN or "DataLoader" not in str(exc):
+                    raise
+                rebuilds += 1
+                log.warning("image loader failed (%s); rebuilding its workers", exc)
+                self.close()
+                self._loader = self._build()
+
+    def _replace_dead_workers(self) -> None:
+        """A worker killed between requests would stall the next one until a liveness timeout:
+        check first and rebuild."""
+        iterator = getattr(self._loader, "_iterator", None)
+        workers = getattr(iterator, "_workers", None) or []
+        dead = [w.pid for w in workers if not w.is_alive()]
+        if dead:
+            log.warning("image loader workers %s died; rebuilding the loader", dead)
+            self.close()
+            self._loader = self._build()
+
+    def close(self) -> None:
+        """Stop the worker processes."""
+        iterator = getattr(self._loader, "_iterator", None)
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+        self._loader._iterator = None

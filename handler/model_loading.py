@@ -1,0 +1,42 @@
+"""Load labels and weights from the model directory TorchServe unpacked the .mar into."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from handler.architectures import build_model
+
+
+def load_labels(path: Path) -> list[str]:
+    """``index_to_name.json`` ({"0": "circle", ...}) -> labels ordered by class index."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path.name} is missing from the model archive; add it with --labels")
+    mapping = json.loads(path.read_text())
+    if not isinstance(mapping, dict) or not mapping:
+        raise ValueError(f"{path.name} must be a non-empty JSON object {{\"0\": \"label\", ...}}")
+    indices = sorted(int(k) for k in mapping)
+    if indices != list(range(len(indices))):
+        raise ValueError(f"{path.name} keys must be 0..{len(indices) - 1}, got {indices}")
+    return [str(mapping[str(i)]) for i in indices]
+
+
+def load_model(arch: str, weights: Path, num_classes: int) -> nn.Module:
+    """Build ``arch`` and load a state_dict (weights only, never arbitrary pickles); eval mode."""
+    model = build_model(arch, num_classes)
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    # Checkpoints saved from DataParallel/DDP prefix every key with "module.".
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ValueError(
+            f"weights in {weights.name} do not fit architecture {arch!r} with {num_classes} classes: "
+            f"{str(exc)[:500]}"
+        ) from None
+    return model.eval()

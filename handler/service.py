@@ -1,0 +1,150 @@
+"""The TorchServe handler: one class that wires decode -> DataLoader -> model -> top-k.
+
+TorchServe requires exactly one class in the handler module; everything else lives in sibling
+modules of the ``handler`` package.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from http import HTTPStatus
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from handler.batching import FlatBatch, Outcomes, flatten, split
+from handler.config import HandlerConfig
+from handler.dataset import DecodedBatch, ImageBytesDataset
+from handler.decode import ParsedRequest, parse_request
+from handler.errors import RequestError
+from handler.images import ImageTransform
+from handler.loader import PersistentImageLoader
+from handler.model_loading import load_labels, load_model
+from handler.postprocess import top_k_labels
+
+log = logging.getLogger(__name__)
+
+Prediction = dict[str, float]
+
+
+class ImageBatchHandler:
+    """Many images per request, many requests per batch; bad requests fail alone."""
+
+    def __init__(self) -> None:
+        self.initialized = False
+        self.config = HandlerConfig()
+        self.device = torch.device("cpu")
+        self.labels: list[str] = []
+        self.model: torch.nn.Module | None = None
+        self.loader: PersistentImageLoader | None = None
+
+    # ---- start-up -------------------------------------------------------------------------
+
+    def initialize(self, context: Any) -> None:
+        """Validate the config, start the loader workers, then load the model onto its device."""
+        properties = context.system_properties
+        model_dir = Path(properties["model_dir"])
+        model_yaml = getattr(context, "model_yaml_config", None) or {}
+        self.config = HandlerConfig.from_mapping(model_yaml.get("handler"))
+        # Keep Pillow's decompression-bomb guard on, at our limit (the stock handler turns it off).
+        Image.MAX_IMAGE_PIXELS = self.config.max_image_pixels
+        self.device = select_device(properties.get("gpu_id"))
+
+        cfg = self.config
+        self.loader = PersistentImageLoader(
+            ImageBytesDataset(ImageTransform(cfg)),
+            batch_size=cfg.batch_size,
+            num_workers=cfg.num_workers,
+            image_size=cfg.image_size,
+            pin_memory=cfg.pin_memory and self.device.type == "cuda",
+            mp_context=cfg.mp_context,
+            timeout_s=cfg.loader_timeout_s,
+        )
+        # Fork the workers while this process is small and has no CUDA context.
+        self.loader.start()
+
+        self.labels = load_labels(model_dir / "index_to_name.json")
+        weights = model_dir / context.manifest["model"]["serializedFile"]
+        model = load_model(cfg.arch, weights, len(self.labels))
+        self.model = model.to(self.device, memory_format=torch.channels_last)
+        scale = torch.tensor(cfg.std, device=self.device).view(1, 3, 1, 1) * 255.0
+        self._mean255 = torch.tensor(cfg.mean, device=self.device).view(1, 3, 1, 1) * 255.0
+        self._inv_std255 = 1.0 / scale
+        self.initialized = True
+        log.info("handler ready: arch=%s device=%s config=%s", cfg.arch, self.device, cfg)
+
+    # ---- one server-side batch ------------------------------------------------------------
+
+    def handle(self, data: list[dict[str, Any]], context: Any) -> list[str]:
+        """One response body per request, in order; bad requests get their own 4xx status."""
+        requests = self.parse(data)
+        flat = flatten(requests)
+        outcomes = self.inference(self.preprocess(flat))
+        return self.postprocess(requests, flat, outcomes, context)
+
+    def parse(self, data: list[dict[str, Any]]) -> list[ParsedRequest | RequestError]:
+        """Each request row -> its images, or the RequestError that rejects it."""
+        parsed: list[ParsedRequest | RequestError] = []
+        for row in data:
+            try:
+                parsed.append(parse_request(row, self.config.max_images_per_request))
+            except RequestError as exc:
+                parsed.append(exc)
+        return parsed
+
+    def preprocess(self, flat: FlatBatch) -> list[DecodedBatch]:
+        """Decode and resize every image through the persistent multi-worker DataLoader."""
+        assert self.loader is not None, "initialize() has not run"
+        return list(self.loader.iterate(flat.items))
+
+    @torch.inference_mode()
+    def inference(self, batches: list[DecodedBatch]) -> Outcomes[Prediction]:
+        """Run the model on each decoded batch; record predictions and failures by image key."""
+        assert self.model is not None, "initialize() has not run"
+        outcomes: Outcomes[Prediction] = Outcomes()
+        for batch in batches:
+            outcomes.failures.update(batch.failures)
+            if not batch.keys:
+                continue
+            logits = self.model(self.to_model_input(batch.pixels))
+            predictions = top_k_labels(logits, self.labels, self.config.top_k)
+            outcomes.results.update(zip(batch.keys, predictions))
+        return outcomes
+
+    def to_model_input(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 NCHW (pinned on CUDA) -> normalized float on the device, channels_last."""
+        x = pixels.to(self.device, non_blocking=True).float()
+        x = (x - self._mean255) * self._inv_std255
+        return x.contiguous(memory_format=torch.channels_last)
+
+    def postprocess(
+        self,
+        requests: list[ParsedRequest | RequestError],
+        flat: FlatBatch,
+        outcomes: Outcomes[Prediction],
+        context: Any,
+    ) -> list[str]:
+        """JSON body per request: an object for one image, a list for several, an error body for 4xx."""
+        grouped = split(flat, outcomes, len(requests))
+        bodies: list[str] = []
+        for idx, (request, result) in enumerate(zip(requests, grouped)):
+            error = request if isinstance(request, RequestError) else result
+            context.set_response_content_type(idx, "application/json")
+            if isinstance(error, RequestError):
+                log.info("request %d rejected: %s", idx, error)
+                context.set_response_status(error.status, HTTPStatus(error.status).phrase, idx)
+                bodies.append(json.dumps(error.as_json()))
+                continue
+            assert isinstance(request, ParsedRequest) and isinstance(result, list)
+            bodies.append(json.dumps(result if request.as_list else result[0]))
+        return bodies
+
+
+def select_device(gpu_id: Any) -> torch.device:
+    """The GPU TorchServe assigned to this worker when CUDA is available, else the CPU."""
+    if gpu_id is not None and torch.cuda.is_available():
+        return torch.device(f"cuda:{int(gpu_id)}")
+    return torch.device("cpu")

@@ -1,0 +1,19 @@
+#!/usr/bin/env python3
+"""Draw one demo image: make_example_image.py {circle|square|triangle} OUT.png|OUT.jpg [--seed N]."""
+
+import argparse
+import random
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import shapes  # noqa: E402
+
+parser = argparse.ArgumentParser(description=__doc__)
+parser.add_argument("label", choices=shapes.CLASSES)
+parser.add_argument("out", type=Path)
+parser.add_argument("--seed", type=int, default=1)
+args = parser.parse_args()
+spec = shapes.random_spec(random.Random(args.seed), args.label, min_side=200, max_side=640)
+shapes.draw(spec).save(args.out)
+print(args.out)

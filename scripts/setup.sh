@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Idempotent set-up: a .venv with the pinned requirements, and Java 11+ for TorchServe's frontend.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$ROOT/.venv"
+PY="${PYTHON:-python3}"
+
+java_major() {
+  # Prints the major version of the java on PATH, or nothing.
+  command -v java >/dev/null 2>&1 || return 0
+  java -version 2>&1 | awk -F'"' '/version/ {split($2, v, "."); print (v[1] == "1" ? v[2] : v[1]); exit}'
+}
+
+ensure_java() {
+  local major
+  major="$(java_major)"
+  if [[ -n "$major" && "$major" -ge 11 ]]; then
+    return 0
+  fi
+  if [[ "$(id -u)" == "0" ]] && command -v apt-get >/dev/null 2>&1; then
+    echo "setup: Java 11+ not found; installing openjdk-17-jre-headless" >&2
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openjdk-17-jre-headless >/dev/null
+    major="$(java_major)"
+    [[ -n "$major" && "$major" -ge 11 ]] && return 0
+  fi
+  echo "setup: TorchServe needs Java 11 or newer on PATH (found: ${major:-none})." >&2
+  echo "setup: install it, e.g. 'sudo apt-get install openjdk-17-jre-headless', then run again." >&2
+  exit 1
+}
+
+ensure_venv() {
+  if [[ ! -x "$VENV/bin/python" ]]; then
+    echo "setup: creating $VENV" >&2
+    "$PY" -m venv "$VENV"
+  fi
+  # A stamp of the requirements file skips pip when nothing changed (pip itself takes seconds).
+  local stamp="$VENV/.requirements.sha256"
+  local want
+  want="$(sha256sum "$ROOT/requirements.txt" | cut -d' ' -f1)"
+  if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
+    return 0
+  fi
+  echo "setup: installing requirements (torch is large; first run takes minutes)" >&2
+  "$VENV/bin/python" -m pip install --quiet --upgrade pip
+  "$VENV/bin/python" -m pip install --quiet -r "$ROOT/requirements.txt"
+  echo "$want" >"$stamp"
+}
+
+ensure_java
+ensure_venv
+echo "setup: ok ($("$VENV/bin/python" -c 'import torch, torchvision, ts; print("torch", torch.__version__, "torchvision", torchvision.__version__)'))" >&2

@@ -1,0 +1,57 @@
+"""Helpers shared by unit and end-to-end tests: images of known content, a fake TorchServe context."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from typing import Any
+
+from PIL import Image
+
+import shapes
+
+
+def encode(image: Image.Image, fmt: str = "PNG", **save_args: Any) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **save_args)
+    return buffer.getvalue()
+
+
+def shape_image(label: str, seed: int, *, fmt: str = "PNG", min_side: int = 160, max_side: int = 480,
+                size_range: tuple[float, float] | None = None) -> bytes:
+    """A freshly drawn shape of a known class, encoded as ``fmt``."""
+    import random
+
+    rng = random.Random(seed)
+    spec = shapes.random_spec(rng, label, min_side=min_side, max_side=max_side)
+    if size_range is not None:
+        spec = shapes.ShapeSpec(spec.label, spec.width, spec.height, rng.uniform(*size_range),
+                                spec.background, spec.seed)
+    save_args = {"quality": 90} if fmt == "JPEG" else {}
+    return encode(shapes.draw(spec), fmt, **save_args)
+
+
+@dataclass
+class FakeContext:
+    """The parts of ts.context.Context the handler uses."""
+
+    model_dir: str
+    model_yaml_config: dict[str, Any]
+    serialized_file: str = "weights.pt"
+    gpu_id: int | None = None
+    statuses: dict[int, tuple[int, str]] = field(default_factory=dict)
+    content_types: dict[int, str] = field(default_factory=dict)
+
+    @property
+    def system_properties(self) -> dict[str, Any]:
+        return {"model_dir": self.model_dir, "gpu_id": self.gpu_id, "batch_size": 8}
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        return {"model": {"serializedFile": self.serialized_file}}
+
+    def set_response_status(self, code: int = 200, phrase: str = "", idx: int = 0) -> None:
+        self.statuses[idx] = (code, phrase)
+
+    def set_response_content_type(self, idx: int, value: str) -> None:
+        self.content_types[idx] = value

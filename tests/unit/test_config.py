@@ -1,0 +1,40 @@
+import pytest
+
+from handler.config import HandlerConfig
+
+
+def test_defaults_are_valid():
+    config = HandlerConfig.from_mapping(None)
+    assert config.image_size == 224 and config.resize_mode == "center_crop"
+
+
+def test_values_are_converted():
+    config = HandlerConfig.from_mapping({"mean": [0, 0.5, 1], "loader_timeout_s": 5, "top_k": 2})
+    assert config.mean == (0.0, 0.5, 1.0)
+    assert config.loader_timeout_s == 5.0 and config.top_k == 2
+
+
+def test_unknown_key_is_named():
+    with pytest.raises(ValueError, match="'batchsize'"):
+        HandlerConfig.from_mapping({"batchsize": 8})
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        pytest.param({"top_k": "5"}, "top_k must be an integer", id="string-for-int"),
+        pytest.param({"pin_memory": 1}, "pin_memory must be true or false", id="int-for-bool"),
+        pytest.param({"num_workers": True}, "num_workers must be an integer", id="bool-for-int"),
+        pytest.param({"mean": [0.5, 0.5]}, "mean must be a list of 3 numbers", id="short-mean"),
+        pytest.param({"batch_size": 0}, "batch_size must be > 0", id="zero-batch"),
+        pytest.param({"num_workers": -1}, "num_workers must be >= 0", id="negative-workers"),
+        pytest.param({"resize_mode": "crop"}, "resize_mode must be one of", id="bad-mode"),
+        pytest.param({"resize_size": 100}, "resize_size .100. must be >= image_size", id="resize-below-crop"),
+        pytest.param({"std": [1, 0, 1]}, "std values must be > 0", id="zero-std"),
+        pytest.param({"mp_context": "threads"}, "mp_context must be one of", id="bad-mp-context"),
+        pytest.param({"pad_value": 300}, "pad_value must be within", id="pad-out-of-range"),
+    ],
+)
+def test_invalid_values_are_rejected_with_the_key(settings, message):
+    with pytest.raises(ValueError, match=message):
+        HandlerConfig.from_mapping(settings)

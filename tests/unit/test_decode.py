@@ -1,0 +1,84 @@
+import base64
+
+import pytest
+
+from handler.decode import decode_base64, parse_request
+from handler.errors import RequestError
+
+PNG = b"\x89PNG fake but non-empty"
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def test_raw_body_is_one_image_answered_as_object():
+    parsed = parse_request({"body": bytearray(PNG)}, max_images=4)
+    assert [(i.index, i.field, i.data) for i in parsed.images] == [(0, None, PNG)]
+    assert parsed.as_list is False
+
+
+def test_multipart_fields_keep_their_order_and_names():
+    row = {"b": bytearray(b"2"), "a": bytearray(b"1"), "c": bytearray(b"3")}
+    parsed = parse_request(row, max_images=4)
+    assert [(i.index, i.field, i.data) for i in parsed.images] == [(0, "b", b"2"), (1, "a", b"1"), (2, "c", b"3")]
+    assert parsed.as_list is True
+
+
+def test_single_multipart_file_is_answered_as_object():
+    assert parse_request({"data": bytearray(PNG)}, max_images=4).as_list is False
+
+
+def test_json_images_list():
+    parsed = parse_request({"body": {"images": [b64(b"x"), b64(b"yz")]}}, max_images=4)
+    assert [i.data for i in parsed.images] == [b"x", b"yz"]
+    assert parsed.as_list is True
+
+
+def test_json_data_is_one_image():
+    parsed = parse_request({"body": {"data": b64(PNG)}}, max_images=4)
+    assert [i.data for i in parsed.images] == [PNG] and parsed.as_list is False
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        pytest.param("data:image/png;base64," + b64(PNG), id="data-url"),
+        pytest.param(b64(PNG)[:10] + "\n" + b64(PNG)[10:], id="line-break"),
+        pytest.param(base64.urlsafe_b64encode(b"\xfb\xff" * 5).decode(), id="urlsafe"),
+        pytest.param(b64(PNG).rstrip("="), id="no-padding"),
+    ],
+)
+def test_base64_variants_are_accepted(text):
+    assert decode_base64(text) in (PNG, b"\xfb\xff" * 5)
+
+
+@pytest.mark.parametrize(
+    ("row", "status", "code"),
+    [
+        pytest.param({}, 400, "empty_request", id="no-body"),
+        pytest.param({"body": "hello"}, 400, "unsupported_content", id="text-body"),
+        pytest.param({"body": [1, 2]}, 400, "invalid_json", id="json-list"),
+        pytest.param({"body": {"pictures": []}}, 400, "invalid_json", id="json-wrong-key"),
+        pytest.param({"body": {"images": "abc"}}, 400, "invalid_json", id="images-not-list"),
+        pytest.param({"body": {"images": []}}, 400, "no_images", id="empty-list"),
+        pytest.param({"body": {"images": ["@@not base64@@"]}}, 400, "invalid_base64", id="bad-base64"),
+        pytest.param({"body": {"images": [5]}}, 400, "invalid_base64", id="number-not-string"),
+        pytest.param({"body": bytearray()}, 400, "empty_image", id="zero-byte-body"),
+        pytest.param({"a": bytearray(b"x"), "b": bytearray()}, 400, "empty_image", id="zero-byte-field"),
+        pytest.param({"a": bytearray(b"x"), "b": "text"}, 400, "invalid_field", id="text-field"),
+        pytest.param({"body": {"images": [b64(b"x")] * 5}}, 413, "too_many_images", id="too-many"),
+    ],
+)
+def test_bad_requests_are_rejected(row, status, code):
+    with pytest.raises(RequestError) as caught:
+        parse_request(row, max_images=4)
+    assert (caught.value.status, caught.value.code) == (status, code), caught.value
+
+
+def test_error_names_each_bad_image():
+    with pytest.raises(RequestError) as caught:
+        parse_request({"body": {"images": [b64(b"ok"), "%%%", b64(b"ok"), "!!"]}}, max_images=8)
+    body = caught.value.as_json()
+    assert [(p["index"], p["field"]) for p in body["images"]] == [(1, "images"), (3, "images")]
+    assert body["error"] == "invalid_base64" and body["message"]

@@ -1,0 +1,100 @@
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from handler.config import HandlerConfig
+from handler.images import ImageDecodeError, ImageTransform
+from helpers import encode
+
+CROP = HandlerConfig(image_size=32, resize_size=40)
+LETTERBOX = HandlerConfig(image_size=32, resize_mode="letterbox", pad_value=7)
+
+
+def solid(mode: str, size=(50, 30), colour=None) -> Image.Image:
+    return Image.new(mode, size, colour if colour is not None else 128)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        pytest.param(encode(solid("RGB", colour=(200, 10, 10)), "JPEG"), id="jpeg"),
+        pytest.param(encode(solid("RGB", colour=(200, 10, 10)), "JPEG", progressive=True), id="progressive-jpeg"),
+        pytest.param(encode(solid("CMYK", colour=(0, 0, 0, 0)), "JPEG"), id="cmyk-jpeg"),
+        pytest.param(encode(solid("L")), id="grayscale"),
+        pytest.param(encode(solid("LA", colour=(10, 255))), id="grayscale-alpha"),
+        pytest.param(encode(solid("RGB").convert("P")), id="palette"),
+        pytest.param(encode(solid("RGBA", colour=(1, 2, 3, 255))), id="rgba"),
+        pytest.param(encode(solid("1", colour=1)), id="1-bit"),
+        pytest.param(encode(solid("RGB"), "WEBP"), id="webp"),
+        pytest.param(encode(solid("RGB"), "BMP"), id="bmp"),
+        pytest.param(encode(solid("RGB"), "TIFF"), id="tiff"),
+        pytest.param(encode(solid("RGB"), "GIF"), id="gif"),
+        pytest.param(encode(solid("RGB", (1, 1))), id="1x1"),
+        pytest.param(encode(solid("RGB", (8000, 16))), id="8000x16"),
+    ],
+)
+@pytest.mark.parametrize("config", [CROP, LETTERBOX], ids=["center_crop", "letterbox"])
+def test_every_supported_image_becomes_a_uint8_rgb_square(data, config):
+    pixels = ImageTransform(config)(data)
+    assert pixels.dtype == torch.uint8
+    assert tuple(pixels.shape) == (3, config.image_size, config.image_size)
+
+
+def test_16_bit_png_is_scaled_not_clipped():
+    values = np.full((20, 20), 32896, dtype=np.uint16)  # mid-grey in 16 bits
+    pixels = ImageTransform(CROP)(encode(Image.fromarray(values)))
+    assert int(pixels.float().mean().round()) == 128, pixels.float().mean()
+
+
+def test_transparent_pixels_show_white():
+    pixels = ImageTransform(CROP)(encode(solid("RGBA", colour=(0, 0, 0, 0))))
+    assert int(pixels.min()) == 255
+
+
+def test_exif_orientation_is_applied_before_the_crop():
+    # Left half red, right half blue, stored with "rotate 90" in EXIF: upright, red is on top.
+    image = Image.new("RGB", (60, 40), (0, 0, 255))
+    image.paste((255, 0, 0), (0, 0, 30, 40))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 CW to display
+    data = encode(image, "JPEG", exif=exif, quality=95)
+    pixels = ImageTransform(HandlerConfig(image_size=40, resize_size=40)).__call__(data).float()
+    top, bottom = pixels[:, :10, :], pixels[:, -10:, :]
+    assert top[0].mean() > 200 and top[2].mean() < 60, top.mean(dim=(1, 2))
+    assert bottom[2].mean() > 200 and bottom[0].mean() < 60, bottom.mean(dim=(1, 2))
+
+
+def test_letterbox_keeps_the_whole_image_and_pads():
+    pixels = ImageTransform(LETTERBOX)(encode(solid("RGB", (64, 16), (255, 255, 255))))
+    assert int(pixels[:, 16, :].min()) == 255  # the image row through the middle
+    assert int(pixels[:, 0, :].max()) == 7  # padding above
+
+
+def test_animated_gif_uses_first_frame():
+    frames = [solid("RGB", colour=(255, 0, 0)), solid("RGB", colour=(0, 0, 255))]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, "GIF", save_all=True, append_images=frames[1:])
+    pixels = ImageTransform(CROP)(buffer.getvalue()).float()
+    assert pixels[0].mean() > 200 and pixels[2].mean() < 60
+
+
+@pytest.mark.parametrize(
+    ("data", "status"),
+    [
+        pytest.param(b"\x00\x01 random bytes" * 10, 400, id="random-bytes"),
+        pytest.param(b"just some text, not an image", 400, id="text"),
+        pytest.param(encode(solid("RGB", (300, 300)), "JPEG")[:300], 400, id="truncated-jpeg"),
+        pytest.param(b'<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"/>', 400, id="svg"),
+        pytest.param(b"%PDF-1.4\n1 0 obj<<>>endobj\ntrailer<<>>\n%%EOF", 400, id="pdf"),
+        pytest.param(encode(solid("L", (3000, 2000))), 413, id="too-many-pixels"),
+    ],
+)
+def test_undecodable_or_oversized_images_raise_with_status(data, status):
+    config = HandlerConfig(image_size=32, resize_size=40, max_image_pixels=5_000_000)
+    with pytest.raises(ImageDecodeError) as caught:
+        ImageTransform(config)(data)
+    assert caught.value.status == status, caught.value.reason
+    assert caught.value.reason

@@ -1,0 +1,109 @@
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+from handler.config import HandlerConfig
+from handler.dataset import ImageBytesDataset, LoaderItem
+from handler.images import ImageTransform
+from handler.loader import PersistentImageLoader
+from helpers import encode
+from PIL import Image
+
+SIZE = 16
+
+
+def grey(value: int) -> bytes:
+    return encode(Image.new("L", (20, 20), value))
+
+
+def make_loader(num_workers: int = 2, batch_size: int = 3) -> PersistentImageLoader:
+    config = HandlerConfig(image_size=SIZE, resize_size=SIZE)
+    return PersistentImageLoader(
+        ImageBytesDataset(ImageTransform(config)),
+        batch_size=batch_size, num_workers=num_workers, image_size=SIZE,
+        pin_memory=False, mp_context="fork", timeout_s=60,
+    )
+
+
+def worker_pids(loader: PersistentImageLoader) -> list[int]:
+    return [w.pid for w in loader._loader._iterator._workers]
+
+
+@pytest.fixture
+def loader():
+    instance = make_loader()
+    yield instance
+    instance.close()
+
+
+def run(loader: PersistentImageLoader, values: list[int]):
+    items = [LoaderItem(key, grey(v)) for key, v in enumerate(values)]
+    return list(loader.iterate(items))
+
+
+def test_batches_come_back_in_order_with_every_image(loader):
+    values = list(range(0, 250, 25))  # 10 images -> batches of 3, 3, 3, 1
+    batches = run(loader, values)
+    assert [len(b.keys) for b in batches] == [3, 3, 3, 1]
+    keys = [k for b in batches for k in b.keys]
+    assert keys == list(range(10))
+    means = [int(p.float().mean().round()) for b in batches for p in b.pixels]
+    assert means == values
+
+
+def test_workers_persist_across_requests(loader):
+    run(loader, [1, 2, 3])
+    first = worker_pids(loader)
+    for _ in range(3):
+        run(loader, [4, 5, 6, 7])
+    assert worker_pids(loader) == first
+    assert all(p is not None for p in first)
+
+
+def test_bad_images_are_reported_by_key_without_losing_the_rest(loader):
+    items = [LoaderItem(0, grey(10)), LoaderItem(1, b"garbage"), LoaderItem(2, grey(30))]
+    (batch,) = list(loader.iterate(items))
+    assert batch.keys == [0, 2]
+    assert batch.pixels.shape == (2, 3, SIZE, SIZE)
+    assert set(batch.failures) == {1} and batch.failures[1][0] == 400
+
+
+def test_all_bad_batch_has_an_empty_tensor(loader):
+    (batch,) = list(loader.iterate([LoaderItem(0, b"x")]))
+    assert batch.keys == [] and batch.pixels.shape == (0, 3, SIZE, SIZE)
+
+
+def test_empty_request_yields_nothing(loader):
+    assert list(loader.iterate([])) == []
+
+
+def test_killed_worker_is_replaced_and_the_request_still_succeeds(loader):
+    run(loader, [1])
+    victim = worker_pids(loader)[0]
+    os.kill(victim, signal.SIGKILL)
+    time.sleep(0.5)  # no SIGCHLD handler may raise here (as it would in a TorchServe worker)
+    batches = run(loader, list(range(0, 200, 20)))
+    assert [k for b in batches for k in b.keys] == list(range(10))
+    assert victim not in worker_pids(loader)
+
+
+def test_worker_killed_during_a_request_is_survived(loader):
+    run(loader, [1])
+    victim = worker_pids(loader)[1]
+    items = [LoaderItem(k, grey(k)) for k in range(30)]
+    keys = []
+    for i, batch in enumerate(loader.iterate(items)):
+        if i == 0:
+            os.kill(victim, signal.SIGKILL)
+        keys.extend(batch.keys)
+    assert keys == list(range(30))
+
+
+def test_zero_workers_decodes_in_process():
+    loader = make_loader(num_workers=0)
+    batches = run(loader, [50, 60])
+    assert [k for b in batches for k in b.keys] == [0, 1]
+    assert batches[0].pixels.dtype == torch.uint8

@@ -1,0 +1,87 @@
+import json
+
+import pytest
+import torch
+
+from handler.architectures import ShapesNet
+from handler.service import ImageBatchHandler
+from helpers import FakeContext, shape_image
+
+LABELS = ["circle", "square", "triangle"]
+
+
+@pytest.fixture(scope="module")
+def handler_and_context(tmp_path_factory):
+    model_dir = tmp_path_factory.mktemp("model")
+    torch.manual_seed(0)
+    torch.save(ShapesNet(num_classes=3).state_dict(), model_dir / "weights.pt")
+    (model_dir / "index_to_name.json").write_text(json.dumps(dict(enumerate(LABELS))))
+    yaml_config = {"handler": {"arch": "shapes_cnn", "image_size": 64, "resize_mode": "letterbox",
+                               "top_k": 2, "batch_size": 4, "num_workers": 2, "max_images_per_request": 6}}
+    context = FakeContext(str(model_dir), yaml_config)
+    handler = ImageBatchHandler()
+    handler.initialize(context)
+    yield handler, context
+    handler.loader.close()
+
+
+def fresh_context(context: FakeContext) -> FakeContext:
+    return FakeContext(context.model_dir, context.model_yaml_config)
+
+
+def test_initialize_rejects_unknown_handler_settings(tmp_path):
+    context = FakeContext(str(tmp_path), {"handler": {"arch": "shapes_cnn", "batch": 3}})
+    with pytest.raises(ValueError, match="'batch'"):
+        ImageBatchHandler().initialize(context)
+
+
+def test_results_are_split_back_per_request_in_order(handler_and_context):
+    handler, base = handler_and_context
+    images = [shape_image(LABELS[i % 3], seed=i) for i in range(9)]
+    # Reference: each image alone.
+    alone = []
+    for image in images:
+        ctx = fresh_context(base)
+        alone.append(json.loads(handler.handle([{"body": bytearray(image)}], ctx)[0]))
+    ctx = fresh_context(base)
+    rows = [
+        {"a": bytearray(images[0]), "b": bytearray(images[1]), "c": bytearray(images[2])},
+        {"body": bytearray(images[3])},
+        {f"f{i}": bytearray(images[i]) for i in range(4, 9)},
+    ]
+    bodies = [json.loads(b) for b in handler.handle(rows, ctx)]
+    assert ctx.statuses == {}
+    assert set(ctx.content_types.values()) == {"application/json"}
+    assert isinstance(bodies[1], dict) and len(bodies[1]) == 2  # one image -> object with top_k labels
+    flat = bodies[0] + [bodies[1]] + bodies[2]
+    assert len(flat) == 9
+    for got, want in zip(flat, alone):
+        assert list(got) == list(want)
+        assert got == pytest.approx(want, abs=1e-4)
+
+
+def test_bad_requests_fail_alone_with_their_own_status(handler_and_context):
+    handler, base = handler_and_context
+    good = bytearray(shape_image("circle", seed=1))
+    ctx = fresh_context(base)
+    rows = [
+        {"body": good},
+        {"a": good, "b": bytearray(b"not an image")},
+        {"body": {"images": []}},
+        {"body": {"images": ["AAAA"] * 7}},
+        {"body": good},
+    ]
+    bodies = [json.loads(b) for b in handler.handle(rows, ctx)]
+    assert {i: s[0] for i, s in ctx.statuses.items()} == {1: 400, 2: 400, 3: 413}
+    assert bodies[1]["error"] == "invalid_image"
+    assert bodies[1]["images"] == [{"index": 1, "field": "b", "reason": "not a recognised image format"}]
+    assert bodies[2]["error"] == "no_images" and bodies[3]["error"] == "too_many_images"
+    assert bodies[0] == bodies[4] and set(bodies[0]) <= set(LABELS)
+
+
+def test_a_request_larger_than_the_loader_batch_is_chunked(handler_and_context):
+    handler, base = handler_and_context
+    images = [shape_image(LABELS[i % 3], seed=100 + i) for i in range(6)]  # batch_size is 4
+    ctx = fresh_context(base)
+    (body,) = handler.handle([{f"f{i}": bytearray(img) for i, img in enumerate(images)}], ctx)
+    assert len(json.loads(body)) == 6
