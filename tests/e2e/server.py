@@ -1,0 +1,103 @@
+"""A real TorchServe (Java frontend + Python workers) started from a temp dir on free ports."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import closing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import requests
+
+ROOT = Path(__file__).resolve().parents[2]
+TORCHSERVE = Path(sys.executable).parent / "torchserve"
+
+
+def free_port() -> int:
+    with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class Server:
+    workdir: Path
+    inference_url: str
+    management_url: str
+    metrics_url: str
+    process: subprocess.Popen
+
+    def keys(self) -> dict[str, str]:
+        data = json.loads((self.workdir / "key_file.json").read_text())
+        return {name: data[name]["key"] for name in ("inference", "management")}
+
+    def auth(self, kind: str = "inference") -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.keys()[kind]}"}
+
+    def predict(self, model: str = "shapes", **kwargs: Any) -> requests.Response:
+        headers = {**self.auth(), **kwargs.pop("headers", {})}
+        return requests.post(f"{self.inference_url}/predictions/{model}", headers=headers, timeout=120, **kwargs)
+
+    def manage(self, method: str, path: str, **kwargs: Any) -> requests.Response:
+        return requests.request(method, f"{self.management_url}{path}", headers=self.auth("management"),
+                                timeout=180, **kwargs)
+
+    def ready_workers(self, model: str) -> list[dict[str, Any]]:
+        response = self.manage("GET", f"/models/{model}")
+        response.raise_for_status()
+        return [w for w in response.json()[0]["workers"] if w["status"] == "READY"]
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(timeout=30)
+
+
+def start_server(workdir: Path, model_store: Path, models: list[str], extra_config: str = "",
+                 timeout_s: float = 240) -> Server:
+    """Start ``torchserve --foreground`` in ``workdir`` (never the repo root, so that workers can
+    only import what the .mar holds) and wait until every model has a READY worker."""
+    ports = [free_port() for _ in range(3)]
+    urls = [f"http://127.0.0.1:{p}" for p in ports]
+    config = (ROOT / "config.properties").read_text()
+    replaced = {
+        "inference_address": urls[0], "management_address": urls[1], "metrics_address": urls[2],
+        "model_store": str(model_store), "load_models": ",".join(models),
+    }
+    lines = [ln for ln in config.splitlines() if ln.split("=", 1)[0].strip() not in replaced]
+    lines += [f"{k}={v}" for k, v in replaced.items()]
+    (workdir / "config.properties").write_text("\n".join(lines) + "\n" + extra_config)
+    env = {**os.environ, "LOG_LOCATION": str(workdir / "logs"), "METRICS_LOCATION": str(workdir / "logs"),
+           "PATH": f"{TORCHSERVE.parent}:{os.environ['PATH']}"}
+    with open(workdir / "torchserve.out", "wb") as log:  # the child keeps its own descriptor
+        process = subprocess.Popen(
+            [str(TORCHSERVE), "--start", "--foreground", "--ncs", "--ts-config", "config.properties",
+             "--model-store", str(model_store)],
+            cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    server = Server(workdir, urls[0], urls[1], urls[2], process)
+    deadline = time.time() + timeout_s
+    names = [m.removesuffix(".mar") for m in models]
+    last = "starting"
+    while time.time() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"torchserve exited with {process.returncode}; see {workdir}/torchserve.out")
+        try:
+            if (workdir / "key_file.json").is_file() and all(server.ready_workers(n) for n in names):
+                return server
+        except (requests.RequestException, KeyError, ValueError) as exc:
+            last = repr(exc)
+        time.sleep(1)
+    server.stop()
+    raise RuntimeError(f"models {names} not READY within {timeout_s}s ({last}); see {workdir}/logs")

@@ -1,0 +1,184 @@
+"""End to end: real TorchServe, the real .mar, HTTP requests."""
+
+import base64
+import concurrent.futures as futures
+import time
+
+import pytest
+import requests
+
+from helpers import shape_image
+
+LABELS = ("circle", "square", "triangle")
+pytestmark = pytest.mark.e2e
+
+
+def top(result: dict[str, float]) -> str:
+    return next(iter(result))
+
+
+def labelled_images(count: int, seed: int, fmt: str = "PNG") -> list[tuple[str, bytes]]:
+    # Shapes at least a third of the shorter side: every one should be classified correctly.
+    return [(LABELS[i % 3], shape_image(LABELS[i % 3], seed + i, fmt=fmt, size_range=(0.35, 0.9)))
+            for i in range(count)]
+
+
+def check_scores(result: dict[str, float]) -> None:
+    assert list(result) and set(result) <= set(LABELS), result
+    scores = list(result.values())
+    assert scores == sorted(scores, reverse=True), result
+    assert all(0.0 <= s <= 1.0 for s in scores), result
+
+
+def test_raw_single_image_returns_an_object(server):
+    label, image = labelled_images(1, seed=10, fmt="JPEG")[0]
+    response = server.predict(data=image, headers={"Content-Type": "application/octet-stream"})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert isinstance(body, dict), body
+    check_scores(body)
+    assert top(body) == label, body
+
+
+def test_put_upload_like_curl_T(server):
+    label, image = labelled_images(1, seed=20)[0]
+    response = requests.put(f"{server.inference_url}/predictions/shapes", data=image,
+                            headers=server.auth(), timeout=60)
+    assert response.status_code == 200, response.text
+    assert top(response.json()) == label
+
+
+def test_multipart_five_images_in_field_order(server):
+    images = labelled_images(5, seed=30)
+    files = [(f"img{i}", (f"{i}.png", data, "image/png")) for i, (_, data) in enumerate(images)]
+    response = server.predict(files=files)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert isinstance(body, list) and len(body) == 5, body
+    for result in body:
+        check_scores(result)
+    assert [top(r) for r in body] == [label for label, _ in images]
+
+
+def test_json_base64_list(server):
+    images = labelled_images(4, seed=40, fmt="JPEG")
+    payload = {"images": [base64.b64encode(data).decode() for _, data in images]}
+    response = server.predict(json=payload)
+    assert response.status_code == 200, response.text
+    assert [top(r) for r in response.json()] == [label for label, _ in images]
+
+
+def test_json_data_single_image(server):
+    label, image = labelled_images(1, seed=45)[0]
+    response = server.predict(json={"data": base64.b64encode(image).decode()})
+    assert response.status_code == 200, response.text
+    assert top(response.json()) == label
+
+
+def test_forty_images_in_one_request_are_chunked_and_ordered(server):
+    images = labelled_images(40, seed=50, fmt="JPEG")
+    payload = {"images": [base64.b64encode(data).decode() for _, data in images]}
+    response = server.predict(json=payload)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert len(body) == 40
+    assert [top(r) for r in body] == [label for label, _ in images]
+
+
+def test_concurrent_requests_each_get_their_own_results(server):
+    # 16 clients at once against batchSize 8: requests share server-side batches.
+    requests_images = [labelled_images(1 + i % 4, seed=1000 + 10 * i) for i in range(16)]
+    # Distinct per-request order of labels makes any mix-up visible.
+    requests_images = [imgs[i % len(imgs):] + imgs[: i % len(imgs)] for i, imgs in enumerate(requests_images)]
+
+    def send(images):
+        payload = {"images": [base64.b64encode(data).decode() for _, data in images]}
+        return server.predict(json=payload)
+
+    references = [send(imgs).json() for imgs in requests_images]
+    with futures.ThreadPoolExecutor(16) as pool:
+        responses = list(pool.map(send, requests_images))
+    for images, reference, response in zip(requests_images, references, responses):
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert [top(r) for r in body] == [label for label, _ in images]
+        assert len(body) == len(reference)
+        for got, want in zip(body, reference):
+            assert list(got) == list(want) and got == pytest.approx(want, abs=1e-3)
+
+
+@pytest.mark.parametrize("label", LABELS)
+def test_demo_model_classifies_fresh_shapes(server, label):
+    # Fresh drawings over the full range the model is specified for (sizes 20-90%, any background,
+    # aspect 1:3..3:1, JPEG).
+    images = [shape_image(label, seed=77_000 + i, fmt="JPEG", min_side=64, max_side=1200) for i in range(20)]
+    payload = {"images": [base64.b64encode(data).decode() for data in images]}
+    response = server.predict(json=payload)
+    assert response.status_code == 200, response.text
+    predicted = [top(r) for r in response.json()]
+    correct = sum(p == label for p in predicted)
+    assert correct >= 18, f"{correct}/20 {label}s recognised: {predicted}"
+
+
+def test_corrupt_image_fails_only_its_own_request(server):
+    good = labelled_images(6, seed=90)
+
+    def send_good(i):
+        return server.predict(files=[("a", good[i][1]), ("b", good[(i + 1) % 6][1])])
+
+    def send_bad():
+        return server.predict(files=[("ok", good[0][1]), ("broken", b"\xff\xd8\xff\xe0 truncated jpeg")])
+
+    with futures.ThreadPoolExecutor(8) as pool:
+        goods = [pool.submit(send_good, i) for i in range(6)]
+        bad = pool.submit(send_bad)
+        bad_response = bad.result()
+        good_responses = [f.result() for f in goods]
+    assert bad_response.status_code == 400, bad_response.text
+    body = bad_response.json()
+    assert body["error"] == "invalid_image" and body["message"]
+    assert body["images"] == [{"index": 1, "field": "broken", "reason": body["images"][0]["reason"]}]
+    for i, response in enumerate(good_responses):
+        assert response.status_code == 200, response.text
+        assert [top(r) for r in response.json()] == [good[i][0], good[(i + 1) % 6][0]]
+    assert server.predict(data=good[0][1]).status_code == 200
+
+
+def test_scale_workers_while_serving(server):
+    images = labelled_images(3, seed=120)
+    files = [(f"f{i}", data) for i, (_, data) in enumerate(images)]
+    expected = [label for label, _ in images]
+    with futures.ThreadPoolExecutor(1) as pool:
+        scaling = pool.submit(server.manage, "PUT", "/models/shapes?min_worker=3&max_worker=3&synchronous=true")
+        during = []
+        while not scaling.done():
+            during.append(server.predict(files=files))
+            time.sleep(0.2)
+        scaled = scaling.result()
+    assert scaled.status_code == 200, scaled.text
+    assert len(server.ready_workers("shapes")) == 3
+    for response in during + [server.predict(files=files) for _ in range(6)]:
+        assert response.status_code == 200, response.text
+        assert [top(r) for r in response.json()] == expected
+    back = server.manage("PUT", "/models/shapes?min_worker=1&max_worker=1&synchronous=true")
+    assert back.status_code == 200, back.text
+    assert len(server.ready_workers("shapes")) == 1
+    assert server.predict(files=files).status_code == 200
+
+
+def test_torchvision_resnet18_mar_serves(server):
+    images = labelled_images(3, seed=130, fmt="JPEG")
+    response = server.predict("resnet_random", files=[(f"f{i}", d) for i, (_, d) in enumerate(images)])
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert len(body) == 3
+    for result in body:
+        assert len(result) == 5 and all(k.startswith("class_") for k in result), result
+
+
+def test_requests_without_token_are_refused(server):
+    _, image = labelled_images(1, seed=140)[0]
+    response = requests.post(f"{server.inference_url}/predictions/shapes", data=image, timeout=30)
+    assert response.status_code in (400, 401, 403), response.text
+    response = requests.get(f"{server.management_url}/models/shapes", timeout=30)
+    assert response.status_code in (400, 401, 403), response.text
