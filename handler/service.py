@@ -22,6 +22,7 @@ from handler.decode import ParsedRequest, parse_request
 from handler.errors import RequestError
 from handler.images import ImageTransform
 from handler.loader import PersistentImageLoader
+from handler.metrics import StageClock, publish
 from handler.model_loading import load_labels, load_model
 from handler.postprocess import top_k_labels
 
@@ -80,10 +81,18 @@ class ImageBatchHandler:
 
     def handle(self, data: list[dict[str, Any]], context: Any) -> list[str]:
         """One response body per request, in order; bad requests get their own 4xx status."""
+        clock = StageClock(self.device)
         requests = self.parse(data)
         flat = flatten(requests)
-        outcomes = self.inference(self.preprocess(flat))
-        return self.postprocess(requests, flat, outcomes, context)
+        with clock.stage("DecodeTransformMs"):
+            batches = self.preprocess(flat)
+        logits = self.inference(batches, clock)
+        with clock.stage("PostprocessMs"):
+            outcomes = self.predictions(batches, logits)
+            bodies, errors = self.postprocess(requests, flat, outcomes, context)
+        publish(getattr(context, "metrics", None), clock, images=len(flat.items), requests=len(data),
+                bad_images=len(outcomes.failures), rejected=len(errors))
+        return bodies
 
     def parse(self, data: list[dict[str, Any]]) -> list[ParsedRequest | RequestError]:
         """Each request row -> its images, or the RequestError that rejects it."""
@@ -101,18 +110,19 @@ class ImageBatchHandler:
         return list(self.loader.iterate(flat.items))
 
     @torch.inference_mode()
-    def inference(self, batches: list[DecodedBatch]) -> Outcomes[Prediction]:
-        """Run the model on each decoded batch; record predictions and failures by image key."""
+    def inference(self, batches: list[DecodedBatch], clock: StageClock) -> list[torch.Tensor | None]:
+        """The model's logits for each decoded batch (None for a batch with no good image)."""
         assert self.model is not None, "initialize() has not run"
-        outcomes: Outcomes[Prediction] = Outcomes()
+        outputs: list[torch.Tensor | None] = []
         for batch in batches:
-            outcomes.failures.update(batch.failures)
             if not batch.keys:
+                outputs.append(None)
                 continue
-            logits = self.model(self.to_model_input(batch.pixels))
-            predictions = top_k_labels(logits, self.labels, self.config.top_k)
-            outcomes.results.update(zip(batch.keys, predictions))
-        return outcomes
+            with clock.stage("HostToDeviceMs"):
+                x = self.to_model_input(batch.pixels)
+            with clock.stage("InferenceMs"):
+                outputs.append(self.model(x))
+        return outputs
 
     def to_model_input(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 NCHW (pinned on CUDA) -> normalized float on the device, channels_last."""
@@ -120,16 +130,28 @@ class ImageBatchHandler:
         x = (x - self._mean255) * self._inv_std255
         return x.contiguous(memory_format=torch.channels_last)
 
+    def predictions(self, batches: list[DecodedBatch], logits: list[torch.Tensor | None]) -> Outcomes[Prediction]:
+        """Top-k per good image and the failures, keyed by image."""
+        outcomes: Outcomes[Prediction] = Outcomes()
+        for batch, batch_logits in zip(batches, logits):
+            outcomes.failures.update(batch.failures)
+            if batch_logits is not None:
+                top = top_k_labels(batch_logits, self.labels, self.config.top_k)
+                outcomes.results.update(zip(batch.keys, top))
+        return outcomes
+
     def postprocess(
         self,
         requests: list[ParsedRequest | RequestError],
         flat: FlatBatch,
         outcomes: Outcomes[Prediction],
         context: Any,
-    ) -> list[str]:
-        """JSON body per request: an object for one image, a list for several, an error body for 4xx."""
+    ) -> tuple[list[str], list[RequestError]]:
+        """JSON body per request (an object for one image, a list for several, an error body for a
+        4xx) and the errors that were answered."""
         grouped = split(flat, outcomes, len(requests))
         bodies: list[str] = []
+        errors: list[RequestError] = []
         for idx, (request, result) in enumerate(zip(requests, grouped)):
             error = request if isinstance(request, RequestError) else result
             context.set_response_content_type(idx, "application/json")
@@ -137,10 +159,11 @@ class ImageBatchHandler:
                 log.info("request %d rejected: %s", idx, error)
                 context.set_response_status(error.status, HTTPStatus(error.status).phrase, idx)
                 bodies.append(json.dumps(error.as_json()))
+                errors.append(error)
                 continue
             assert isinstance(request, ParsedRequest) and isinstance(result, list)
             bodies.append(json.dumps(result if request.as_list else result[0]))
-        return bodies
+        return bodies, errors
 
 
 def select_device(gpu_id: Any) -> torch.device:

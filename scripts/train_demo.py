@@ -49,7 +49,7 @@ def _init_pool(config: HandlerConfig) -> None:
 
 def _example(seed: int) -> tuple[int, torch.Tensor, float]:
     rng = random.Random(seed)
-    spec = shapes.random_spec(rng, max_side=384)
+    spec = shapes.random_spec(rng, max_side=256)
     assert _TRANSFORM is not None
     pixels = _TRANSFORM(shapes.encode(shapes.draw(spec), rng))
     # Ease: the shape's share of the model's view, plus a bonus for a plain background.
@@ -92,6 +92,38 @@ def curriculum_order(ease: torch.Tensor, generator: torch.Generator, window: int
     return torch.cat(chunks)
 
 
+def downscale(pixels: torch.Tensor, side: int) -> torch.Tensor:
+    """uint8 batch -> uint8 batch of side x side, antialiased (in chunks to bound memory)."""
+    if side == pixels.shape[-1]:
+        return pixels
+    chunks = [
+        F.interpolate(c.float(), size=(side, side), mode="bilinear", antialias=True).round().clamp(0, 255)
+        for c in pixels.split(1024)
+    ]
+    return torch.cat(chunks).to(torch.uint8)
+
+
+def train_epoch(model, pixels, labels, order, optimizer, schedule, generator, config, batch_size) -> float:
+    """One pass over ``order``; returns the last batch's loss."""
+    model.train()
+    loss = torch.tensor(0.0)
+    for i in range(0, len(order) - batch_size + 1, batch_size):
+        idx = order[i : i + batch_size]
+        x = augment(normalize(pixels[idx], config), generator)
+        loss = F.cross_entropy(model(x), labels[idx], label_smoothing=0.05)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    return float(loss.detach())
+
+
+def report(stage, loss, model, test_x, test_y, config, start) -> float:
+    held_out = accuracy(model, test_x, test_y, config)
+    print(f"{stage}: loss {loss:.3f}, held-out accuracy {held_out:.4f} ({time.time() - start:.0f}s)", flush=True)
+    return held_out
+
+
 @torch.inference_mode()
 def accuracy(model: torch.nn.Module, pixels: torch.Tensor, labels: torch.Tensor, config: HandlerConfig) -> float:
     model.eval()
@@ -104,10 +136,13 @@ def accuracy(model: torch.nn.Module, pixels: torch.Tensor, labels: torch.Tensor,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--train-size", type=int, default=16000)
-    parser.add_argument("--test-size", type=int, default=2000)
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--train-size", type=int, default=15000)
+    parser.add_argument("--test-size", type=int, default=1500)
+    parser.add_argument("--low-res", type=int, default=64, help="side of the phase-1 training images")
+    parser.add_argument("--low-epochs", type=int, default=5, help="epochs at --low-res")
+    parser.add_argument("--epochs", type=int, default=1, help="epochs at the serving resolution")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out-dir", type=Path, default=MODEL_DIR)
     args = parser.parse_args()
@@ -123,26 +158,27 @@ def main() -> None:
     print(f"data: {len(train_y)} train / {len(test_y)} held-out images in {time.time() - start:.0f}s", flush=True)
 
     model = ShapesNet(num_classes=len(shapes.CLASSES)).to(memory_format=torch.channels_last)
-    steps = args.epochs * (len(train_y) // args.batch_size)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=4e-3, weight_decay=5e-4)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=4e-3, total_steps=steps, pct_start=0.15)
     generator = torch.Generator().manual_seed(args.seed)
-    step = 0
-    for epoch in range(args.epochs):
-        model.train()
+    # Phase 1: low resolution (4x cheaper per step), easy examples first, one-cycle schedule.
+    low_x = downscale(train_x, args.low_res)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
+    steps = args.low_epochs * (len(train_y) // args.batch_size)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=steps, pct_start=0.2)
+    for epoch in range(args.low_epochs):
         order = curriculum_order(train_ease, generator) if epoch == 0 else torch.randperm(len(train_y), generator=generator)
-        for i in range(0, len(order) - args.batch_size + 1, args.batch_size):
-            idx = order[i : i + args.batch_size]
-            x = augment(normalize(train_x[idx], config), generator)
-            loss = F.cross_entropy(model(x), train_y[idx], label_smoothing=0.05)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            step += 1
-        held_out = accuracy(model, test_x, test_y, config)
-        print(f"epoch {epoch + 1}/{args.epochs}: loss {loss.item():.3f}, held-out accuracy {held_out:.4f} "
-              f"({time.time() - start:.0f}s)", flush=True)
+        loss = train_epoch(model, low_x, train_y, order, optimizer, schedule, generator, config, args.batch_size)
+        report(f"{args.low_res}px epoch {epoch + 1}/{args.low_epochs}", loss, model, test_x, test_y, config, start)
+    # Phase 2: the serving resolution, a short cosine fine-tune.
+    for group in optimizer.param_groups:
+        group["lr"] = args.lr / 3
+    steps = args.epochs * (len(train_y) // args.batch_size)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(steps, 1))
+    held_out = 0.0
+    for epoch in range(args.epochs):
+        order = torch.randperm(len(train_y), generator=generator)
+        loss = train_epoch(model, train_x, train_y, order, optimizer, schedule, generator, config, args.batch_size)
+        held_out = report(f"{config.image_size}px epoch {epoch + 1}/{args.epochs}", loss, model, test_x, test_y,
+                          config, start)
 
     args.out_dir.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), args.out_dir / "shapes_cnn.pt")

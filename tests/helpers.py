@@ -31,6 +31,26 @@ def shape_image(label: str, seed: int, *, fmt: str = "PNG", min_side: int = 160,
     return encode(shapes.draw(spec), fmt, **save_args)
 
 
+class FakeMetrics:
+    """Records what the handler sends to TorchServe's metrics cache."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, list[float]] = {}
+
+    def _record(self, name: str, value: float) -> None:
+        self.values.setdefault(name, []).append(value)
+
+    def add_time(self, name, value, idx=None, unit="ms", dimensions=None, **_):
+        assert unit == "ms"
+        self._record(name, value)
+
+    def add_metric(self, name, value, unit, idx=None, dimensions=None, **_):
+        self._record(name, value)
+
+    def add_counter(self, name, value, idx=None, dimensions=None):
+        self._record(name, value)
+
+
 @dataclass
 class FakeContext:
     """The parts of ts.context.Context the handler uses."""
@@ -41,6 +61,7 @@ class FakeContext:
     gpu_id: int | None = None
     statuses: dict[int, tuple[int, str]] = field(default_factory=dict)
     content_types: dict[int, str] = field(default_factory=dict)
+    metrics: FakeMetrics = field(default_factory=FakeMetrics)
 
     @property
     def system_properties(self) -> dict[str, Any]:

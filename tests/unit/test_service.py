@@ -85,3 +85,15 @@ def test_a_request_larger_than_the_loader_batch_is_chunked(handler_and_context):
     ctx = fresh_context(base)
     (body,) = handler.handle([{f"f{i}": bytearray(img) for i, img in enumerate(images)}], ctx)
     assert len(json.loads(body)) == 6
+
+
+def test_stage_times_and_counts_are_published(handler_and_context):
+    handler, base = handler_and_context
+    ctx = fresh_context(base)
+    good = bytearray(shape_image("square", seed=3))
+    handler.handle([{"a": good, "b": good}, {"a": good, "b": bytearray(b"junk")}, {"body": {"images": []}}], ctx)
+    values = ctx.metrics.values
+    for stage in ("DecodeTransformMs", "HostToDeviceMs", "InferenceMs", "PostprocessMs"):
+        assert len(values[stage]) == 1 and values[stage][0] > 0, (stage, values)
+    assert values["ImagesPerBatch"] == [4] and values["RequestsPerBatch"] == [3]
+    assert values["BadImages"] == [1] and values["RejectedRequests"] == [2]
