@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent set-up: a .venv with the pinned requirements, and Java 11+ for TorchServe's frontend.
+#   scripts/setup.sh           what serving and the tests need
+#   scripts/setup.sh --bench   plus the benchmarks' extras (requirements-bench.txt)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$ROOT/.venv"
@@ -47,6 +49,16 @@ ensure_venv() {
   echo "$want" >"$stamp"
 }
 
+ensure_bench_extras() {
+  # Benchmarks only: scikit-image ships the real photos they use.
+  "$VENV/bin/python" -c "import skimage, captum" 2>/dev/null && return 0
+  echo "setup: installing benchmark extras" >&2
+  "$VENV/bin/python" -m pip install --quiet -r "$ROOT/requirements-bench.txt"
+}
+
 ensure_java
 ensure_venv
+if [[ "${1:-}" == "--bench" ]]; then
+  ensure_bench_extras
+fi
 echo "setup: ok ($("$VENV/bin/python" -c 'import torch, torchvision, ts; print("torch", torch.__version__, "torchvision", torchvision.__version__)'))" >&2

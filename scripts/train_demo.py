@@ -136,7 +136,7 @@ def accuracy(model: torch.nn.Module, pixels: torch.Tensor, labels: torch.Tensor,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--train-size", type=int, default=15000)
+    parser.add_argument("--train-size", type=int, default=16000)
     parser.add_argument("--test-size", type=int, default=1500)
     parser.add_argument("--low-res", type=int, default=64, help="side of the phase-1 training images")
     parser.add_argument("--low-epochs", type=int, default=5, help="epochs at --low-res")

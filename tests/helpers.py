@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass, field
 from typing import Any
 
 from PIL import Image
@@ -31,48 +30,5 @@ def shape_image(label: str, seed: int, *, fmt: str = "PNG", min_side: int = 160,
     return encode(shapes.draw(spec), fmt, **save_args)
 
 
-class FakeMetrics:
-    """Records what the handler sends to TorchServe's metrics cache."""
-
-    def __init__(self) -> None:
-        self.values: dict[str, list[float]] = {}
-
-    def _record(self, name: str, value: float) -> None:
-        self.values.setdefault(name, []).append(value)
-
-    def add_time(self, name, value, idx=None, unit="ms", dimensions=None, **_):
-        assert unit == "ms"
-        self._record(name, value)
-
-    def add_metric(self, name, value, unit, idx=None, dimensions=None, **_):
-        self._record(name, value)
-
-    def add_counter(self, name, value, idx=None, dimensions=None):
-        self._record(name, value)
-
-
-@dataclass
-class FakeContext:
-    """The parts of ts.context.Context the handler uses."""
-
-    model_dir: str
-    model_yaml_config: dict[str, Any]
-    serialized_file: str = "weights.pt"
-    gpu_id: int | None = None
-    statuses: dict[int, tuple[int, str]] = field(default_factory=dict)
-    content_types: dict[int, str] = field(default_factory=dict)
-    metrics: FakeMetrics = field(default_factory=FakeMetrics)
-
-    @property
-    def system_properties(self) -> dict[str, Any]:
-        return {"model_dir": self.model_dir, "gpu_id": self.gpu_id, "batch_size": 8}
-
-    @property
-    def manifest(self) -> dict[str, Any]:
-        return {"model": {"serializedFile": self.serialized_file}}
-
-    def set_response_status(self, code: int = 200, phrase: str = "", idx: int = 0) -> None:
-        self.statuses[idx] = (code, phrase)
-
-    def set_response_content_type(self, idx: int, value: str) -> None:
-        self.content_types[idx] = value
+# The handler's stand-in context lives in scripts/ so that benchmarks can use it too.
+from direct_context import DirectContext as FakeContext  # noqa: E402,F401

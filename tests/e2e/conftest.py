@@ -7,7 +7,7 @@ import pytest
 import torch
 import torchvision
 
-from server import ROOT, start_server
+from ts_server import ROOT, start_server
 
 SHAPES_MAR = ROOT / "model_store" / "shapes.mar"
 

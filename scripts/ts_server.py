@@ -1,4 +1,5 @@
-"""A real TorchServe (Java frontend + Python workers) started from a temp dir on free ports."""
+"""A real TorchServe (Java frontend + Python workers) started from a temp dir on free ports
+(used by the end-to-end tests and the benchmarks)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from typing import Any
 
 import requests
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 TORCHSERVE = Path(sys.executable).parent / "torchserve"
 
 
@@ -74,6 +75,7 @@ def start_server(workdir: Path, model_store: Path, models: list[str], extra_conf
     replaced = {
         "inference_address": urls[0], "management_address": urls[1], "metrics_address": urls[2],
         "model_store": str(model_store), "load_models": ",".join(models),
+        "metrics_config": str(ROOT / "metrics.yaml"),
     }
     lines = [ln for ln in config.splitlines() if ln.split("=", 1)[0].strip() not in replaced]
     lines += [f"{k}={v}" for k, v in replaced.items()]

@@ -1,0 +1,188 @@
+#!/usr/bin/env python
+"""Time preprocessing (image bytes -> normalized model input) per request, driving handlers directly.
+
+No TorchServe and no Java are needed, so this also runs on a GPU machine. Compared side by side,
+interleaved, on the same JPEGs of real photos:
+  stock  TorchServe's image_classifier.preprocess: a serial PIL loop (Resize 256, CenterCrop 224)
+  blog   the blog's literal code: a DataLoader(num_workers=2, pin_memory=True) created per request
+  ours   this handler: persistent DataLoader workers, uint8 until the device, normalize per batch
+On CUDA it also reports host->device and inference times, and end-to-end images/s (JPEG in -> labels out).
+
+    .venv/bin/python scripts/bench_preprocess.py [--quick] [--arch mobilenet_v3_small] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
+
+from bench_images import photo_jpegs  # noqa: E402
+from direct_context import DirectContext, random_model_dir  # noqa: E402
+from handler.batching import flatten  # noqa: E402
+from handler.decode import ParsedRequest, RawImage  # noqa: E402
+from handler.metrics import StageClock  # noqa: E402
+from handler.service import ImageBatchHandler  # noqa: E402
+
+
+def stock_preprocess() -> Callable[[list[bytes]], torch.Tensor]:
+    """TorchServe's own ImageClassifier.preprocess on one row per image (its contract)."""
+    from ts.torch_handler.image_classifier import ImageClassifier
+
+    stock = ImageClassifier()
+    stock.device = torch.device("cpu")
+    return lambda images: stock.preprocess([{"body": bytearray(b)} for b in images])
+
+
+class _BytesDataset(Dataset):
+    def __init__(self, images: list[bytes], transform):
+        self.images, self.transform = images, transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.transform(Image.open(io.BytesIO(self.images[i])).convert("RGB"))
+
+
+def blog_preprocess(workers: int = 2, batch_size: int = 16) -> Callable[[list[bytes]], torch.Tensor]:
+    """A Dataset + DataLoader built for every request, as the blog post wrote it."""
+    from ts.torch_handler.image_classifier import ImageClassifier
+
+    transform = ImageClassifier.image_processing
+
+    def run(images: list[bytes]) -> torch.Tensor:
+        loader = DataLoader(_BytesDataset(images, transform), batch_size=batch_size, num_workers=workers,
+                            pin_memory=torch.cuda.is_available())
+        return torch.cat(list(loader))
+
+    return run
+
+
+def ours_preprocess(handler: ImageBatchHandler) -> Callable[[list[bytes]], torch.Tensor]:
+    def run(images: list[bytes]) -> torch.Tensor:
+        flat = flatten([_parsed(images)])
+        batches = handler.preprocess(flat)
+        out = torch.cat([handler.to_model_input(b.pixels) for b in batches])
+        if out.is_cuda:
+            torch.cuda.synchronize()
+        return out
+
+    return run
+
+
+def _parsed(images: list[bytes]) -> ParsedRequest:
+    return ParsedRequest([RawImage(i, None, b) for i, b in enumerate(images)], as_list=True)
+
+
+def median_ms(fn: Callable[[], object], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+def build_handler(arch: str, workdir: Path) -> tuple[ImageBatchHandler, DirectContext]:
+    model_dir = random_model_dir(workdir / arch, arch)
+    context = DirectContext(str(model_dir), {"handler": {"arch": arch, "batch_size": 16, "num_workers": 2}},
+                            gpu_id=0 if torch.cuda.is_available() else None)
+    handler = ImageBatchHandler()
+    handler.initialize(context)
+    return handler, context
+
+
+def end_to_end(handler: ImageBatchHandler, context: DirectContext, images: list[bytes], repeats: int) -> dict:
+    """handle() on one request of ``images``: per-stage ms (from the handler's own clock) and images/s."""
+    import base64
+
+    row = {"body": {"images": [base64.b64encode(b).decode() for b in images]}}
+    handler.handle([row], context)  # warm-up
+    stages: dict[str, list[float]] = {}
+    total = []
+    for _ in range(repeats):
+        context.metrics.values.clear()
+        start = time.perf_counter()
+        handler.handle([row], context)
+        total.append(time.perf_counter() - start)
+        for name, values in context.metrics.values.items():
+            stages.setdefault(name, []).append(values[-1])
+    seconds = statistics.median(total)
+    result = {"images_per_s": round(len(images) / seconds, 1), "batch_ms": round(seconds * 1000, 2)}
+    for name in StageClock(handler.device).ms:
+        result[name] = round(statistics.median(stages[name]), 2)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", default="mobilenet_v3_small")
+    parser.add_argument("--sizes", nargs="+", default=["640x480", "1280x960", "4032x3024"])
+    parser.add_argument("--counts", nargs="+", type=int, default=[1, 8, 32, 128])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="fewer sizes, counts and repeats")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    if args.quick:
+        args.sizes, args.counts, args.repeats = ["640x480", "1280x960"], [1, 32], 3
+
+    with tempfile.TemporaryDirectory() as tmp:
+        handler, context = build_handler(args.arch, Path(tmp))
+        methods = {"stock": stock_preprocess(), "blog": blog_preprocess(), "ours": ours_preprocess(handler)}
+        rows = []
+        for size in args.sizes:
+            pool = photo_jpegs(size, max(args.counts))
+            for count in args.counts:
+                images = pool[:count]
+                # Big requests of big photos take seconds per run: fewer repeats there.
+                repeats = max(1, args.repeats if count * len(images[0]) < 8e6 else args.repeats // 2)
+                for fn in methods.values():
+                    fn(images)  # warm-up
+                times: dict[str, list[float]] = {name: [] for name in methods}
+                for _ in range(repeats):  # interleaved rounds: noise hits every method alike
+                    for name, fn in methods.items():
+                        times[name].append(median_ms(lambda: fn(images), 1))
+                row = {"image_size": size, "images": count}
+                row.update({f"{name}_ms": round(statistics.median(t), 2) for name, t in times.items()})
+                row["speedup_vs_stock"] = round(row["stock_ms"] / row["ours_ms"], 2)
+                row["speedup_vs_blog"] = round(row["blog_ms"] / row["ours_ms"], 2)
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+        e2e = {size: end_to_end(handler, context, photo_jpegs(size, 32), args.repeats) for size in args.sizes}
+        handler.loader.close()
+
+    print("\n| image size | images/request | stock ms | blog (per-request DataLoader) ms | ours ms | ours vs stock | ours vs blog |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['image_size']} | {r['images']} | {r['stock_ms']} | {r['blog_ms']} | {r['ours_ms']} | "
+              f"{r['speedup_vs_stock']}x | {r['speedup_vs_blog']}x |")
+    print(f"\nEnd to end through handle() ({args.arch}, one 32-image request, device {handler.device}):")
+    for size, figures in e2e.items():
+        print(f"  {size}: {json.dumps(figures)}")
+    result = {
+        "arch": args.arch, "device": str(handler.device), "preprocess": rows, "end_to_end_32": e2e,
+        "machine": {"cpus": torch.get_num_threads(), "platform": platform.platform(),
+                    "torch": torch.__version__,
+                    "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
+    }
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

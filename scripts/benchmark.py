@@ -1,0 +1,204 @@
+#!/usr/bin/env python
+"""End-to-end REST benchmark: TorchServe's stock image_classifier vs this handler, same weights.
+
+One TorchServe serves two models built from the SAME random-init weights of a torchvision
+architecture: ``stock`` (``--handler image_classifier``) and ``ours``. Each has one worker on the
+same cores. Clients send 32-image batches of real photos (skimage.data, re-encoded as JPEG):
+to stock as 32 concurrent single-image requests (server-side batchSize 32), to ours as ONE
+32-image request. Rounds interleave the two. Reports images/s and p50/p95/p99 latency per batch.
+
+    scripts/setup.sh --bench && .venv/bin/python scripts/benchmark.py [--quick] [--arch NAME] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as futures
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import requests
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
+
+from bench_images import photo_jpegs  # noqa: E402
+from direct_context import random_model_dir  # noqa: E402
+from ts_server import Server, start_server  # noqa: E402
+
+BATCH = 32
+
+def stock_model_file(arch: str, classes: int) -> str:
+    """A model file defining exactly one class that builds ``arch`` (TorchServe's eager path)."""
+    return (
+        "import torch\nimport torchvision\n\n\n"
+        "class Model(torch.nn.Module):\n"
+        f'    """torchvision {arch}, wrapped so that the state_dict keys match the bare model."""\n\n'
+        "    def __new__(cls):\n"
+        f'        return torchvision.models.get_model("{arch}", weights=None, num_classes={classes})\n'
+    )
+
+
+def build_archives(arch: str, store: Path, work: Path) -> None:
+    model_dir = random_model_dir(work / "weights", arch)
+    weights, labels = model_dir / "weights.pt", model_dir / "index_to_name.json"
+    common = {"minWorkers": 1, "maxWorkers": 1, "responseTimeout": 300}
+    stock_cfg = work / "stock.yaml"
+    stock_cfg.write_text(yaml.safe_dump({**common, "batchSize": BATCH, "maxBatchDelay": 100}))
+    ours_cfg = work / "ours.yaml"
+    ours_cfg.write_text(yaml.safe_dump({**common, "batchSize": 8, "maxBatchDelay": 5,
+                                        "handler": {"arch": arch, "batch_size": 16, "num_workers": 2}}))
+    model_file = work / "stock_model.py"
+    model_file.write_text(stock_model_file(arch, 1000))
+    archiver = str(Path(sys.executable).parent / "torch-model-archiver")
+    subprocess.run([archiver, "--model-name", "stock", "--version", "1.0", "--model-file", str(model_file),
+                    "--serialized-file", str(weights), "--handler", "image_classifier",
+                    "--extra-files", str(labels), "--config-file", str(stock_cfg),
+                    "--export-path", str(store), "--force"], check=True)
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "build_mar.py"), "--arch", arch, "--weights",
+                    str(weights), "--labels", str(labels), "--name", "ours", "--export-path", str(store),
+                    "--config", str(ours_cfg)], check=True, stdout=subprocess.DEVNULL)
+
+
+def send_stock(server: Server, pool: futures.ThreadPoolExecutor, images: list[bytes]) -> list[dict]:
+    """32 concurrent single-image requests: the stock handler's one-image contract."""
+    url = f"{server.inference_url}/predictions/stock"
+    headers = server.auth()
+
+    def one(data: bytes) -> dict:
+        response = requests.post(url, data=data, headers=headers, timeout=300)
+        response.raise_for_status()
+        return response.json()
+
+    return list(pool.map(one, images))
+
+
+def send_ours(server: Server, images: list[bytes]) -> list[dict]:
+    files = [(f"img{i}", (f"{i}.jpg", data, "image/jpeg")) for i, data in enumerate(images)]
+    response = server.predict("ours", files=files)
+    response.raise_for_status()
+    return response.json()
+
+
+def percentiles(latencies_ms: list[float]) -> dict[str, float]:
+    ordered = sorted(latencies_ms)
+
+    def pick(q: float) -> float:
+        return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+    return {"p50_ms": round(statistics.median(ordered), 1), "p95_ms": round(pick(0.95), 1),
+            "p99_ms": round(pick(0.99), 1)}
+
+
+def agreement(stock: list[dict], ours: list[dict]) -> dict[str, float]:
+    """Top-1 agreement and the largest difference of the stock top-1 probability."""
+    same = sum(next(iter(s)) == next(iter(o)) for s, o in zip(stock, ours))
+    diffs = [abs(s[next(iter(s))] - o.get(next(iter(s)), 0.0)) for s, o in zip(stock, ours)]
+    return {"top1_agreement": round(same / len(stock), 3), "max_top1_prob_diff": round(max(diffs), 4)}
+
+
+def run_size(server: Server, size: str, rounds: int) -> dict:
+    images = photo_jpegs(size, BATCH)
+    stock_lat, ours_lat = [], []
+    with futures.ThreadPoolExecutor(BATCH) as pool:
+        reference_stock = send_stock(server, pool, images)  # warm-up, also the agreement check
+        reference_ours = send_ours(server, images)
+        for _ in range(rounds):  # interleaved: machine noise hits both alike
+            start = time.perf_counter()
+            send_stock(server, pool, images)
+            stock_lat.append((time.perf_counter() - start) * 1000)
+            start = time.perf_counter()
+            send_ours(server, images)
+            ours_lat.append((time.perf_counter() - start) * 1000)
+    result = {"image_size": size}
+    for name, lat in (("stock", stock_lat), ("ours", ours_lat)):
+        result[name] = {"images_per_s": round(BATCH * len(lat) / (sum(lat) / 1000), 1), **percentiles(lat)}
+    result["throughput_ratio"] = round(result["ours"]["images_per_s"] / result["stock"]["images_per_s"], 2)
+    result["p50_ratio"] = round(result["stock"]["p50_ms"] / result["ours"]["p50_ms"], 2)
+    result["outputs"] = agreement(reference_stock, reference_ours)
+    return result
+
+
+def markdown(result: dict) -> str:
+    lines = [f"Model `{result['arch']}`, {BATCH}-image batches, 1 worker each "
+             f"({result['machine']['cpu_count']} CPUs, {result['machine']['device']}).", "",
+             "| image size | stock img/s | ours img/s | throughput × | stock p50/p95/p99 ms | ours p50/p95/p99 ms | p50 × | top-1 agreement |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in result["e2e"]:
+        s, o = row["stock"], row["ours"]
+        lines.append(f"| {row['image_size']} | {s['images_per_s']} | {o['images_per_s']} | {row['throughput_ratio']} | "
+                     f"{s['p50_ms']}/{s['p95_ms']}/{s['p99_ms']} | {o['p50_ms']}/{o['p95_ms']}/{o['p99_ms']} | "
+                     f"{row['p50_ratio']} | {row['outputs']['top1_agreement']} |")
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = [r["image_size"] for r in result["e2e"]]
+    x = range(len(sizes))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for offset, name in ((-0.2, "stock"), (0.2, "ours")):
+        left.bar([i + offset for i in x], [r[name]["images_per_s"] for r in result["e2e"]], 0.4, label=name)
+        right.bar([i + offset for i in x], [r[name]["p50_ms"] for r in result["e2e"]], 0.4, label=name)
+    left.set(title="throughput (images/s, higher is better)", xticks=list(x), xticklabels=sizes)
+    right.set(title=f"p50 latency per {BATCH}-image batch (ms)", xticks=list(x), xticklabels=sizes)
+    left.legend()
+    fig.suptitle(f"TorchServe stock image_classifier vs this handler — {result['arch']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", default="mobilenet_v3_small")
+    parser.add_argument("--quick", action="store_true", help="two sizes, few rounds (under 90 s)")
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--sizes", nargs="+", default=["640x480", "1280x960", "4032x3024"])
+    parser.add_argument("--json", type=Path, default=ROOT / "docs" / "benchmark.json")
+    args = parser.parse_args()
+    if args.quick:
+        args.sizes, args.rounds = ["640x480", "1280x960"], 3
+
+    started = time.time()
+    with tempfile.TemporaryDirectory(prefix="bench_") as tmp:
+        tmp_path = Path(tmp)
+        store = tmp_path / "store"
+        store.mkdir()
+        build_archives(args.arch, store, tmp_path)
+        (tmp_path / "server").mkdir()
+        server = start_server(tmp_path / "server", store, ["stock.mar", "ours.mar"])
+        try:
+            rows = []
+            for size in args.sizes:
+                rows.append(run_size(server, size, args.rounds))
+                print(json.dumps(rows[-1]), flush=True)
+        finally:
+            server.stop()
+    import os
+
+    result = {"arch": args.arch, "images_per_request": BATCH, "e2e": rows,
+              "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
+                          "device": "cuda" if torch.cuda.is_available() else "cpu"},
+              "rounds": args.rounds, "seconds": round(time.time() - started, 1)}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=2) + "\n")
+    args.json.with_suffix(".md").write_text(markdown(result) + "\n")
+    plot(result, args.json.with_suffix(".png"))
+    print("\n" + markdown(result))
+    print(f"\nwrote {args.json}, .md and .png in {result['seconds']} s")
+
+
+if __name__ == "__main__":
+    main()
