@@ -34,7 +34,6 @@ class HandlerConfig:
         max_images_per_request: more images than this in one request is a 413.
         max_image_pixels: an image with more pixels (width x height) is a 413.
         jpeg_draft: let libjpeg downscale large JPEGs while decoding (DCT scaling).
-        loader_timeout_s: a loader batch that takes longer is an error, never a hang.
     """
 
     arch: str = "resnet18"
@@ -52,7 +51,6 @@ class HandlerConfig:
     max_images_per_request: int = 64
     max_image_pixels: int = 50_000_000
     jpeg_draft: bool = True
-    loader_timeout_s: float = 120.0
 
     def __post_init__(self) -> None:
         _positive("image_size", self.image_size)
@@ -61,8 +59,6 @@ class HandlerConfig:
         _positive("batch_size", self.batch_size)
         _positive("max_images_per_request", self.max_images_per_request)
         _positive("max_image_pixels", self.max_image_pixels)
-        if self.loader_timeout_s <= 0:
-            raise ValueError(f"handler.loader_timeout_s must be > 0, got {self.loader_timeout_s}")
         if self.num_workers < 0:
             raise ValueError(f"handler.num_workers must be >= 0, got {self.num_workers}")
         if self.resize_mode not in RESIZE_MODES:
@@ -114,10 +110,6 @@ def _coerce(name: str, default: Any, value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ValueError(f"{where} must be an integer, got {value!r}")
         return value
-    if isinstance(default, float):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"{where} must be a number, got {value!r}")
-        return float(value)
     if isinstance(default, tuple):
         if (
             not isinstance(value, (list, tuple))

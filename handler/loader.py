@@ -79,7 +79,6 @@ class PersistentImageLoader:
         image_size: int,
         pin_memory: bool,
         mp_context: str,
-        timeout_s: float,
     ) -> None:
         self.batch_size = batch_size
         self._dataset = dataset
@@ -87,7 +86,6 @@ class PersistentImageLoader:
         self._collate = functools.partial(collate_decoded, image_size=image_size)
         self._pin_memory = pin_memory
         self._mp_context = mp_context
-        self._timeout_s = timeout_s
         self._sampler = RequestBatchSampler()
         self._loader = self._build()
 
@@ -102,7 +100,6 @@ class PersistentImageLoader:
             persistent_workers=workers > 0,
             multiprocessing_context=multiprocessing.get_context(self._mp_context) if workers else None,
             worker_init_fn=_init_worker if workers else None,
-            timeout=self._timeout_s if workers else 0,
         )
 
     def start(self) -> None:
@@ -126,7 +123,9 @@ class PersistentImageLoader:
                     yield batch
                 return
             except RuntimeError as exc:
-                # A killed worker ("DataLoader worker (pid N) exited unexpectedly") or a timeout.
+                # A worker that died mid-request: torch checks worker liveness every 5 s while it
+                # waits ("DataLoader worker (pid N) exited unexpectedly"). A worker that hangs is
+                # bounded by TorchServe's responseTimeout, which restarts the whole backend worker.
                 if rebuilds >= MAX_REBUILDS_PER_RUN or "DataLoader" not in str(exc):
                     raise
                 rebuilds += 1

@@ -62,7 +62,6 @@ class ImageBatchHandler:
             image_size=cfg.image_size,
             pin_memory=cfg.pin_memory and self.device.type == "cuda",
             mp_context=cfg.mp_context,
-            timeout_s=cfg.loader_timeout_s,
         )
         # Fork the workers while this process is small and has no CUDA context.
         self.loader.start()

@@ -24,7 +24,7 @@ def make_loader(num_workers: int = 2, batch_size: int = 3) -> PersistentImageLoa
     return PersistentImageLoader(
         ImageBytesDataset(ImageTransform(config)),
         batch_size=batch_size, num_workers=num_workers, image_size=SIZE,
-        pin_memory=False, mp_context="fork", timeout_s=60,
+        pin_memory=False, mp_context="fork",
     )
 
 
