@@ -23,6 +23,24 @@ def labelled_images(count: int, seed: int, fmt: str = "PNG") -> list[tuple[str, 
             for i in range(count)]
 
 
+def alone(server, images: list[tuple[str, bytes]]) -> list[dict[str, float]]:
+    """Each image's result when sent alone as a raw body: the reference for routing checks."""
+    results = []
+    for _, data in images:
+        response = server.predict(data=data, headers={"Content-Type": "application/octet-stream"})
+        assert response.status_code == 200, response.text
+        results.append(response.json())
+    return results
+
+
+def same_results(got: list[dict[str, float]], want: list[dict[str, float]]) -> None:
+    """Same images in the same order: identical labels, scores equal up to batching noise."""
+    assert len(got) == len(want), (len(got), len(want))
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert list(g) == list(w), (i, g, w)
+        assert g == pytest.approx(w, abs=1e-3), (i, g, w)
+
+
 def check_scores(result: dict[str, float]) -> None:
     assert list(result) and set(result) <= set(LABELS), result
     scores = list(result.values())
@@ -57,7 +75,7 @@ def test_multipart_five_images_in_field_order(server):
     assert isinstance(body, list) and len(body) == 5, body
     for result in body:
         check_scores(result)
-    assert [top(r) for r in body] == [label for label, _ in images]
+    same_results(body, alone(server, images))
 
 
 def test_json_base64_list(server):
@@ -65,14 +83,15 @@ def test_json_base64_list(server):
     payload = {"images": [base64.b64encode(data).decode() for _, data in images]}
     response = server.predict(json=payload)
     assert response.status_code == 200, response.text
-    assert [top(r) for r in response.json()] == [label for label, _ in images]
+    same_results(response.json(), alone(server, images))
 
 
 def test_json_data_single_image(server):
     label, image = labelled_images(1, seed=45)[0]
     response = server.predict(json={"data": base64.b64encode(image).decode()})
     assert response.status_code == 200, response.text
-    assert top(response.json()) == label
+    assert isinstance(response.json(), dict)
+    same_results([response.json()], alone(server, [(label, image)]))
 
 
 def test_forty_images_in_one_request_are_chunked_and_ordered(server):
@@ -82,7 +101,7 @@ def test_forty_images_in_one_request_are_chunked_and_ordered(server):
     assert response.status_code == 200, response.text
     body = response.json()
     assert len(body) == 40
-    assert [top(r) for r in body] == [label for label, _ in images]
+    same_results(body, alone(server, images))
 
 
 def test_concurrent_requests_each_get_their_own_results(server):
@@ -95,29 +114,38 @@ def test_concurrent_requests_each_get_their_own_results(server):
         payload = {"images": [base64.b64encode(data).decode() for _, data in images]}
         return server.predict(json=payload)
 
-    references = [send(imgs).json() for imgs in requests_images]
+    references = [alone(server, imgs) for imgs in requests_images]
     with futures.ThreadPoolExecutor(16) as pool:
         responses = list(pool.map(send, requests_images))
-    for images, reference, response in zip(requests_images, references, responses):
+    for reference, response in zip(references, responses):
         assert response.status_code == 200, response.text
-        body = response.json()
-        assert [top(r) for r in body] == [label for label, _ in images]
-        assert len(body) == len(reference)
-        for got, want in zip(body, reference):
-            assert list(got) == list(want) and got == pytest.approx(want, abs=1e-3)
+        same_results(response.json(), reference)
 
 
 @pytest.mark.parametrize("label", LABELS)
 def test_demo_model_classifies_fresh_shapes(server, label):
     # Fresh drawings over the full range the model is specified for (sizes 20-90%, any background,
     # aspect 1:3..3:1, JPEG).
-    images = [shape_image(label, seed=77_000 + i, fmt="JPEG", min_side=64, max_side=1200) for i in range(20)]
+    # The model measures ~94% on this range (scripts/train_demo.py); 90% leaves room for chance.
+    images = [shape_image(label, seed=77_000 + i, fmt="JPEG", min_side=64, max_side=1200) for i in range(30)]
     payload = {"images": [base64.b64encode(data).decode() for data in images]}
     response = server.predict(json=payload)
     assert response.status_code == 200, response.text
     predicted = [top(r) for r in response.json()]
     correct = sum(p == label for p in predicted)
-    assert correct >= 18, f"{correct}/20 {label}s recognised: {predicted}"
+    assert correct >= 27, f"{correct}/30 {label}s recognised: {predicted}"
+
+
+def test_demo_model_is_sure_of_clear_shapes(server):
+    # Shapes a third of the image or more, PNG: at least 95% right and the right label first.
+    images = [(LABELS[i % 3], shape_image(LABELS[i % 3], seed=88_000 + i, size_range=(0.35, 0.9)))
+              for i in range(60)]
+    payload = {"images": [base64.b64encode(data).decode() for _, data in images]}
+    response = server.predict(json=payload)
+    assert response.status_code == 200, response.text
+    predicted = [top(r) for r in response.json()]
+    correct = sum(p == label for p, (label, _) in zip(predicted, images))
+    assert correct >= 57, f"{correct}/60 right: {list(zip(predicted, [label for label, _ in images]))}"
 
 
 def test_corrupt_image_fails_only_its_own_request(server):
@@ -138,16 +166,17 @@ def test_corrupt_image_fails_only_its_own_request(server):
     body = bad_response.json()
     assert body["error"] == "invalid_image" and body["message"]
     assert body["images"] == [{"index": 1, "field": "broken", "reason": body["images"][0]["reason"]}]
+    references = alone(server, good)
     for i, response in enumerate(good_responses):
         assert response.status_code == 200, response.text
-        assert [top(r) for r in response.json()] == [good[i][0], good[(i + 1) % 6][0]]
+        same_results(response.json(), [references[i], references[(i + 1) % 6]])
     assert server.predict(data=good[0][1]).status_code == 200
 
 
 def test_scale_workers_while_serving(server):
     images = labelled_images(3, seed=120)
     files = [(f"f{i}", data) for i, (_, data) in enumerate(images)]
-    expected = [label for label, _ in images]
+    expected = alone(server, images)
     with futures.ThreadPoolExecutor(1) as pool:
         scaling = pool.submit(server.manage, "PUT", "/models/shapes?min_worker=3&max_worker=3&synchronous=true")
         during = []
@@ -159,7 +188,7 @@ def test_scale_workers_while_serving(server):
     assert len(server.ready_workers("shapes")) == 3
     for response in during + [server.predict(files=files) for _ in range(6)]:
         assert response.status_code == 200, response.text
-        assert [top(r) for r in response.json()] == expected
+        same_results(response.json(), expected)
     back = server.manage("PUT", "/models/shapes?min_worker=1&max_worker=1&synchronous=true")
     assert back.status_code == 200, back.text
     assert len(server.ready_workers("shapes")) == 1
@@ -182,3 +211,18 @@ def test_requests_without_token_are_refused(server):
     assert response.status_code in (400, 401, 403), response.text
     response = requests.get(f"{server.management_url}/models/shapes", timeout=30)
     assert response.status_code in (400, 401, 403), response.text
+
+
+def test_custom_metrics_reach_prometheus(server):
+    _, image = labelled_images(1, seed=150)[0]
+    assert server.predict(files=[("a", image), ("b", image)]).status_code == 200
+    text = ""
+    for _ in range(20):  # the backend flushes metrics asynchronously
+        text = requests.get(f"{server.metrics_url}/metrics", timeout=30).text
+        if "DecodeTransformMs" in text and "ImagesPerBatch" in text:
+            break
+        time.sleep(0.5)
+    for name in ("DecodeTransformMs", "HostToDeviceMs", "InferenceMs", "PostprocessMs", "ImagesPerBatch",
+                 "RequestsPerBatch"):
+        lines = [ln for ln in text.splitlines() if ln.startswith(name) and 'ModelName="shapes"' in ln]
+        assert lines, f"{name} for model shapes missing from /metrics:\n{text[:3000]}"
