@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 RESIZE_MODES = ("center_crop", "letterbox", "squash")
+PRECISIONS = ("fp32", "fp16", "bf16")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -34,6 +35,13 @@ class HandlerConfig:
         max_images_per_request: more images than this in one request is a 413.
         max_image_pixels: an image with more pixels (width x height) is a 413.
         jpeg_draft: let libjpeg downscale large JPEGs while decoding (DCT scaling).
+        precision: ``fp32``, or autocast to ``fp16``/``bf16`` for the forward pass (fp16 needs CUDA).
+        batch_buckets: pad every forward pass to the smallest of these batch sizes that fits, so
+            the model only ever sees a few fixed shapes (each is warmed up in initialize).
+        cudnn_benchmark: let cuDNN pick the fastest kernels per shape; only with batch_buckets,
+            since every new shape is re-tuned (seconds each).
+        intra_op_threads: torch threads of each TorchServe worker for the model; 0 shares the
+            machine's cores among the model's maxWorkers backend workers.
     """
 
     arch: str = "resnet18"
@@ -51,6 +59,10 @@ class HandlerConfig:
     max_images_per_request: int = 64
     max_image_pixels: int = 50_000_000
     jpeg_draft: bool = True
+    precision: str = "fp32"
+    batch_buckets: tuple[int, ...] = ()
+    cudnn_benchmark: bool = False
+    intra_op_threads: int = 0
 
     def __post_init__(self) -> None:
         _positive("image_size", self.image_size)
@@ -59,6 +71,22 @@ class HandlerConfig:
         _positive("batch_size", self.batch_size)
         _positive("max_images_per_request", self.max_images_per_request)
         _positive("max_image_pixels", self.max_image_pixels)
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"handler.precision must be one of {', '.join(PRECISIONS)}; got {self.precision!r}")
+        buckets = self.batch_buckets
+        if buckets and (list(buckets) != sorted(set(buckets)) or buckets[0] <= 0):
+            raise ValueError(f"handler.batch_buckets must be increasing positive sizes, got {list(buckets)}")
+        if buckets and buckets[-1] < self.batch_size:
+            raise ValueError(
+                f"handler.batch_buckets must include a size >= batch_size ({self.batch_size}), got {list(buckets)}"
+            )
+        if self.cudnn_benchmark and not buckets:
+            raise ValueError(
+                "handler.cudnn_benchmark needs handler.batch_buckets: without fixed batch sizes cuDNN "
+                "re-tunes for every new shape"
+            )
+        if self.intra_op_threads < 0:
+            raise ValueError(f"handler.intra_op_threads must be >= 0, got {self.intra_op_threads}")
         if self.num_workers < 0:
             raise ValueError(f"handler.num_workers must be >= 0, got {self.num_workers}")
         if self.resize_mode not in RESIZE_MODES:
@@ -110,6 +138,12 @@ def _coerce(name: str, default: Any, value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ValueError(f"{where} must be an integer, got {value!r}")
         return value
+    if isinstance(default, tuple) and not default:  # a variable-length list of integers
+        if not isinstance(value, (list, tuple)) or not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value
+        ):
+            raise ValueError(f"{where} must be a list of integers, got {value!r}")
+        return tuple(value)
     if isinstance(default, tuple):
         if (
             not isinstance(value, (list, tuple))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,7 @@ class ImageBatchHandler:
         # Keep Pillow's decompression-bomb guard on, at our limit (the stock handler turns it off).
         Image.MAX_IMAGE_PIXELS = self.config.max_image_pixels
         self.device = select_device(properties.get("gpu_id"))
+        torch.set_num_threads(thread_budget(self.config.intra_op_threads, model_yaml.get("maxWorkers", 1)))
 
         cfg = self.config
         self.loader = PersistentImageLoader(
@@ -73,6 +75,10 @@ class ImageBatchHandler:
         scale = torch.tensor(cfg.std, device=self.device).view(1, 3, 1, 1) * 255.0
         self._mean255 = torch.tensor(cfg.mean, device=self.device).view(1, 3, 1, 1) * 255.0
         self._inv_std255 = 1.0 / scale
+        self._autocast_dtype = autocast_dtype(cfg.precision, self.device)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
+        self.warm_up()
         self.initialized = True
         log.info("handler ready: arch=%s device=%s config=%s", cfg.arch, self.device, cfg)
 
@@ -120,8 +126,33 @@ class ImageBatchHandler:
             with clock.stage("HostToDeviceMs"):
                 x = self.to_model_input(batch.pixels)
             with clock.stage("InferenceMs"):
-                outputs.append(self.model(x))
+                outputs.append(self.forward(x))
         return outputs
+
+    @torch.inference_mode()
+    def warm_up(self) -> None:
+        """Run each batch bucket once, so cuDNN tuning and lazy initialization happen here, not
+        in the first requests."""
+        size = self.config.image_size
+        for bucket in self.config.batch_buckets:
+            pixels = torch.zeros((bucket, 3, size, size), dtype=torch.uint8)
+            self.forward(self.to_model_input(pixels))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The model on ``x`` padded to its batch bucket, in the configured precision."""
+        assert self.model is not None, "initialize() has not run"
+        count = x.shape[0]
+        bucket = next((b for b in self.config.batch_buckets if b >= count), count)
+        if bucket > count:
+            x = torch.cat([x, x.new_zeros((bucket - count, *x.shape[1:]))]).contiguous(
+                memory_format=torch.channels_last
+            )
+        if self._autocast_dtype is None:
+            return self.model(x)[:count]
+        with torch.autocast(self.device.type, dtype=self._autocast_dtype):
+            return self.model(x)[:count].float()
 
     def to_model_input(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 NCHW (pinned on CUDA) -> normalized float on the device, channels_last."""
@@ -163,6 +194,26 @@ class ImageBatchHandler:
             assert isinstance(request, ParsedRequest) and isinstance(result, list)
             bodies.append(json.dumps(result if request.as_list else result[0]))
         return bodies, errors
+
+
+def thread_budget(configured: int, backend_workers: Any) -> int:
+    """Intra-op threads for this worker: as configured, or the cores shared among the backend
+    workers (several workers each using every core would oversubscribe the machine). The loader
+    workers run one thread each, and decoding and inference take turns, not overlap."""
+    if configured > 0:
+        return configured
+    workers = backend_workers if isinstance(backend_workers, int) and backend_workers > 0 else 1
+    return max(1, (os.cpu_count() or 1) // workers)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``precision`` on ``device``; None runs in fp32."""
+    if precision == "fp32":
+        return None
+    if precision == "fp16" and device.type != "cuda":
+        log.warning("precision fp16 needs CUDA; running in fp32 on %s", device)
+        return None
+    return torch.float16 if precision == "fp16" else torch.bfloat16
 
 
 def select_device(gpu_id: Any) -> torch.device:

@@ -37,3 +37,23 @@ def test_unknown_key_is_named():
 def test_invalid_values_are_rejected_with_the_key(settings, message):
     with pytest.raises(ValueError, match=message):
         HandlerConfig.from_mapping(settings)
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        pytest.param({"cudnn_benchmark": True}, "needs handler.batch_buckets", id="benchmark-without-buckets"),
+        pytest.param({"batch_buckets": [8, 4, 16]}, "increasing positive", id="unsorted-buckets"),
+        pytest.param({"batch_buckets": [2, 4]}, "size >= batch_size", id="buckets-below-batch"),
+        pytest.param({"batch_buckets": [4, "8"]}, "list of integers", id="string-bucket"),
+        pytest.param({"precision": "int8"}, "precision must be one of", id="bad-precision"),
+    ],
+)
+def test_fast_path_settings_are_checked(settings, message):
+    with pytest.raises(ValueError, match=message):
+        HandlerConfig.from_mapping(settings)
+
+
+def test_buckets_and_benchmark_together_are_valid():
+    config = HandlerConfig.from_mapping({"batch_buckets": [1, 4, 16], "cudnn_benchmark": True, "precision": "bf16"})
+    assert config.batch_buckets == (1, 4, 16)

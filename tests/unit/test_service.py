@@ -97,3 +97,37 @@ def test_stage_times_and_counts_are_published(handler_and_context):
         assert len(values[stage]) == 1 and values[stage][0] > 0, (stage, values)
     assert values["ImagesPerBatch"] == [4] and values["RequestsPerBatch"] == [3]
     assert values["BadImages"] == [1] and values["RejectedRequests"] == [2]
+
+
+def test_thread_budget_shares_cores_among_backend_workers():
+    from handler.service import thread_budget
+    import os
+
+    cores = os.cpu_count() or 1
+    assert thread_budget(3, 8) == 3
+    assert thread_budget(0, 1) == cores
+    assert thread_budget(0, cores * 4) == 1
+    assert thread_budget(0, None) == cores
+
+
+def test_bucket_padding_and_bf16_keep_the_results(handler_and_context, tmp_path):
+    handler, base = handler_and_context
+    images = [bytearray(shape_image(LABELS[i % 3], seed=300 + i)) for i in range(5)]
+    plain = json.loads(handler.handle([{f"f{i}": img for i, img in enumerate(images)}], fresh_context(base))[0])
+    settings = {**base.model_yaml_config["handler"], "batch_buckets": [2, 8]}
+    padded_handler = ImageBatchHandler()
+    padded_handler.initialize(FakeContext(base.model_dir, {"handler": settings}))
+    try:
+        padded = json.loads(padded_handler.handle([{f"f{i}": img for i, img in enumerate(images)}],
+                                                  fresh_context(base))[0])
+        assert len(padded) == 5
+        for got, want in zip(padded, plain):
+            assert list(got) == list(want) and got == pytest.approx(want, abs=1e-4)
+        bf16_handler = ImageBatchHandler()
+        bf16_handler.initialize(FakeContext(base.model_dir, {"handler": {**settings, "precision": "bf16"}}))
+        low = json.loads(bf16_handler.handle([{f"f{i}": img for i, img in enumerate(images)}],
+                                             fresh_context(base))[0])
+        bf16_handler.loader.close()
+        assert [next(iter(r)) for r in low] == [next(iter(r)) for r in plain]
+    finally:
+        padded_handler.loader.close()
