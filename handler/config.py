@@ -32,6 +32,8 @@ class HandlerConfig:
         num_workers: DataLoader worker processes (0 decodes in the handler process).
         pin_memory: pin host batches for fast, asynchronous copies to the GPU (CUDA only).
         mp_context: multiprocessing start method of the loader workers.
+        inline_max_images: a server-side batch of at most this many images is decoded in the
+            handler process (no worker round trip); more go through the DataLoader workers.
         max_images_per_request: more images than this in one request is a 413.
         max_image_pixels: an image with more pixels (width x height) is a 413.
         jpeg_draft: let libjpeg downscale large JPEGs while decoding (DCT scaling).
@@ -56,6 +58,7 @@ class HandlerConfig:
     num_workers: int = 2
     pin_memory: bool = True
     mp_context: str = "fork"
+    inline_max_images: int = 1
     max_images_per_request: int = 64
     max_image_pixels: int = 50_000_000
     jpeg_draft: bool = True
@@ -85,6 +88,8 @@ class HandlerConfig:
                 "handler.cudnn_benchmark needs handler.batch_buckets: without fixed batch sizes cuDNN "
                 "re-tunes for every new shape"
             )
+        if self.inline_max_images < 0:
+            raise ValueError(f"handler.inline_max_images must be >= 0, got {self.inline_max_images}")
         if self.intra_op_threads < 0:
             raise ValueError(f"handler.intra_op_threads must be >= 0, got {self.intra_op_threads}")
         if self.num_workers < 0:

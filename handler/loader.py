@@ -79,6 +79,7 @@ class PersistentImageLoader:
         image_size: int,
         pin_memory: bool,
         mp_context: str,
+        inline_max_images: int = 0,
     ) -> None:
         self.batch_size = batch_size
         self._dataset = dataset
@@ -88,6 +89,7 @@ class PersistentImageLoader:
         self._mp_context = mp_context
         self._sampler = RequestBatchSampler()
         self._loader = self._build()
+        self.inline_max_images = inline_max_images
 
     def _build(self) -> DataLoader:
         workers = self._num_workers
@@ -111,6 +113,11 @@ class PersistentImageLoader:
     def iterate(self, items: Sequence[LoaderItem]) -> Iterator[DecodedBatch]:
         """Decoded batches of ``items`` in order; rebuilds the loader if a worker died."""
         batches = [list(items[i : i + self.batch_size]) for i in range(0, len(items), self.batch_size)]
+        if len(items) <= self.inline_max_images:
+            # A handful of images decode faster here than the round trip to a worker takes.
+            for batch in batches:
+                yield self._collate([self._dataset[item] for item in batch])
+            return
         delivered = 0
         rebuilds = 0
         self._replace_dead_workers()

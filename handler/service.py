@@ -64,6 +64,7 @@ class ImageBatchHandler:
             image_size=cfg.image_size,
             pin_memory=cfg.pin_memory and self.device.type == "cuda",
             mp_context=cfg.mp_context,
+            inline_max_images=cfg.inline_max_images,
         )
         # Fork the workers while this process is small and has no CUDA context.
         self.loader.start()
@@ -156,9 +157,9 @@ class ImageBatchHandler:
 
     def to_model_input(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 NCHW (pinned on CUDA) -> normalized float on the device, channels_last."""
-        x = pixels.to(self.device, non_blocking=True).float()
-        x = (x - self._mean255) * self._inv_std255
-        return x.contiguous(memory_format=torch.channels_last)
+        # Reorder while still uint8 (1 byte a value), then convert and normalize in place.
+        x = pixels.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        return x.float().sub_(self._mean255).mul_(self._inv_std255)
 
     def predictions(self, batches: list[DecodedBatch], logits: list[torch.Tensor | None]) -> Outcomes[Prediction]:
         """Top-k per good image and the failures, keyed by image."""

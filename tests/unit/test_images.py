@@ -98,3 +98,21 @@ def test_undecodable_or_oversized_images_raise_with_status(data, status):
         ImageTransform(config)(data)
     assert caught.value.status == status, caught.value.reason
     assert caught.value.reason
+
+
+def test_fast_jpeg_decode_matches_pillow():
+    from handler.images import open_image, resize_to_input, to_rgb_tensor
+    import shapes
+    import random
+
+    spec = shapes.random_spec(random.Random(5), "circle", min_side=300, max_side=400)
+    data = encode(shapes.draw(spec), "JPEG", quality=90)
+    fast = ImageTransform(CROP)(data).float()
+    pil = resize_to_input(to_rgb_tensor(open_image(data, 10**9)), CROP).float()
+    assert (fast - pil).abs().mean() < 1.5, (fast - pil).abs().mean()
+
+
+def test_truncated_jpeg_is_not_silently_padded():
+    data = encode(solid("RGB", (300, 300), (10, 200, 30)), "JPEG")
+    with pytest.raises(ImageDecodeError):
+        ImageTransform(CROP)(data[: len(data) // 2])

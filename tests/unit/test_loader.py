@@ -107,3 +107,18 @@ def test_zero_workers_decodes_in_process():
     batches = run(loader, [50, 60])
     assert [k for b in batches for k in b.keys] == [0, 1]
     assert batches[0].pixels.dtype == torch.uint8
+
+
+def test_small_batches_decode_inline_with_the_same_result(loader):
+    config = HandlerConfig(image_size=SIZE, resize_size=SIZE)
+    inline = PersistentImageLoader(ImageBytesDataset(ImageTransform(config)), batch_size=3, num_workers=2,
+                                   image_size=SIZE, pin_memory=False, mp_context="fork", inline_max_images=2)
+    try:
+        items = [LoaderItem(0, grey(40)), LoaderItem(1, b"bad")]
+        (got,) = list(inline.iterate(items))
+        (want,) = list(loader.iterate(items))
+        assert inline._loader._iterator is None  # no worker was involved
+        assert got.keys == want.keys == [0] and torch.equal(got.pixels, want.pixels)
+        assert got.failures == want.failures
+    finally:
+        inline.close()
