@@ -158,8 +158,10 @@ def resize_to_input(pixels: torch.Tensor, config: HandlerConfig) -> torch.Tensor
 
 def _resize(pixels: torch.Tensor, height: int, width: int) -> torch.Tensor:
     if pixels.shape[1:] == (height, width):
-        return pixels.contiguous()
-    return TF.resize(pixels.contiguous(), [height, width], antialias=True)
+        return pixels
+    # No .contiguous(): a channels-last (HWC-strided) uint8 image takes torch's vectorized
+    # antialiasing kernel, over twice as fast as a CHW one.
+    return TF.resize(pixels, [height, width], antialias=True)
 
 
 def _decoded_side_needed(config: HandlerConfig) -> int:

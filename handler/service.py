@@ -74,8 +74,8 @@ class ImageBatchHandler:
         model = load_model(cfg.arch, weights, len(self.labels))
         self.model = model.to(self.device, memory_format=torch.channels_last)
         scale = torch.tensor(cfg.std, device=self.device).view(1, 3, 1, 1) * 255.0
-        self._mean255 = torch.tensor(cfg.mean, device=self.device).view(1, 3, 1, 1) * 255.0
         self._inv_std255 = 1.0 / scale
+        self._bias = -torch.tensor(cfg.mean, device=self.device).view(1, 3, 1, 1) * 255.0 * self._inv_std255
         self._autocast_dtype = autocast_dtype(cfg.precision, self.device)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
@@ -157,9 +157,11 @@ class ImageBatchHandler:
 
     def to_model_input(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 NCHW (pinned on CUDA) -> normalized float on the device, channels_last."""
-        # Reorder while still uint8 (1 byte a value), then convert and normalize in place.
+        # Reorder while still uint8 (1 byte a value), then convert and normalize in one pass:
+        # x * (1 / (255 std)) - mean / std.
         x = pixels.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        return x.float().sub_(self._mean255).mul_(self._inv_std255)
+        out = torch.empty(x.shape, dtype=torch.float32, device=self.device, memory_format=torch.channels_last)
+        return torch.addcmul(self._bias, x, self._inv_std255, out=out)
 
     def predictions(self, batches: list[DecodedBatch], logits: list[torch.Tensor | None]) -> Outcomes[Prediction]:
         """Top-k per good image and the failures, keyed by image."""

@@ -131,3 +131,14 @@ def test_bucket_padding_and_bf16_keep_the_results(handler_and_context, tmp_path)
         assert [next(iter(r)) for r in low] == [next(iter(r)) for r in plain]
     finally:
         padded_handler.loader.close()
+
+
+def test_model_input_is_normalized_like_torchvision(handler_and_context):
+    handler, _ = handler_and_context
+    pixels = torch.randint(0, 256, (3, 3, 8, 8), dtype=torch.uint8)
+    mean = torch.tensor(handler.config.mean).view(1, 3, 1, 1)
+    std = torch.tensor(handler.config.std).view(1, 3, 1, 1)
+    expected = (pixels.float() / 255 - mean) / std
+    got = handler.to_model_input(pixels)
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
