@@ -112,7 +112,9 @@ class PersistentImageLoader:
 
     def iterate(self, items: Sequence[LoaderItem]) -> Iterator[DecodedBatch]:
         """Decoded batches of ``items`` in order; rebuilds the loader if a worker died."""
-        batches = [list(items[i : i + self.batch_size]) for i in range(0, len(items), self.batch_size)]
+        # DataLoader parallelism is per batch: split small requests so every worker gets a share.
+        size = max(1, min(self.batch_size, -(-len(items) // max(1, self._num_workers))))
+        batches = [list(items[i : i + size]) for i in range(0, len(items), size)]
         if len(items) <= self.inline_max_images:
             # A handful of images decode faster here than the round trip to a worker takes.
             for batch in batches:

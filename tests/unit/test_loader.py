@@ -47,7 +47,7 @@ def run(loader: PersistentImageLoader, values: list[int]):
 def test_batches_come_back_in_order_with_every_image(loader):
     values = list(range(0, 250, 25))  # 10 images -> batches of 3, 3, 3, 1
     batches = run(loader, values)
-    assert [len(b.keys) for b in batches] == [3, 3, 3, 1]
+    assert [len(b.keys) for b in batches] == [3, 3, 3, 1]  # batch_size 3
     keys = [k for b in batches for k in b.keys]
     assert keys == list(range(10))
     means = [int(p.float().mean().round()) for b in batches for p in b.pixels]
@@ -63,12 +63,19 @@ def test_workers_persist_across_requests(loader):
     assert all(p is not None for p in first)
 
 
+def merged(batches):
+    keys = [k for b in batches for k in b.keys]
+    pixels = torch.cat([b.pixels for b in batches])
+    failures = {k: v for b in batches for k, v in b.failures.items()}
+    return keys, pixels, failures
+
+
 def test_bad_images_are_reported_by_key_without_losing_the_rest(loader):
     items = [LoaderItem(0, grey(10)), LoaderItem(1, b"garbage"), LoaderItem(2, grey(30))]
-    (batch,) = list(loader.iterate(items))
-    assert batch.keys == [0, 2]
-    assert batch.pixels.shape == (2, 3, SIZE, SIZE)
-    assert set(batch.failures) == {1} and batch.failures[1][0] == 400
+    keys, pixels, failures = merged(list(loader.iterate(items)))
+    assert keys == [0, 2]
+    assert pixels.shape == (2, 3, SIZE, SIZE)
+    assert set(failures) == {1} and failures[1][0] == 400
 
 
 def test_all_bad_batch_has_an_empty_tensor(loader):
@@ -115,10 +122,15 @@ def test_small_batches_decode_inline_with_the_same_result(loader):
                                    image_size=SIZE, pin_memory=False, mp_context="fork", inline_max_images=2)
     try:
         items = [LoaderItem(0, grey(40)), LoaderItem(1, b"bad")]
-        (got,) = list(inline.iterate(items))
-        (want,) = list(loader.iterate(items))
+        got = merged(list(inline.iterate(items)))
+        want = merged(list(loader.iterate(items)))
         assert inline._loader._iterator is None  # no worker was involved
-        assert got.keys == want.keys == [0] and torch.equal(got.pixels, want.pixels)
-        assert got.failures == want.failures
+        assert got[0] == want[0] == [0] and torch.equal(got[1], want[1])
+        assert got[2] == want[2] and set(got[2]) == {1}
     finally:
         inline.close()
+
+
+def test_small_requests_are_split_across_all_workers(loader):
+    batches = run(loader, [10, 20, 30, 40])  # batch_size 3, 2 workers: 2 + 2, not 3 + 1
+    assert [len(b.keys) for b in batches] == [2, 2]
