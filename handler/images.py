@@ -20,6 +20,11 @@ from torchvision.transforms.v2 import functional as TF
 from handler.config import HandlerConfig
 
 
+# center_crop resizes the whole image first unless its longer side would exceed this many times
+# resize_size (then it crops first).
+MAX_CROP_INTERMEDIATE = 4
+
+
 class ImageDecodeError(Exception):
     """An image that cannot be turned into model input; ``status`` is its HTTP status."""
 
@@ -147,9 +152,16 @@ def resize_to_input(pixels: torch.Tensor, config: HandlerConfig) -> torch.Tensor
         top, left = (size - new_h) // 2, (size - new_w) // 2
         padding = [left, size - new_w - left, top, size - new_h - top]
         return F.pad(resized, padding, value=config.pad_value)
-    # center_crop: the crop of the resized image, computed in source pixels so that an extreme
-    # aspect ratio (8000x16) never materialises a huge intermediate image.
-    scale = config.resize_size / min(height, width)
+    # center_crop, exactly as torchvision's Resize(resize_size) + CenterCrop(image_size) do it
+    # (same output size rounding, same crop offsets), so outputs match the stock pipeline.
+    short, long = min(height, width), max(height, width)
+    new_long = int(config.resize_size * long / short)
+    if new_long <= MAX_CROP_INTERMEDIATE * config.resize_size:
+        new_h, new_w = (config.resize_size, new_long) if height <= width else (new_long, config.resize_size)
+        return TF.center_crop(_resize(pixels, new_h, new_w), [size, size])
+    # An extreme aspect ratio (8000x16) would make a huge intermediate image: crop in source
+    # pixels first, then resize only the crop.
+    scale = config.resize_size / short
     crop_h = min(height, max(1, round(size / scale)))
     crop_w = min(width, max(1, round(size / scale)))
     top, left = (height - crop_h) // 2, (width - crop_w) // 2

@@ -90,6 +90,14 @@ def _parsed(images: list[bytes]) -> ParsedRequest:
     return ParsedRequest([RawImage(i, None, b) for i, b in enumerate(images)], as_list=True)
 
 
+def pixel_difference(stock: torch.Tensor, ours: torch.Tensor) -> dict[str, float]:
+    """How far our model input is from the stock pipeline's, in 0-255 pixel units."""
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) * 255
+    diff = ((stock.float().cpu() - ours.float().cpu()) * std).abs()
+    return {"mean_abs_px_diff_vs_stock": round(float(diff.mean()), 3),
+            "p99_abs_px_diff_vs_stock": round(float(diff.flatten().kthvalue(int(diff.numel() * 0.99)).values), 2)}
+
+
 def median_ms(fn: Callable[[], object], repeats: int) -> float:
     times = []
     for _ in range(repeats):
@@ -165,6 +173,7 @@ def main() -> None:
                 row = {"image_size": size, "images": count}
                 row.update({f"{name}_ms": round(statistics.median(t), 2) for name, t in times.items()})
                 row["speedup_vs_stock"] = round(row["stock_ms"] / row["ours_ms"], 2)
+                row.update(pixel_difference(methods["stock"](images), methods["ours"](images)))
                 row["speedup_vs_blog"] = round(row["blog_ms"] / row["ours_ms"], 2)
                 rows.append(row)
                 print(json.dumps(row), flush=True)

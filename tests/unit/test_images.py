@@ -116,3 +116,17 @@ def test_truncated_jpeg_is_not_silently_padded():
     data = encode(solid("RGB", (300, 300), (10, 200, 30)), "JPEG")
     with pytest.raises(ImageDecodeError):
         ImageTransform(CROP)(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize("size", [(640, 480), (333, 500), (256, 256), (1000, 300)])
+def test_center_crop_matches_torchvision_resize_then_crop(size):
+    from torchvision.transforms import v2
+
+    from handler.images import resize_to_input
+
+    generator = torch.Generator().manual_seed(0)
+    pixels = torch.randint(0, 256, (3, size[1], size[0]), dtype=torch.uint8, generator=generator)
+    reference = v2.Compose([v2.Resize(256, antialias=True), v2.CenterCrop(224)])(pixels)
+    ours = resize_to_input(pixels.permute(1, 2, 0).contiguous().permute(2, 0, 1), HandlerConfig())
+    assert ours.shape == reference.shape
+    assert (ours.int() - reference.int()).abs().max() <= 1
