@@ -55,7 +55,7 @@ TorchServe is serving model 'shapes' (worker READY).
 Token keys: {Path('key_file.json').resolve()} ("inference", "management")
 
 Example (one image in, {{label: score}} out):
-  python3 scripts/make_example_image.py circle /tmp/circle.png
+  .venv/bin/python scripts/make_example_image.py circle /tmp/circle.png
   curl -H "Authorization: Bearer {inference}" -T /tmp/circle.png http://127.0.0.1:8080/predictions/shapes
 
 Stop with: ./scripts/serve.sh stop

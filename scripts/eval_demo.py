@@ -1,0 +1,64 @@
+#!/usr/bin/env python
+"""Accuracy of the committed demo model on freshly drawn shapes, through the real handler
+(decode, letterbox, model), by slice of the range it is specified for.
+
+    .venv/bin/python scripts/eval_demo.py [--per-class 50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "scripts"), str(ROOT / "tests")]
+
+import shapes  # noqa: E402
+from direct_context import DirectContext  # noqa: E402
+from handler.service import ImageBatchHandler  # noqa: E402
+from helpers import shape_image  # noqa: E402
+
+SLICES = {
+    "clear shapes (>= 1/3 of the shorter side), PNG": dict(size_range=(0.35, 0.9)),
+    "clear shapes (>= 1/3 of the shorter side), JPEG": dict(size_range=(0.35, 0.9), fmt="JPEG"),
+    "full range, 64-1200 px, JPEG": dict(fmt="JPEG", min_side=64, max_side=1200),
+    "full range, 2000-4000 px, JPEG": dict(fmt="JPEG", min_side=2000, max_side=4000),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--per-class", type=int, default=50)
+    args = parser.parse_args()
+    model_dir = ROOT / "models" / "shapes"
+    config = yaml.safe_load((model_dir / "model-config.yaml").read_text())
+    context = DirectContext(str(model_dir), config, serialized_file="shapes_cnn.pt")
+    handler = ImageBatchHandler()
+    handler.initialize(context)
+    try:
+        for seed, (name, options) in enumerate(SLICES.items()):
+            right, total, confusions = 0, 0, Counter()
+            for label in shapes.CLASSES:
+                images = [shape_image(label, 500_000 * (seed + 1) + i, **options) for i in range(args.per_class)]
+                for start in range(0, len(images), 50):
+                    chunk = images[start : start + 50]
+                    row = {"body": {"images": [base64.b64encode(b).decode() for b in chunk]}}
+                    for result in json.loads(handler.handle([row], context)[0]):
+                        predicted = next(iter(result))
+                        total += 1
+                        right += predicted == label
+                        if predicted != label:
+                            confusions[f"{label}->{predicted}"] += 1
+            print(f"{name}: {right}/{total} = {right / total:.1%}  {dict(confusions)}", flush=True)
+    finally:
+        handler.loader.close()
+
+
+if __name__ == "__main__":
+    main()
