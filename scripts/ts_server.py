@@ -69,13 +69,15 @@ def start_server(workdir: Path, model_store: Path, models: list[str], extra_conf
                  timeout_s: float = 240) -> Server:
     """Start ``torchserve --foreground`` in ``workdir`` (never the repo root, so that workers can
     only import what the .mar holds) and wait until every model has a READY worker."""
-    ports = [free_port() for _ in range(3)]
+    ports = [free_port() for _ in range(5)]
     urls = [f"http://127.0.0.1:{p}" for p in ports]
     config = (ROOT / "config.properties").read_text()
     replaced = {
         "inference_address": urls[0], "management_address": urls[1], "metrics_address": urls[2],
         "model_store": str(model_store), "load_models": ",".join(models),
         "metrics_config": str(ROOT / "metrics.yaml"),
+        # gRPC listens too (on loopback); free ports let several servers run side by side.
+        "grpc_inference_port": str(ports[3]), "grpc_management_port": str(ports[4]),
     }
     lines = [ln for ln in config.splitlines() if ln.split("=", 1)[0].strip() not in replaced]
     lines += [f"{k}={v}" for k, v in replaced.items()]
