@@ -82,8 +82,11 @@ def start_server(workdir: Path, model_store: Path, models: list[str], extra_conf
     lines = [ln for ln in config.splitlines() if ln.split("=", 1)[0].strip() not in replaced]
     lines += [f"{k}={v}" for k, v in replaced.items()]
     (workdir / "config.properties").write_text("\n".join(lines) + "\n" + extra_config)
+    # TorchServe keeps its pid file (and unpacked models) in the temp dir; one of its own lets
+    # this server run beside another (./scripts/serve.sh, a benchmark) instead of refusing to start.
+    (workdir / "tmp").mkdir(exist_ok=True)
     env = {**os.environ, "LOG_LOCATION": str(workdir / "logs"), "METRICS_LOCATION": str(workdir / "logs"),
-           "PATH": f"{TORCHSERVE.parent}:{os.environ['PATH']}"}
+           "TMPDIR": str(workdir / "tmp"), "PATH": f"{TORCHSERVE.parent}:{os.environ['PATH']}"}
     with open(workdir / "torchserve.out", "wb") as log:  # the child keeps its own descriptor
         process = subprocess.Popen(
             [str(TORCHSERVE), "--start", "--foreground", "--ncs", "--ts-config", "config.properties",
