@@ -35,11 +35,12 @@ def backend_pid(server) -> int:
     return int(workers[0]["pid"])
 
 
-def wait_ready(server, timeout_s: float = 120) -> float:
+def wait_ready(server, replaced_pid: int, timeout_s: float = 120) -> float:
+    """Seconds until a READY worker other than ``replaced_pid`` serves the model."""
     start = time.time()
     while time.time() - start < timeout_s:
         try:
-            if server.ready_workers("shapes"):
+            if any(int(w["pid"]) != replaced_pid for w in server.ready_workers("shapes")):
                 return time.time() - start
         except requests.RequestException:
             pass
@@ -61,7 +62,7 @@ def test_killed_backend_worker_fails_only_in_flight_requests_and_recovers(fault_
     victim = backend_pid(fault_server)
     os.kill(victim, signal.SIGKILL)
     killed_at = time.time()
-    recovery_s = wait_ready(fault_server)
+    recovery_s = wait_ready(fault_server, victim)
     load.join(timeout=120)
     assert not load.is_alive(), "the load hung after the worker was killed"
     report = reports
