@@ -102,8 +102,14 @@ BAD = [
 ]
 
 
+@pytest.fixture(scope="module")
+def worker_pid_before(server):
+    """The backend worker's pid before the corpus: bad input must never crash it."""
+    return [int(w["pid"]) for w in server.ready_workers("shapes")]
+
+
 @pytest.mark.parametrize(("request_args", "status"), BAD)
-def test_bad_requests_fail_alone(server, request_args, status):
+def test_bad_requests_fail_alone(server, worker_pid_before, request_args, status):
     request_args = dict(request_args)
     if request_args.pop("_bomb", False):
         request_args = dict(data=bomb_png(), headers={"Content-Type": "image/png"})
@@ -131,10 +137,17 @@ def test_body_above_the_request_size_cap_is_refused_by_the_frontend(server):
     assert server.predict(data=shape_image("circle", 1)).status_code == 200
 
 
-def test_server_answers_normally_after_the_corpus(server):
+def test_server_answers_normally_after_the_corpus(server, worker_pid_before):
     images = [shape_image(label, 900 + i) for i, label in enumerate(["circle", "square", "triangle"])]
     response = server.predict(files=[(f"f{i}", data) for i, data in enumerate(images)])
     assert response.status_code == 200, response.text
     assert len(response.json()) == 3
-    workers = server.ready_workers("shapes")
-    assert workers, "no READY worker after the bad-input corpus"
+    workers = [int(w["pid"]) for w in server.ready_workers("shapes")]
+    assert workers == worker_pid_before, "the backend worker was restarted during the bad-input corpus"
+
+
+def test_no_image_bytes_in_the_logs(server):
+    logs = b"".join(p.read_bytes() for p in (server.workdir / "logs").glob("*.log"))
+    assert logs, "no logs found"
+    for marker in (JPEG[:12], b64(JPEG)[:24].encode(), b"\x89PNG", b"%PDF-1.4", b"<svg"):
+        assert marker not in logs, marker
