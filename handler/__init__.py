@@ -11,6 +11,7 @@ Modules, one concern each:
     architectures -- the demo model (ShapesNet) and the architecture registry
     model_loading -- build an architecture and load its weights and labels
     postprocess   -- logits -> top-k {label: score}
-    responses     -- per-request response bodies and statuses
+    responses     -- success bodies: plain JSON or the KServe v1/v2 envelope
+    metrics       -- per-stage timings and counts for TorchServe's metrics (Prometheus)
     service       -- the one TorchServe handler class that wires the above together
 """

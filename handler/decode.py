@@ -4,6 +4,9 @@ A row is one request as TorchServe hands it to ``handle``:
     raw body (``curl -T``, octet-stream, image/*)  {"body": bytearray}
     multipart form, one file per field             {"a": bytearray, "b": bytearray, ...}
     JSON (application/json, already parsed)        {"body": {"images": [b64, ...]}} or {"body": {"data": b64}}
+    KServe v1 (/v1/models/M:predict)               {"body": {"instances": [{"b64"|"data": b64} | b64, ...]}}
+    KServe v2 / Open Inference Protocol            {"body": {"inputs": [{"name", "shape", "datatype": "BYTES",
+      (/v2/models/M/infer)                                              "data": [b64, ...]}, ...]}}
 Text bodies arrive as ``str`` and are rejected: they are not images.
 """
 
@@ -28,13 +31,19 @@ class RawImage:
 
 @dataclass(frozen=True)
 class ParsedRequest:
-    """The images of one request; ``as_list`` says whether the client sent a list."""
+    """The images of one request; ``as_list`` says whether the client sent a list, ``protocol``
+    which envelope the answer goes in (``plain``, ``kserve_v1``, ``kserve_v2``)."""
 
     images: list[RawImage]
     as_list: bool
+    protocol: str = "plain"
+    request_id: str | None = None
 
 
-JSON_SHAPE_HELP = 'send {"images": ["<base64>", ...]} or {"data": "<base64>"}'
+JSON_SHAPE_HELP = (
+    'send {"images": ["<base64>", ...]}, {"data": "<base64>"}, KServe v1 {"instances": [{"b64": "<base64>"}]} '
+    'or v2 {"inputs": [{"name": "images", "shape": [n], "datatype": "BYTES", "data": ["<base64>", ...]}]}'
+)
 
 
 def parse_request(row: Mapping[str, Any], max_images: int) -> ParsedRequest:
@@ -97,7 +106,35 @@ def _parse_json(body: Any) -> ParsedRequest:
         return ParsedRequest(_decode_base64_list(items, "images"), as_list=True)
     if "data" in body:
         return ParsedRequest(_decode_base64_list([body["data"]], "data"), as_list=False)
+    if "instances" in body:
+        return _parse_kserve_v1(body["instances"])
+    if "inputs" in body:
+        return _parse_kserve_v2(body["inputs"], body.get("id"))
     raise BadRequest("invalid_json", f"no images found in the JSON body; {JSON_SHAPE_HELP}")
+
+
+def _parse_kserve_v1(instances: Any) -> ParsedRequest:
+    if not isinstance(instances, list):
+        raise BadRequest("invalid_json", f'"instances" must be a list; {JSON_SHAPE_HELP}')
+    payloads = [
+        (item.get("b64", item.get("data")) if isinstance(item, dict) else item) for item in instances
+    ]
+    return ParsedRequest(_decode_base64_list(payloads, "instances"), as_list=True, protocol="kserve_v1")
+
+
+def _parse_kserve_v2(inputs: Any, request_id: Any) -> ParsedRequest:
+    if not isinstance(inputs, list) or not all(isinstance(i, dict) for i in inputs):
+        raise BadRequest("invalid_json", f'"inputs" must be a list of tensors; {JSON_SHAPE_HELP}')
+    images: list[RawImage] = []
+    for tensor in inputs:
+        name = str(tensor.get("name", "input"))
+        if tensor.get("datatype", "BYTES") != "BYTES" or not isinstance(tensor.get("data"), list):
+            raise BadRequest("invalid_json", f'input {name!r} must have datatype "BYTES" and a "data" list of '
+                                             "base64 images")
+        decoded = _decode_base64_list(tensor["data"], name)
+        images += [RawImage(len(images) + i, img.field, img.data) for i, img in enumerate(decoded)]
+    return ParsedRequest(images, as_list=True, protocol="kserve_v2",
+                         request_id=str(request_id) if request_id is not None else None)
 
 
 def _decode_base64_list(items: list[Any], field: str) -> list[RawImage]:

@@ -26,6 +26,7 @@ from handler.loader import PersistentImageLoader
 from handler.metrics import StageClock, publish
 from handler.model_loading import load_labels, load_model
 from handler.postprocess import top_k_labels
+from handler.responses import success_body
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +196,7 @@ class ImageBatchHandler:
                 errors.append(error)
                 continue
             assert isinstance(request, ParsedRequest) and isinstance(result, list)
-            bodies.append(json.dumps(result if request.as_list else result[0]))
+            bodies.append(success_body(request, result, getattr(context, "model_name", None)))
         return bodies, errors
 
 

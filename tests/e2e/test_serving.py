@@ -1,6 +1,7 @@
 """End to end: real TorchServe, the real .mar, HTTP requests."""
 
 import base64
+import json
 import concurrent.futures as futures
 import time
 
@@ -226,3 +227,32 @@ def test_custom_metrics_reach_prometheus(server):
                  "RequestsPerBatch"):
         lines = [ln for ln in text.splitlines() if ln.startswith(name) and 'ModelName="shapes"' in ln]
         assert lines, f"{name} for model shapes missing from /metrics:\n{text[:3000]}"
+
+
+def test_kserve_v1_and_v2_routes_with_concurrent_multi_image_requests(server):
+    groups = [labelled_images(2 + i % 3, seed=2000 + 10 * i) for i in range(8)]
+    headers = server.auth()
+
+    def v1(images):
+        payload = {"instances": [{"b64": base64.b64encode(d).decode()} for _, d in images]}
+        return requests.post(f"{server.inference_url}/v1/models/shapes:predict", json=payload, headers=headers,
+                             timeout=120)
+
+    def v2(images):
+        payload = {"id": "req", "inputs": [{"name": "images", "shape": [len(images)], "datatype": "BYTES",
+                                            "data": [base64.b64encode(d).decode() for _, d in images]}]}
+        return requests.post(f"{server.inference_url}/v2/models/shapes/infer", json=payload, headers=headers,
+                             timeout=120)
+
+    references = [alone(server, images) for images in groups]
+    with futures.ThreadPoolExecutor(16) as pool:
+        v1_responses = list(pool.map(v1, groups))
+        v2_responses = list(pool.map(v2, groups))
+    for reference, r1, r2 in zip(references, v1_responses, v2_responses):
+        assert r1.status_code == 200, r1.text
+        same_results(r1.json()["predictions"], reference)
+        assert r2.status_code == 200, r2.text
+        body = r2.json()
+        assert body["model_name"] == "shapes" and body["id"] == "req", body
+        (output,) = body["outputs"]
+        same_results([json.loads(d) for d in output["data"]], reference)

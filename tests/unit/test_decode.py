@@ -82,3 +82,34 @@ def test_error_names_each_bad_image():
     body = caught.value.as_json()
     assert [(p["index"], p["field"]) for p in body["images"]] == [(1, "images"), (3, "images")]
     assert body["error"] == "invalid_base64" and body["message"]
+
+
+def test_kserve_v1_instances_in_every_form():
+    row = {"body": {"instances": [{"b64": b64(b"a")}, {"data": b64(b"b")}, b64(b"c")]}}
+    parsed = parse_request(row, max_images=8)
+    assert [i.data for i in parsed.images] == [b"a", b"b", b"c"]
+    assert parsed.protocol == "kserve_v1" and parsed.as_list
+
+
+def test_kserve_v2_reads_every_element_of_every_input():
+    row = {"body": {"id": "r1", "inputs": [
+        {"name": "x", "shape": [2], "datatype": "BYTES", "data": [b64(b"a"), b64(b"b")]},
+        {"name": "y", "shape": [1], "datatype": "BYTES", "data": [b64(b"c")]},
+    ]}}
+    parsed = parse_request(row, max_images=8)
+    assert [(i.index, i.field, i.data) for i in parsed.images] == [(0, "x", b"a"), (1, "x", b"b"), (2, "y", b"c")]
+    assert parsed.protocol == "kserve_v2" and parsed.request_id == "r1"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param({"instances": "x"}, id="v1-not-list"),
+        pytest.param({"inputs": [{"name": "x", "datatype": "FP32", "data": [1.0]}]}, id="v2-not-bytes"),
+        pytest.param({"inputs": {"name": "x"}}, id="v2-not-list"),
+    ],
+)
+def test_malformed_kserve_bodies_are_400(body):
+    with pytest.raises(RequestError) as caught:
+        parse_request({"body": body}, max_images=8)
+    assert caught.value.status == 400 and caught.value.code == "invalid_json"
