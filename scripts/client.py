@@ -1,0 +1,148 @@
+#!/usr/bin/env python3
+"""Classify a folder (or globs) of images through the server, in batched requests.
+
+    .venv/bin/python scripts/client.py PATH... [--batch 32] [--concurrency 4] [--url URL] [--model shapes]
+                                       [--out results.jsonl] [--token KEY | --key-file key_file.json]
+
+Writes one JSON line per image: {"path", "label", "scores"} or {"path", "error", "reason"}.
+The token comes from --token, else $TS_INFERENCE_KEY, else the "inference" key of --key-file.
+A request rejected because of some of its images is sent again without them, so one bad file
+costs only itself. Exit status: 0 when every image was classified, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as futures
+import glob
+import json
+import os
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import requests
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
+
+
+def expand(paths: list[str]) -> list[Path]:
+    """Files, folders (searched recursively for image files) and globs, in a stable order."""
+    found: list[Path] = []
+    for item in paths:
+        matches = [Path(m) for m in sorted(glob.glob(item, recursive=True))] or [Path(item)]
+        for path in matches:
+            if path.is_dir():
+                found += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            elif path.is_file():
+                found.append(path)
+            else:
+                raise SystemExit(f"client: no such file or folder: {item}")
+    return found
+
+
+def read_token(args: argparse.Namespace) -> str:
+    if args.token:
+        return args.token
+    if os.environ.get("TS_INFERENCE_KEY"):
+        return os.environ["TS_INFERENCE_KEY"]
+    try:
+        return json.loads(args.key_file.read_text())["inference"]["key"]
+    except (OSError, KeyError, ValueError) as exc:
+        raise SystemExit(f"client: no token: pass --token, set TS_INFERENCE_KEY or point --key-file at "
+                         f"TorchServe's key_file.json ({exc})")
+
+
+class Progress:
+    """A one-line progress bar on stderr."""
+
+    def __init__(self, total: int):
+        self.total, self.done, self.failed = total, 0, 0
+        self._lock = threading.Lock()
+
+    def add(self, done: int, failed: int) -> None:
+        with self._lock:
+            self.done += done
+            self.failed += failed
+            filled = int(30 * self.done / max(self.total, 1))
+            sys.stderr.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {self.done}/{self.total} images, "
+                             f"{self.failed} failed")
+            sys.stderr.flush()
+
+
+def classify(session: requests.Session, url: str, paths: list[Path]) -> list[dict[str, Any]]:
+    """One batched request; on a per-image 4xx, the failing images are reported and the rest re-sent."""
+    results: dict[int, dict[str, Any]] = {}
+    pending = list(range(len(paths)))
+    while pending:
+        files = []
+        for i in pending:
+            try:
+                files.append((f"f{i}", (paths[i].name, paths[i].read_bytes(), "application/octet-stream")))
+            except OSError as exc:
+                results[i] = {"path": str(paths[i]), "error": "unreadable", "reason": str(exc)}
+        pending = [i for i in pending if i not in results]
+        if not pending:
+            break
+        try:
+            response = session.post(url, files=files, timeout=300)
+            body = response.json()
+        except (requests.RequestException, ValueError) as exc:
+            for i in pending:
+                results[i] = {"path": str(paths[i]), "error": "request_failed", "reason": str(exc)}
+            break
+        if response.status_code == 200:
+            predictions = body if len(pending) > 1 else [body]
+            for i, scores in zip(pending, predictions):
+                results[i] = {"path": str(paths[i]), "label": next(iter(scores)), "scores": scores}
+            break
+        named = body.get("images", []) if isinstance(body, dict) else []
+        bad = {pending[p["index"]]: p.get("reason", "") for p in named if 0 <= p.get("index", -1) < len(pending)}
+        error = body.get("error", str(response.status_code)) if isinstance(body, dict) else str(response.status_code)
+        message = body.get("message", response.text[:200]) if isinstance(body, dict) else response.text[:200]
+        if not bad:  # the whole request was refused: every image gets the server's message
+            bad = {i: message for i in pending}
+        for i, reason in bad.items():
+            results[i] = {"path": str(paths[i]), "error": error, "reason": reason or message}
+        pending = [i for i in pending if i not in results]
+    return [results[i] for i in range(len(paths))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("paths", nargs="+", help="image files, folders or globs")
+    parser.add_argument("--batch", type=int, default=32, help="images per request")
+    parser.add_argument("--concurrency", type=int, default=4, help="requests in flight")
+    parser.add_argument("--url", default="http://127.0.0.1:8080")
+    parser.add_argument("--model", default="shapes")
+    parser.add_argument("--out", type=Path, default=Path("results.jsonl"))
+    parser.add_argument("--token")
+    parser.add_argument("--key-file", type=Path, default=Path("key_file.json"))
+    args = parser.parse_args()
+    if args.batch < 1 or args.concurrency < 1:
+        parser.error("--batch and --concurrency must be at least 1")
+
+    paths = expand(args.paths)
+    session = requests.Session()
+    session.headers["Authorization"] = f"Bearer {read_token(args)}"
+    url = f"{args.url.rstrip('/')}/predictions/{args.model}"
+    chunks = [paths[i : i + args.batch] for i in range(0, len(paths), args.batch)]
+    progress = Progress(len(paths))
+    failed = 0
+    with args.out.open("w") as out, futures.ThreadPoolExecutor(args.concurrency) as pool:
+        for lines in pool.map(lambda chunk: classify(session, url, chunk), chunks):
+            bad = sum("error" in line for line in lines)
+            failed += bad
+            progress.add(len(lines), bad)
+            for line in lines:
+                out.write(json.dumps(line) + "\n")
+    sys.stderr.write(f"\n{len(paths) - failed} classified, {failed} failed; wrote {args.out}\n")
+    for line in (json.loads(x) for x in args.out.read_text().splitlines()):
+        if "error" in line:
+            sys.stderr.write(f"  {line['path']}: {line['error']}: {line['reason']}\n")
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
