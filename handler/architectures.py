@@ -49,6 +49,8 @@ LOCAL_ARCHITECTURES = {"shapes_cnn": ShapesNet}
 
 def build_model(arch: str, num_classes: int) -> nn.Module:
     """An untrained model of ``arch`` with ``num_classes`` outputs."""
+    if arch in ("torchscript", "torch_export"):
+        raise ValueError(f"{arch!r} is a file format: load it with handler.model_loading.load_model")
     if arch in LOCAL_ARCHITECTURES:
         return LOCAL_ARCHITECTURES[arch](num_classes=num_classes)
     import torchvision

@@ -20,7 +20,8 @@ class HandlerConfig:
 
     Attributes:
         arch: model architecture: ``shapes_cnn`` (the demo model) or any
-            ``torchvision.models`` classification name, e.g. ``resnet18``.
+            ``torchvision.models`` classification name, e.g. ``resnet18``; or the format of a
+            whole serialized model: ``torchscript`` (.pt) or ``torch_export`` (.pt2).
         image_size: side of the square tensor the model sees.
         resize_size: ``center_crop`` mode: the shorter side is resized to this before cropping.
         resize_mode: ``center_crop`` (torchvision eval preset), ``letterbox`` (whole image,

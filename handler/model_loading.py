@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -24,8 +25,21 @@ def load_labels(path: Path) -> list[str]:
     return [str(mapping[str(i)]) for i in indices]
 
 
+# ``arch`` values that name a serialized format instead of an architecture.
+SERIALIZED_FORMATS = ("torchscript", "torch_export")
+
+
 def load_model(arch: str, weights: Path, num_classes: int) -> nn.Module:
-    """Build ``arch`` and load a state_dict (weights only, never arbitrary pickles); eval mode."""
+    """The model in eval mode: a TorchScript file, a ``torch.export`` program (.pt2), or ``arch``
+    built and given a state_dict (weights only, never arbitrary pickles)."""
+    if arch == "torchscript":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch 2.14 deprecates TorchScript
+            return torch.jit.load(str(weights), map_location="cpu").eval()
+    if arch == "torch_export":
+        # An exported program is already specialised to inference; its module() refuses .eval().
+        # Export it with a dynamic batch dimension: requests are split into batches of any size.
+        return torch.export.load(str(weights)).module()
     model = build_model(arch, num_classes)
     state = torch.load(weights, map_location="cpu", weights_only=True)
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):

@@ -30,13 +30,46 @@ def model_store(tmp_path_factory):
          "--name", "resnet_random", "--export-path", str(store)],
         check=True,
     )
+    build_demo_in_other_formats(store, tmp_path_factory.mktemp("formats"))
     return store
+
+
+def build_demo_in_other_formats(store, work):
+    """The demo weights as a TorchScript file and a torch.export program, archived with the demo's
+    handler settings: shapes_ts.mar and shapes_pt2.mar."""
+    import warnings
+
+    import yaml
+
+    from handler.architectures import ShapesNet
+
+    demo = ROOT / "models" / "shapes"
+    model = ShapesNet(num_classes=3)
+    model.load_state_dict(torch.load(demo / "shapes_cnn.pt", weights_only=True))
+    model.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.script(model).save(str(work / "shapes.pt"))
+    example = torch.zeros(2, 3, 128, 128)
+    batch = torch.export.Dim("batch", max=1024)
+    torch.export.save(torch.export.export(model, (example,), dynamic_shapes=({0: batch},)), str(work / "shapes.pt2"))
+    config = yaml.safe_load((demo / "model-config.yaml").read_text())
+    for arch, weights, name in (("torchscript", "shapes.pt", "shapes_ts"), ("torch_export", "shapes.pt2", "shapes_pt2")):
+        config["handler"]["arch"] = arch
+        (work / f"{name}.yaml").write_text(yaml.safe_dump(config))
+        subprocess.run(
+            [sys.executable, str(ROOT / "scripts" / "build_mar.py"), "--arch", arch, "--weights", str(work / weights),
+             "--labels", str(demo / "index_to_name.json"), "--name", name, "--export-path", str(store),
+             "--config", str(work / f"{name}.yaml")],
+            check=True,
+        )
 
 
 @pytest.fixture(scope="session")
 def server(model_store, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("torchserve")
-    instance = start_server(workdir, model_store, ["shapes.mar", "resnet_random.mar"])
+    instance = start_server(workdir, model_store,
+                            ["shapes.mar", "resnet_random.mar", "shapes_ts.mar", "shapes_pt2.mar"])
     try:
         yield instance
     finally:

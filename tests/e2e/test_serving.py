@@ -256,3 +256,13 @@ def test_kserve_v1_and_v2_routes_with_concurrent_multi_image_requests(server):
         assert body["model_name"] == "shapes" and body["id"] == "req", body
         (output,) = body["outputs"]
         same_results([json.loads(d) for d in output["data"]], reference)
+
+
+@pytest.mark.parametrize("model", ["shapes_ts", "shapes_pt2"])
+def test_torchscript_and_exported_archives_serve_like_the_state_dict_one(server, model):
+    images = labelled_images(5, seed=2500, fmt="JPEG")
+    files = [(f"f{i}", d) for i, (_, d) in enumerate(images)]
+    reference = server.predict("shapes", files=files)
+    response = server.predict(model, files=files)
+    assert response.status_code == 200, response.text
+    same_results(response.json(), reference.json())

@@ -1,0 +1,50 @@
+import json
+
+import pytest
+import torch
+
+from handler.architectures import ShapesNet
+from handler.model_loading import load_labels, load_model
+
+
+@pytest.fixture(scope="module")
+def eager():
+    torch.manual_seed(0)
+    return ShapesNet(num_classes=3).eval()
+
+
+def test_state_dict_torchscript_and_export_give_the_same_outputs(eager, tmp_path):
+    torch.save({"state_dict": {f"module.{k}": v for k, v in eager.state_dict().items()}}, tmp_path / "w.pt")
+    with pytest.warns(FutureWarning):
+        torch.jit.script(eager).save(str(tmp_path / "m.pt"))
+    example = torch.randn(2, 3, 64, 64)
+    program = torch.export.export(eager, (example,), dynamic_shapes=({0: torch.export.Dim("batch", max=1024)},))
+    torch.export.save(program, str(tmp_path / "m.pt2"))
+    x = torch.randn(5, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        want = eager(x)
+        for arch, path in (("shapes_cnn", "w.pt"), ("torchscript", "m.pt"), ("torch_export", "m.pt2")):
+            got = load_model(arch, tmp_path / path, 3)(x)
+            assert torch.allclose(got, want, atol=1e-4), arch
+
+
+def test_weights_that_do_not_fit_are_a_clear_error(eager, tmp_path):
+    torch.save(eager.state_dict(), tmp_path / "w.pt")
+    with pytest.raises(ValueError, match="do not fit architecture 'shapes_cnn' with 5 classes"):
+        load_model("shapes_cnn", tmp_path / "w.pt", 5)
+
+
+def test_unknown_architecture_is_named(tmp_path):
+    torch.save({}, tmp_path / "w.pt")
+    with pytest.raises(ValueError, match="unknown architecture 'resnet999'"):
+        load_model("resnet999", tmp_path / "w.pt", 3)
+
+
+@pytest.mark.parametrize(
+    ("mapping", "message"),
+    [({"0": "a", "2": "c"}, "keys must be 0..1"), ({}, "non-empty"), (["a"], "non-empty")],
+)
+def test_bad_label_files_are_rejected(tmp_path, mapping, message):
+    (tmp_path / "index_to_name.json").write_text(json.dumps(mapping))
+    with pytest.raises(ValueError, match=message):
+        load_labels(tmp_path / "index_to_name.json")
