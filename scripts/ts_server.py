@@ -40,6 +40,9 @@ class Server:
         return {name: data[name]["key"] for name in ("inference", "management")}
 
     def auth(self, kind: str = "inference") -> dict[str, str]:
+        """The token header; none for a server started with token authorization disabled."""
+        if not (self.workdir / "key_file.json").is_file():
+            return {}
         return {"Authorization": f"Bearer {self.keys()[kind]}"}
 
     def predict(self, model: str = "shapes", **kwargs: Any) -> requests.Response:
@@ -66,16 +69,22 @@ class Server:
 
 
 def start_server(workdir: Path, model_store: Path, models: list[str], extra_config: str = "",
-                 timeout_s: float = 240) -> Server:
+                 timeout_s: float = 240, base_config: Path = ROOT / "config.properties",
+                 snapshot: bool = False) -> Server:
     """Start ``torchserve --foreground`` in ``workdir`` (never the repo root, so that workers can
-    only import what the .mar holds) and wait until every model has a READY worker."""
+    only import what the .mar holds) and wait until every model has a READY worker.
+
+    ``base_config`` is rewritten to loopback addresses on free ports and ``model_store``; the models
+    are ``load_models`` unless ``snapshot`` (then the config's ``model_snapshot`` decides, as in KServe).
+    """
     ports = [free_port() for _ in range(5)]
     urls = [f"http://127.0.0.1:{p}" for p in ports]
-    config = (ROOT / "config.properties").read_text()
+    config = base_config.read_text()
+    token_auth = "disable_token_authorization=true" not in config
     replaced = {
         "inference_address": urls[0], "management_address": urls[1], "metrics_address": urls[2],
-        "model_store": str(model_store), "load_models": ",".join(models),
-        "metrics_config": str(ROOT / "metrics.yaml"),
+        "model_store": str(model_store), "metrics_config": str(ROOT / "metrics.yaml"),
+        **({} if snapshot else {"load_models": ",".join(models)}),
         # gRPC listens too (on loopback); free ports let several servers run side by side.
         "grpc_inference_port": str(ports[3]), "grpc_management_port": str(ports[4]),
     }
@@ -101,7 +110,8 @@ def start_server(workdir: Path, model_store: Path, models: list[str], extra_conf
         if process.poll() is not None:
             raise RuntimeError(f"torchserve exited with {process.returncode}; see {workdir}/torchserve.out")
         try:
-            if (workdir / "key_file.json").is_file() and all(server.ready_workers(n) for n in names):
+            keys_ready = (workdir / "key_file.json").is_file() or not token_auth
+            if keys_ready and all(server.ready_workers(n) for n in names):
                 return server
         except (requests.RequestException, KeyError, ValueError) as exc:
             last = repr(exc)
