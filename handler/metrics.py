@@ -14,8 +14,6 @@ import torch
 
 # Prometheus names: ts_<name> with labels ModelName, Level, Hostname.
 STAGE_METRICS = ("DecodeTransformMs", "HostToDeviceMs", "InferenceMs", "PostprocessMs")
-COUNT_METRICS = ("ImagesPerBatch", "RequestsPerBatch")
-COUNTER_METRICS = ("BadImages", "RejectedRequests")
 
 
 class StageClock:

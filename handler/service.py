@@ -26,11 +26,9 @@ from handler.loader import PersistentImageLoader
 from handler.metrics import StageClock, publish
 from handler.model_loading import load_labels, load_model
 from handler.postprocess import top_k_labels
-from handler.responses import success_body
+from handler.responses import Prediction, success_body
 
 log = logging.getLogger(__name__)
-
-Prediction = dict[str, float]
 
 
 class ImageBatchHandler:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as futures
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -191,8 +192,6 @@ def main() -> None:
                 print(json.dumps(rows[-1]), flush=True)
         finally:
             server.stop()
-    import os
-
     result = {"arch": args.arch, "images_per_request": BATCH, "e2e": rows,
               "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
                           "device": "cuda" if torch.cuda.is_available() else "cpu"},
