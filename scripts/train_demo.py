@@ -142,7 +142,7 @@ def main() -> None:
     parser.add_argument("--low-epochs", type=int, default=5, help="epochs at --low-res")
     parser.add_argument("--epochs", type=int, default=1, help="epochs at the serving resolution")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--lr", type=float, default=5e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out-dir", type=Path, default=MODEL_DIR)
     args = parser.parse_args()
