@@ -105,9 +105,14 @@ class PersistentImageLoader:
         )
 
     def start(self) -> None:
-        """Fork the workers now (an empty epoch), e.g. before the model is moved to a GPU."""
-        for _ in self.iterate([]):
-            pass
+        """Fork the workers now (an empty epoch), e.g. before the model is moved to a GPU.
+
+        Iterates the DataLoader itself: ``iterate([])`` would take the inline path and fork nothing.
+        """
+        if self._num_workers:
+            self._sampler.set_batches([])
+            for _ in self._loader:
+                pass
         _disarm_sigchld_handler()
 
     def iterate(self, items: Sequence[LoaderItem]) -> Iterator[DecodedBatch]:
@@ -131,27 +136,35 @@ class PersistentImageLoader:
                     delivered += 1
                     yield batch
                 return
-            except RuntimeError as exc:
+            except Exception as exc:
                 # A worker that died mid-request: torch checks worker liveness every 5 s while it
-                # waits ("DataLoader worker (pid N) exited unexpectedly"). A worker that hangs is
-                # bounded by TorchServe's responseTimeout, which restarts the whole backend worker.
-                if rebuilds >= MAX_REBUILDS_PER_RUN or "DataLoader" not in str(exc):
+                # waits ("DataLoader worker (pid N) exited unexpectedly"); a worker killed while
+                # writing can also leave a torn message that fails to unpickle. Either way a dead
+                # worker is the cause: rebuild and resume. A worker that hangs is bounded by
+                # TorchServe's responseTimeout, which restarts the whole backend worker.
+                died = "DataLoader worker" in str(exc) or self._dead_workers()
+                if rebuilds >= MAX_REBUILDS_PER_RUN or not died:
                     raise
                 rebuilds += 1
                 log.warning("image loader failed (%s); rebuilding its workers", exc)
-                self.close()
-                self._loader = self._build()
+                self._rebuild()
 
     def _replace_dead_workers(self) -> None:
         """A worker killed between requests would stall the next one until a liveness timeout:
         check first and rebuild."""
-        iterator = getattr(self._loader, "_iterator", None)
-        workers = getattr(iterator, "_workers", None) or []
-        dead = [w.pid for w in workers if not w.is_alive()]
+        dead = self._dead_workers()
         if dead:
             log.warning("image loader workers %s died; rebuilding the loader", dead)
-            self.close()
-            self._loader = self._build()
+            self._rebuild()
+
+    def _dead_workers(self) -> list[int]:
+        iterator = getattr(self._loader, "_iterator", None)
+        workers = getattr(iterator, "_workers", None) or []
+        return [w.pid for w in workers if not w.is_alive()]
+
+    def _rebuild(self) -> None:
+        self.close()
+        self._loader = self._build()
 
     def close(self) -> None:
         """Stop the worker processes."""

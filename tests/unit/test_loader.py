@@ -134,3 +134,17 @@ def test_small_batches_decode_inline_with_the_same_result(loader):
 def test_small_requests_are_split_across_all_workers(loader):
     batches = run(loader, [10, 20, 30, 40])  # batch_size 3, 2 workers: 2 + 2, not 3 + 1
     assert [len(b.keys) for b in batches] == [2, 2]
+
+
+def test_start_forks_the_workers_even_when_small_batches_decode_inline():
+    config = HandlerConfig(image_size=SIZE, resize_size=SIZE)
+    loader = PersistentImageLoader(ImageBytesDataset(ImageTransform(config)), batch_size=3, num_workers=2,
+                                   image_size=SIZE, pin_memory=False, mp_context="fork", inline_max_images=1)
+    try:
+        loader.start()
+        pids = worker_pids(loader)
+        assert len(pids) == 2 and all(pids)
+        run(loader, [1, 2, 3, 4])
+        assert worker_pids(loader) == pids  # the request used the workers forked at start
+    finally:
+        loader.close()

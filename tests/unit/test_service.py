@@ -142,3 +142,9 @@ def test_model_input_is_normalized_like_torchvision(handler_and_context):
     got = handler.to_model_input(pixels)
     assert got.is_contiguous(memory_format=torch.channels_last)
     assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
+
+
+def test_initialize_forks_the_loader_workers_before_any_request(handler_and_context):
+    handler, _ = handler_and_context
+    iterator = handler.loader._loader._iterator
+    assert iterator is not None and len(iterator._workers) == 2
