@@ -139,10 +139,16 @@ def percentile(values: list[float], q: float) -> float | None:
     return round(ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))], 1)
 
 
-def run(target: Target, clients: int, seconds: float, max_batch: int, pool_size: int = 48, seed: int = 0) -> dict:
-    """Run the load and return the report (also used by the tests)."""
+def prepare(target: Target, pool_size: int = 48) -> tuple[list[bytes], list[dict[str, float]]]:
+    """The image pool and each image's reference result (sent alone)."""
     pool = image_pool(pool_size)
-    refs = references(target, pool)
+    return pool, references(target, pool)
+
+
+def run(target: Target, clients: int, seconds: float, max_batch: int, seed: int = 0,
+        prepared: tuple[list[bytes], list[dict[str, float]]] | None = None) -> dict:
+    """Run the load and return the report (also used by the tests)."""
+    pool, refs = prepared or prepare(target)
     before = backend_stats(target.frontend_pid)
     tally, sent = Tally(), [0]
     started = time.time()

@@ -14,7 +14,8 @@ if [[ "${1:-}" == "stop" ]]; then
 fi
 
 bash "$ROOT/scripts/setup.sh"
-if [[ ! -f model_store/shapes.mar ]]; then
+# (Re)build the archive when it is missing or older than the handler or the demo model.
+if [[ ! -f model_store/shapes.mar ]] || [[ -n "$(find handler models/shapes -newer model_store/shapes.mar -print -quit)" ]]; then
   "$VENV/bin/python" scripts/build_mar.py
 fi
 

@@ -11,7 +11,7 @@ import pytest
 import requests
 
 from helpers import shape_image
-from loadtest import Target, run
+from loadtest import Target, prepare, run
 from ts_server import start_server
 
 pytestmark = pytest.mark.e2e
@@ -55,10 +55,13 @@ def good_request(server, seed: int = 0) -> requests.Response:
 
 def test_killed_backend_worker_fails_only_in_flight_requests_and_recovers(fault_server):
     target = Target(fault_server.inference_url, "shapes", fault_server.keys()["inference"])
+    prepared = prepare(target)  # references first, while the worker is healthy
     reports = {}
-    load = threading.Thread(target=lambda: reports.update(run(target, clients=2, seconds=12, max_batch=16)))
+    load = threading.Thread(
+        target=lambda: reports.update(run(target, clients=2, seconds=12, max_batch=16, prepared=prepared))
+    )
     load.start()
-    time.sleep(5)  # the load has its references and is running
+    time.sleep(3)  # the load is running
     victim = backend_pid(fault_server)
     os.kill(victim, signal.SIGKILL)
     killed_at = time.time()
