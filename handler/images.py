@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2 import functional as TF
@@ -23,6 +22,8 @@ from handler.config import HandlerConfig
 # center_crop resizes the whole image first unless its longer side would exceed this many times
 # resize_size (then it crops first).
 MAX_CROP_INTERMEDIATE = 4
+
+EXIF_ORIENTATION = 0x0112
 
 
 class ImageDecodeError(Exception):
@@ -98,7 +99,9 @@ def to_rgb_tensor(image: Image.Image) -> torch.Tensor:
     """Decode: EXIF orientation applied, first frame, any mode -> (3, H, W) uint8 RGB."""
     try:
         image.seek(0)
-        image = ImageOps.exif_transpose(image)
+        if image.getexif().get(EXIF_ORIENTATION, 1) != 1:
+            # exif_transpose copies even an upright image: only call it when there is work.
+            image = ImageOps.exif_transpose(image)
         array = _rgb_array(image)
     except ImageDecodeError:
         raise
@@ -150,8 +153,10 @@ def resize_to_input(pixels: torch.Tensor, config: HandlerConfig) -> torch.Tensor
         new_h, new_w = max(1, round(height * scale)), max(1, round(width * scale))
         resized = _resize(pixels, new_h, new_w)
         top, left = (size - new_h) // 2, (size - new_w) // 2
-        padding = [left, size - new_w - left, top, size - new_h - top]
-        return F.pad(resized, padding, value=config.pad_value)
+        # Pad in HWC order: the batch is collated channels_last, so this layout copies fastest.
+        canvas = torch.full((size, size, 3), config.pad_value, dtype=torch.uint8)
+        canvas[top : top + new_h, left : left + new_w].copy_(resized.permute(1, 2, 0))
+        return canvas.permute(2, 0, 1)
     # center_crop, exactly as torchvision's Resize(resize_size) + CenterCrop(image_size) do it
     # (same output size rounding, same crop offsets), so outputs match the stock pipeline.
     short, long = min(height, width), max(height, width)

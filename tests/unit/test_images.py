@@ -54,13 +54,21 @@ def test_transparent_pixels_show_white():
     assert int(pixels.min()) == 255
 
 
-def test_exif_orientation_is_applied_before_the_crop():
+@pytest.mark.parametrize(
+    ("side", "fmt"),
+    [
+        pytest.param(40, "JPEG", id="jpeg-libjpeg-turbo"),
+        pytest.param(400, "JPEG", id="jpeg-pil-draft"),  # >= 2x the resize side: DCT-scaled by PIL
+        pytest.param(40, "PNG", id="png-pil"),
+    ],
+)
+def test_exif_orientation_is_applied_before_the_crop(side, fmt):
     # Left half red, right half blue, stored with "rotate 90" in EXIF: upright, red is on top.
-    image = Image.new("RGB", (60, 40), (0, 0, 255))
-    image.paste((255, 0, 0), (0, 0, 30, 40))
+    image = Image.new("RGB", (side * 3 // 2, side), (0, 0, 255))
+    image.paste((255, 0, 0), (0, 0, side * 3 // 4, side))
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 CW to display
-    data = encode(image, "JPEG", exif=exif, quality=95)
+    data = encode(image, fmt, exif=exif, **({"quality": 95} if fmt == "JPEG" else {}))
     pixels = ImageTransform(HandlerConfig(image_size=40, resize_size=40)).__call__(data).float()
     top, bottom = pixels[:, :10, :], pixels[:, -10:, :]
     assert top[0].mean() > 200 and top[2].mean() < 60, top.mean(dim=(1, 2))

@@ -54,6 +54,18 @@ def test_batches_come_back_in_order_with_every_image(loader):
     assert means == values
 
 
+def test_batches_arrive_channels_last_with_the_pixels_in_place(loader):
+    # Colour images, so a channel mix-up in the NHWC collate would show.
+    colours = [(250, 0, 0), (0, 250, 0), (0, 0, 250), (10, 120, 240)]
+    items = [LoaderItem(k, encode(Image.new("RGB", (24, 20), c))) for k, c in enumerate(colours)]
+    batches = list(loader.iterate(items))
+    for batch in batches:
+        assert batch.pixels.is_contiguous(memory_format=torch.channels_last)
+        assert batch.pixels.is_shared()  # written straight into shared memory by the worker
+    pixels = torch.cat([b.pixels for b in batches])
+    assert pixels.float().mean(dim=(2, 3)).round().tolist() == [list(map(float, c)) for c in colours]
+
+
 def test_workers_persist_across_requests(loader):
     run(loader, [1, 2, 3])
     first = worker_pids(loader)
