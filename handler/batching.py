@@ -42,6 +42,16 @@ def flatten(requests: list[ParsedRequest | RequestError]) -> FlatBatch:
 
 
 @dataclass
+class ScoredBatch(Generic[T]):
+    """What is left of a loader batch after the model ran on it: its keys, its failures and the
+    model's output for the good images (None when it had none). The pixels are already gone."""
+
+    keys: list[int]
+    failures: dict[int, tuple[int, str]]
+    outputs: T | None
+
+
+@dataclass
 class Outcomes(Generic[T]):
     """Per-key results and failures, filled batch by batch."""
 

@@ -9,6 +9,7 @@ from typing import Any, Mapping
 
 RESIZE_MODES = ("center_crop", "letterbox", "squash")
 PRECISIONS = ("fp32", "fp16", "bf16")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -43,6 +44,12 @@ class HandlerConfig:
             the model only ever sees a few fixed shapes (each is warmed up in initialize).
         cudnn_benchmark: let cuDNN pick the fastest kernels per shape; only with batch_buckets,
             since every new shape is re-tuned (seconds each).
+        fuse_batchnorm: fold each Conv -> BatchNorm pair into the conv at load time (same
+            function, checked on a test input; skipped for models that cannot be traced).
+        compile: run the model through ``torch.compile`` (needs batch_buckets: each bucket is
+            compiled once in initialize; a failed compile falls back to eager with a warning).
+        compile_mode: ``torch.compile`` mode: default, reduce-overhead, max-autotune or
+            max-autotune-no-cudagraphs.
         intra_op_threads: torch threads of each TorchServe worker for the model; 0 shares the
             machine's cores among the model's maxWorkers backend workers.
     """
@@ -66,6 +73,9 @@ class HandlerConfig:
     precision: str = "fp32"
     batch_buckets: tuple[int, ...] = ()
     cudnn_benchmark: bool = False
+    fuse_batchnorm: bool = True
+    compile: bool = False
+    compile_mode: str = "default"
     intra_op_threads: int = 0
 
     def __post_init__(self) -> None:
@@ -88,6 +98,15 @@ class HandlerConfig:
             raise ValueError(
                 "handler.cudnn_benchmark needs handler.batch_buckets: without fixed batch sizes cuDNN "
                 "re-tunes for every new shape"
+            )
+        if self.compile and not buckets:
+            raise ValueError(
+                "handler.compile needs handler.batch_buckets: torch.compile specialises on the batch "
+                "size and would recompile for every new one"
+            )
+        if self.compile_mode not in COMPILE_MODES:
+            raise ValueError(
+                f"handler.compile_mode must be one of {', '.join(COMPILE_MODES)}; got {self.compile_mode!r}"
             )
         if self.inline_max_images < 0:
             raise ValueError(f"handler.inline_max_images must be >= 0, got {self.inline_max_images}")

@@ -1,7 +1,9 @@
 """Per-stage timings and counts, published as TorchServe custom metrics (declared in metrics.yaml).
 
-GPU work is asynchronous: a stage boundary on CUDA synchronizes the device first, so each stage's
-time is the time its work really took, not the time to enqueue it.
+GPU work is asynchronous, so device stages on CUDA are timed with CUDA events recorded on the
+stream around the work: each figure is the time the GPU really spent, and taking it does not
+stall the pipeline (the CPU decodes the next batch while the GPU runs this one). ``resolve``
+waits for the last event once, at the end of the batch.
 """
 
 from __future__ import annotations
@@ -17,30 +19,50 @@ STAGE_METRICS = ("DecodeTransformMs", "HostToDeviceMs", "InferenceMs", "Postproc
 
 
 class StageClock:
-    """Accumulates wall time per stage for one server-side batch."""
+    """Accumulates milliseconds per stage for one server-side batch."""
 
     def __init__(self, device: torch.device):
         self.ms: dict[str, float] = dict.fromkeys(STAGE_METRICS, 0.0)
-        self._device = device
-
-    def _sync(self) -> None:
-        if self._device.type == "cuda":
-            torch.cuda.synchronize(self._device)
+        self._cuda = device.type == "cuda"
+        self._pending: list[tuple[str, Any, Any]] = []
 
     @contextmanager
-    def stage(self, name: str) -> Iterator[None]:
-        self._sync()
+    def host(self, name: str) -> Iterator[None]:
+        """Wall time of CPU-side work (or of waiting for it, e.g. for the loader workers)."""
         start = time.perf_counter()
         try:
             yield
         finally:
-            self._sync()
             self.ms[name] += (time.perf_counter() - start) * 1000.0
+
+    @contextmanager
+    def device(self, name: str) -> Iterator[None]:
+        """Time of work on the model's device: CUDA events on a GPU, wall time on the CPU."""
+        if not self._cuda:
+            with self.host(name):
+                yield
+            return
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        try:
+            yield
+        finally:
+            end.record()
+            self._pending.append((name, start, end))
+
+    def resolve(self) -> None:
+        """Wait for the device stages recorded so far and add them up (one synchronization)."""
+        if self._pending:
+            self._pending[-1][2].synchronize()
+        for name, start, end in self._pending:
+            self.ms[name] += start.elapsed_time(end)
+        self._pending.clear()
 
 
 def publish(metrics: Any, clock: StageClock, *, images: int, requests: int, bad_images: int,
             rejected: int) -> None:
     """Send one batch's figures to TorchServe's metrics cache (a no-op without one)."""
+    clock.resolve()
     if metrics is None:
         return
     from ts.metrics.metric_type_enum import MetricTypes

@@ -11,12 +11,12 @@ import logging
 import os
 from http import HTTPStatus
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 import torch
 from PIL import Image
 
-from handler.batching import FlatBatch, Outcomes, flatten, split
+from handler.batching import FlatBatch, Outcomes, ScoredBatch, flatten, split
 from handler.config import HandlerConfig
 from handler.dataset import DecodedBatch, ImageBytesDataset
 from handler.decode import ParsedRequest, parse_request
@@ -25,6 +25,7 @@ from handler.images import ImageTransform
 from handler.loader import PersistentImageLoader
 from handler.metrics import StageClock, publish
 from handler.model_loading import load_labels, load_model
+from handler.optimize import compile_model, fold_batchnorm
 from handler.postprocess import top_k_labels
 from handler.responses import Prediction, success_body
 
@@ -71,7 +72,12 @@ class ImageBatchHandler:
         self.labels = load_labels(model_dir / "index_to_name.json")
         weights = model_dir / context.manifest["model"]["serializedFile"]
         model = load_model(cfg.arch, weights, len(self.labels))
+        if cfg.fuse_batchnorm:
+            example = torch.randn(2, 3, cfg.image_size, cfg.image_size, generator=torch.Generator().manual_seed(0))
+            model = fold_batchnorm(model, example)
         self.model = model.to(self.device, memory_format=torch.channels_last)
+        if cfg.compile:
+            self.model = compile_model(self.model, cfg.compile_mode)
         scale = torch.tensor(cfg.std, device=self.device).view(1, 3, 1, 1) * 255.0
         self._inv_std255 = 1.0 / scale
         self._bias = -torch.tensor(cfg.mean, device=self.device).view(1, 3, 1, 1) * 255.0 * self._inv_std255
@@ -89,11 +95,10 @@ class ImageBatchHandler:
         clock = StageClock(self.device)
         requests = self.parse(data)
         flat = flatten(requests)
-        with clock.stage("DecodeTransformMs"):
-            batches = self.preprocess(flat)
-        logits = self.inference(batches, clock)
-        with clock.stage("PostprocessMs"):
-            outcomes = self.predictions(batches, logits)
+        scored = self.inference(self.preprocess(flat), clock)
+        clock.resolve()  # the device is done: what follows is postprocessing's own time
+        with clock.host("PostprocessMs"):
+            outcomes = self.predictions(scored)
             bodies, errors = self.postprocess(requests, flat, outcomes, context)
         publish(getattr(context, "metrics", None), clock, images=len(flat.items), requests=len(data),
                 bad_images=len(outcomes.failures), rejected=len(errors))
@@ -109,30 +114,49 @@ class ImageBatchHandler:
                 parsed.append(exc)
         return parsed
 
-    def preprocess(self, flat: FlatBatch) -> list[DecodedBatch]:
-        """Decode and resize every image through the persistent multi-worker DataLoader."""
+    def preprocess(self, flat: FlatBatch) -> Iterator[DecodedBatch]:
+        """Decode and resize every image through the persistent multi-worker DataLoader.
+
+        Lazy: batches are yielded as the workers finish them, so the model can run on the first
+        while the workers still decode the next.
+        """
         assert self.loader is not None, "initialize() has not run"
-        return list(self.loader.iterate(flat.items))
+        return self.loader.iterate(flat.items)
 
     @torch.inference_mode()
-    def inference(self, batches: list[DecodedBatch], clock: StageClock) -> list[torch.Tensor | None]:
-        """The model's logits for each decoded batch (None for a batch with no good image)."""
+    def inference(self, batches: Iterable[DecodedBatch], clock: StageClock) -> list[ScoredBatch[torch.Tensor]]:
+        """The model's logits for each decoded batch, run as soon as the batch arrives."""
         assert self.model is not None, "initialize() has not run"
-        outputs: list[torch.Tensor | None] = []
-        for batch in batches:
-            if not batch.keys:
-                outputs.append(None)
-                continue
-            with clock.stage("HostToDeviceMs"):
-                x = self.to_model_input(batch.pixels)
-            with clock.stage("InferenceMs"):
-                outputs.append(self.forward(x))
-        return outputs
+        scored: list[ScoredBatch[torch.Tensor]] = []
+        pending = iter(batches)
+        while True:
+            with clock.host("DecodeTransformMs"):  # waiting for the loader workers
+                batch = next(pending, None)
+            if batch is None:
+                return scored
+            logits = None
+            if batch.keys:
+                with clock.device("HostToDeviceMs"):
+                    x = self.to_model_input(batch.pixels)
+                with clock.device("InferenceMs"):
+                    logits = self.forward(x)
+            scored.append(ScoredBatch(batch.keys, batch.failures, logits))
+
+    def warm_up(self) -> None:
+        """Run each batch bucket once, so cuDNN tuning, torch.compile and lazy initialization
+        happen here, not in the first requests. A compile that fails falls back to eager."""
+        try:
+            self._run_buckets()
+        except Exception as exc:
+            eager = getattr(self.model, "_orig_mod", None)  # set by torch.compile
+            if eager is None:
+                raise
+            log.error("torch.compile failed (%s: %s); serving the eager model", type(exc).__name__, str(exc)[:300])
+            self.model = eager
+            self._run_buckets()
 
     @torch.inference_mode()
-    def warm_up(self) -> None:
-        """Run each batch bucket once, so cuDNN tuning and lazy initialization happen here, not
-        in the first requests."""
+    def _run_buckets(self) -> None:
         size = self.config.image_size
         for bucket in self.config.batch_buckets:
             pixels = torch.zeros((bucket, 3, size, size), dtype=torch.uint8)
@@ -162,13 +186,13 @@ class ImageBatchHandler:
         out = torch.empty(x.shape, dtype=torch.float32, device=self.device, memory_format=torch.channels_last)
         return torch.addcmul(self._bias, x, self._inv_std255, out=out)
 
-    def predictions(self, batches: list[DecodedBatch], logits: list[torch.Tensor | None]) -> Outcomes[Prediction]:
+    def predictions(self, scored: list[ScoredBatch[torch.Tensor]]) -> Outcomes[Prediction]:
         """Top-k per good image and the failures, keyed by image."""
         outcomes: Outcomes[Prediction] = Outcomes()
-        for batch, batch_logits in zip(batches, logits):
+        for batch in scored:
             outcomes.failures.update(batch.failures)
-            if batch_logits is not None:
-                top = top_k_labels(batch_logits, self.labels, self.config.top_k)
+            if batch.outputs is not None:
+                top = top_k_labels(batch.outputs, self.labels, self.config.top_k)
                 outcomes.results.update(zip(batch.keys, top))
         return outcomes
 

@@ -47,6 +47,8 @@ def test_invalid_values_are_rejected_with_the_key(settings, message):
         pytest.param({"batch_buckets": [2, 4]}, "size >= batch_size", id="buckets-below-batch"),
         pytest.param({"batch_buckets": [4, "8"]}, "list of integers", id="string-bucket"),
         pytest.param({"precision": "int8"}, "precision must be one of", id="bad-precision"),
+        pytest.param({"compile": True}, "compile needs handler.batch_buckets", id="compile-without-buckets"),
+        pytest.param({"compile_mode": "fast"}, "compile_mode must be one of", id="bad-compile-mode"),
     ],
 )
 def test_fast_path_settings_are_checked(settings, message):

@@ -1,0 +1,124 @@
+import json
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from handler.architectures import ShapesNet
+from handler.optimize import fold_batchnorm
+from handler.service import ImageBatchHandler
+from helpers import FakeContext, shape_image
+
+EXAMPLE = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+
+
+def batchnorms(model: nn.Module) -> int:
+    return sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def with_trained_statistics(model: nn.Module) -> nn.Module:
+    """Fresh BatchNorm layers are identities; give them statistics so folding has work to do."""
+    generator = torch.Generator().manual_seed(0)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            n = module.num_features
+            module.running_mean.copy_(torch.randn(n, generator=generator))
+            module.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
+            module.weight.data.copy_(torch.randn(n, generator=generator))
+            module.bias.data.copy_(torch.randn(n, generator=generator))
+    return model.eval()
+
+
+@pytest.mark.parametrize("build", [lambda: ShapesNet(num_classes=3), lambda: torchvision.models.resnet18(num_classes=7)],
+                         ids=["shapes_cnn", "resnet18"])
+def test_folding_removes_every_batchnorm_and_keeps_the_outputs(build):
+    torch.manual_seed(0)
+    model = with_trained_statistics(build())
+    folded = fold_batchnorm(model, EXAMPLE)
+    assert batchnorms(model) > 0 and batchnorms(folded) == 0
+    x = torch.randn(5, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        want, got = model(x), folded(x)
+    assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+
+
+class DataDependent(nn.Module):
+    """Branches on the values of its input: symbolic tracing cannot follow it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn(self.conv(x))
+        return y if x.sum() > 0 else -y
+
+
+def test_a_model_that_cannot_be_traced_is_served_unchanged():
+    model = DataDependent().eval()
+    assert fold_batchnorm(model, EXAMPLE) is model
+
+
+def test_a_fold_that_changes_the_outputs_is_not_used(monkeypatch):
+    model = with_trained_statistics(ShapesNet(num_classes=3))
+
+    class Broken(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return model(x) + 1.0
+
+    monkeypatch.setattr("torch.fx.experimental.optimization.fuse", lambda m: Broken())
+    assert fold_batchnorm(model, EXAMPLE) is model
+
+
+def test_a_model_without_batchnorm_is_returned_as_is():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval()
+    assert fold_batchnorm(model, EXAMPLE) is model
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("model")
+    torch.manual_seed(0)
+    torch.save(with_trained_statistics(ShapesNet(num_classes=3)).state_dict(), path / "weights.pt")
+    (path / "index_to_name.json").write_text(json.dumps({"0": "circle", "1": "square", "2": "triangle"}))
+    return path
+
+
+def answers(model_dir, settings: dict) -> list[dict]:
+    base = {"arch": "shapes_cnn", "image_size": 64, "resize_mode": "letterbox", "top_k": 3, "batch_size": 4,
+            "num_workers": 0}
+    handler = ImageBatchHandler()
+    handler.initialize(FakeContext(str(model_dir), {"handler": {**base, **settings}}))
+    images = {f"f{i}": bytearray(shape_image(("circle", "square", "triangle")[i % 3], seed=i)) for i in range(6)}
+    try:
+        return json.loads(handler.handle([images], FakeContext(str(model_dir), {}))[0])
+    finally:
+        handler.loader.close()
+
+
+def assert_same_answers(got: list[dict], want: list[dict]) -> None:
+    assert len(got) == len(want) == 6
+    for g, w in zip(got, want):
+        assert list(g) == list(w) and g == pytest.approx(w, abs=1e-4)
+
+
+def test_folded_and_compiled_handlers_answer_like_the_plain_one(model_dir):
+    plain = answers(model_dir, {"fuse_batchnorm": False})
+    assert_same_answers(answers(model_dir, {}), plain)  # folding is on by default
+    assert_same_answers(answers(model_dir, {"compile": True, "batch_buckets": [4]}), plain)
+
+
+def test_a_failed_compile_falls_back_to_eager(model_dir, monkeypatch, caplog):
+    class FailsToCompile(nn.Module):
+        def __init__(self, model: nn.Module) -> None:
+            super().__init__()
+            self._orig_mod = model  # what torch.compile's wrapper calls the eager model
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            raise RuntimeError("inductor: no C++ compiler found")
+
+    monkeypatch.setattr("handler.service.compile_model", lambda model, mode: FailsToCompile(model))
+    plain = answers(model_dir, {})
+    assert_same_answers(answers(model_dir, {"compile": True, "batch_buckets": [4]}), plain)
+    assert "torch.compile failed" in caplog.text
