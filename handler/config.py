@@ -9,6 +9,7 @@ from typing import Any, Mapping
 
 RESIZE_MODES = ("center_crop", "letterbox", "squash")
 PRECISIONS = ("fp32", "fp16", "bf16")
+DECODE_DEVICES = ("cpu", "cuda")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -38,6 +39,9 @@ class HandlerConfig:
             handler process (no worker round trip); more go through the DataLoader workers.
         max_images_per_request: more images than this in one request is a 413.
         max_image_pixels: an image with more pixels (width x height) is a 413.
+        decode_device: ``cpu`` (DataLoader workers) or ``cuda``: JPEGs are decoded in batches
+            on the GPU with nvJPEG and resized there; other images, and JPEGs nvJPEG rejects,
+            still take the CPU path. Ignored (with a warning) when the model runs on the CPU.
         jpeg_draft: let libjpeg downscale large JPEGs while decoding (DCT scaling).
         precision: ``fp32``, or autocast to ``fp16``/``bf16`` for the forward pass (fp16 needs CUDA).
         batch_buckets: pad every forward pass to the smallest of these batch sizes that fits, so
@@ -69,6 +73,7 @@ class HandlerConfig:
     inline_max_images: int = 1
     max_images_per_request: int = 64
     max_image_pixels: int = 50_000_000
+    decode_device: str = "cpu"
     jpeg_draft: bool = True
     precision: str = "fp32"
     batch_buckets: tuple[int, ...] = ()
@@ -103,6 +108,10 @@ class HandlerConfig:
             raise ValueError(
                 "handler.compile needs handler.batch_buckets: torch.compile specialises on the batch "
                 "size and would recompile for every new one"
+            )
+        if self.decode_device not in DECODE_DEVICES:
+            raise ValueError(
+                f"handler.decode_device must be one of {', '.join(DECODE_DEVICES)}; got {self.decode_device!r}"
             )
         if self.compile_mode not in COMPILE_MODES:
             raise ValueError(

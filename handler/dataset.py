@@ -8,7 +8,7 @@ a new set of images on every request without re-creating its worker processes.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch.utils.data import Dataset, get_worker_info
@@ -22,6 +22,7 @@ class LoaderItem:
 
     key: int
     data: bytes
+    slot: int | None = None  # the staging ring slot its batch is written to, if any
 
 
 @dataclass(frozen=True)
@@ -32,20 +33,36 @@ class DecodedImage:
     pixels: torch.Tensor | None
     error: str | None = None
     status: int = 400
+    slot: int | None = None
 
 
 @dataclass
 class DecodedBatch:
-    """A collated loader batch: the good images stacked, the bad ones listed by key."""
+    """A collated loader batch: the good images stacked, the bad ones listed by key.
+
+    A batch written into a staging ring slot crosses from the worker without its pixels
+    (``slot`` says where they are); the loader attaches the view in the handler process.
+    """
 
     keys: list[int]
-    pixels: torch.Tensor
+    pixels: torch.Tensor | None
     failures: dict[int, tuple[int, str]] = field(default_factory=dict)
+    slot: int | None = None
+    _release: Callable[[Any], None] | None = field(default=None, repr=False, compare=False)
 
     def pin_memory(self, device: str | None = None) -> "DecodedBatch":
-        """Called by the DataLoader's pinning thread (pin_memory=True)."""
+        """Called by the DataLoader's pinning thread (pin_memory=True). A staging ring slot is
+        page-locked already: nothing to copy."""
+        if self.pixels is None:
+            return self
         pinned = self.pixels.pin_memory(device) if device else self.pixels.pin_memory()
         return DecodedBatch(self.keys, pinned, self.failures)
+
+    def release(self, event: Any = None) -> None:
+        """The pixels are consumed (on CUDA: once ``event`` completes); their slot may be reused."""
+        if self._release is not None:
+            self._release(event)
+            self._release = None
 
 
 class ImageBytesDataset(Dataset):
@@ -56,29 +73,39 @@ class ImageBytesDataset(Dataset):
 
     def __getitem__(self, item: LoaderItem) -> DecodedImage:  # type: ignore[override]
         try:
-            return DecodedImage(item.key, self.transform(item.data))
+            return DecodedImage(item.key, self.transform(item.data), slot=item.slot)
         except ImageDecodeError as exc:
-            return DecodedImage(item.key, None, exc.reason, exc.status)
+            return DecodedImage(item.key, None, exc.reason, exc.status, item.slot)
         except Exception as exc:  # a bug or an exotic codec failure must not take down the batch
-            return DecodedImage(item.key, None, f"image could not be processed ({type(exc).__name__})")
+            return DecodedImage(item.key, None, f"image could not be processed ({type(exc).__name__})",
+                                slot=item.slot)
 
 
-def collate_decoded(results: list[DecodedImage], image_size: int) -> DecodedBatch:
+def collate_decoded(results: list[DecodedImage], image_size: int, ring: torch.Tensor | None = None) -> DecodedBatch:
     """Stack the good images (uint8, channels_last); keep the failures beside them.
 
     The images are written into one NHWC block and handed on as its NCHW view, which is
-    channels_last: the model's memory format, so the handler needs no reordering copy. In a
-    loader worker the block is allocated in shared memory directly (as torch's default_collate
-    does), which saves the copy pickling would otherwise make to send it to the handler.
+    channels_last: the model's memory format, so the handler needs no reordering copy. The
+    block is the batch's staging ring slot when it has one (``ring``: the ring's pixels, shared
+    with the handler process); otherwise, in a loader worker, a fresh shared-memory block (as
+    torch's default_collate does), which saves the copy pickling would make.
     """
     good = [r for r in results if r.pixels is not None]
     failures = {r.key: (r.status, r.error or "unknown error") for r in results if r.pixels is None}
+    slot = results[0].slot if results else None
     shape = (len(good), image_size, image_size, 3)
-    if get_worker_info() is not None and good:
+    if ring is not None and slot is not None:
+        block = ring[slot, : len(good)]
+    elif get_worker_info() is not None and good:
         storage = torch.UntypedStorage._new_shared(len(good) * image_size * image_size * 3)
         block = torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
+        slot = None
     else:
         block = torch.empty(shape, dtype=torch.uint8)
+        slot = None
     for row, result in zip(block, good):
         row.copy_(result.pixels.permute(1, 2, 0))  # type: ignore[union-attr]
-    return DecodedBatch([r.key for r in good], block.permute(0, 3, 1, 2), failures)
+    keys = [r.key for r in good]
+    if slot is not None:
+        return DecodedBatch(keys, None, failures, slot)  # the pixels stay in the slot
+    return DecodedBatch(keys, block.permute(0, 3, 1, 2), failures)

@@ -154,7 +154,7 @@ def resize_to_input(pixels: torch.Tensor, config: HandlerConfig) -> torch.Tensor
         resized = _resize(pixels, new_h, new_w)
         top, left = (size - new_h) // 2, (size - new_w) // 2
         # Pad in HWC order: the batch is collated channels_last, so this layout copies fastest.
-        canvas = torch.full((size, size, 3), config.pad_value, dtype=torch.uint8)
+        canvas = torch.full((size, size, 3), config.pad_value, dtype=torch.uint8, device=pixels.device)
         canvas[top : top + new_h, left : left + new_w].copy_(resized.permute(1, 2, 0))
         return canvas.permute(2, 0, 1)
     # center_crop, exactly as torchvision's Resize(resize_size) + CenterCrop(image_size) do it

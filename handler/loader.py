@@ -4,7 +4,8 @@ Creating a DataLoader with workers per request forks new processes every time an
 slower than a plain loop. Here the DataLoader is built once with ``persistent_workers=True``;
 each request swaps the batches in a ``RequestBatchSampler`` and iterates the loader again, which
 resets the same workers to a new epoch. The items the sampler yields carry the image bytes, so
-the workers need no shared state with the handler.
+the workers need no shared state with the handler; the decoded batches come back through a
+``StagingRing`` of shared-memory slots allocated before the workers fork.
 """
 
 from __future__ import annotations
@@ -20,24 +21,43 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from handler.dataset import DecodedBatch, ImageBytesDataset, LoaderItem, collate_decoded
+from handler.staging import StagingRing
 
 log = logging.getLogger(__name__)
 
 # How often a request may rebuild a loader whose worker died before the error is given up on.
 MAX_REBUILDS_PER_RUN = 2
 
+# Batches each worker is given ahead (DataLoader's prefetch_factor); the staging ring holds
+# that many per worker plus the batch being consumed and the one still being copied out.
+PREFETCH_PER_WORKER = 2
+
 
 class RequestBatchSampler(Sampler[list[LoaderItem]]):
-    """Yields the batches of the current request; replaced before every epoch."""
+    """Yields the batches of the current request; replaced before every epoch.
 
-    def __init__(self) -> None:
+    Runs in the handler process, as the DataLoader dispatches each batch: that is when a batch
+    is given a staging ring slot (if one is free) for its worker to write into.
+    """
+
+    def __init__(self, ring: StagingRing | None = None) -> None:
         self._batches: list[list[LoaderItem]] = []
+        self._ring = ring
 
     def set_batches(self, batches: list[list[LoaderItem]]) -> None:
         self._batches = batches
 
     def __iter__(self) -> Iterator[list[LoaderItem]]:
-        return iter(self._batches)
+        ring = self._ring
+        if ring is None:
+            yield from self._batches
+            return
+        # The DataLoader asks for the first batch only after draining the previous epoch, so
+        # no worker still writes a slot of an abandoned request now.
+        ring.reclaim_pending()
+        for batch in self._batches:
+            slot = ring.acquire() if len(batch) <= ring.capacity else None
+            yield batch if slot is None else [LoaderItem(i.key, i.data, slot) for i in batch]
 
     def __len__(self) -> int:
         return len(self._batches)
@@ -80,14 +100,24 @@ class PersistentImageLoader:
         pin_memory: bool,
         mp_context: str,
         inline_max_images: int = 0,
+        staging: bool = True,
     ) -> None:
         self.batch_size = batch_size
         self._dataset = dataset
         self._num_workers = num_workers
+        # Allocated before the workers fork, so they share its pages with this process.
+        self.ring = (
+            StagingRing.create(PREFETCH_PER_WORKER * num_workers + 2, batch_size, image_size)
+            if staging and num_workers
+            else None
+        )
         self._collate = functools.partial(collate_decoded, image_size=image_size)
+        self._worker_collate = functools.partial(
+            collate_decoded, image_size=image_size, ring=self.ring.pixels if self.ring else None
+        )
         self._pin_memory = pin_memory
         self._mp_context = mp_context
-        self._sampler = RequestBatchSampler()
+        self._sampler = RequestBatchSampler(self.ring)
         self._loader = self._build()
         self.inline_max_images = inline_max_images
 
@@ -97,11 +127,12 @@ class PersistentImageLoader:
             self._dataset,
             batch_sampler=self._sampler,
             num_workers=workers,
-            collate_fn=self._collate,
+            collate_fn=self._worker_collate,
             pin_memory=self._pin_memory,
             persistent_workers=workers > 0,
             multiprocessing_context=multiprocessing.get_context(self._mp_context) if workers else None,
             worker_init_fn=_init_worker if workers else None,
+            prefetch_factor=PREFETCH_PER_WORKER if workers else None,
         )
 
     def start(self) -> None:
@@ -134,6 +165,8 @@ class PersistentImageLoader:
                 for batch in self._loader:
                     _disarm_sigchld_handler()
                     delivered += 1
+                    if batch.slot is not None and self.ring is not None:
+                        batch.pixels, batch._release = self.ring.attach(batch.slot, len(batch.keys), batch)
                     yield batch
                 return
             except Exception as exc:
@@ -163,12 +196,22 @@ class PersistentImageLoader:
         return [w.pid for w in workers if not w.is_alive()]
 
     def _rebuild(self) -> None:
-        self.close()
+        self._stop_workers()
         self._loader = self._build()
 
-    def close(self) -> None:
-        """Stop the worker processes."""
+    def _stop_workers(self) -> None:
         iterator = getattr(self._loader, "_iterator", None)
         if iterator is not None and hasattr(iterator, "_shutdown_workers"):
             iterator._shutdown_workers()
         self._loader._iterator = None
+
+    def pin_staging(self) -> None:
+        """Page-lock the staging ring (call once CUDA is initialized)."""
+        if self.ring is not None:
+            self.ring.pin()
+
+    def close(self) -> None:
+        """Stop the worker processes and unpin the staging ring."""
+        self._stop_workers()
+        if self.ring is not None:
+            self.ring.close()

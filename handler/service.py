@@ -18,9 +18,10 @@ from PIL import Image
 
 from handler.batching import FlatBatch, Outcomes, ScoredBatch, flatten, split
 from handler.config import HandlerConfig
-from handler.dataset import DecodedBatch, ImageBytesDataset
+from handler.dataset import DecodedBatch, ImageBytesDataset, LoaderItem
 from handler.decode import ParsedRequest, parse_request
 from handler.errors import RequestError
+from handler.gpu_decode import BatchedJpegDecoder
 from handler.images import ImageTransform
 from handler.loader import PersistentImageLoader
 from handler.metrics import StageClock, publish
@@ -42,6 +43,7 @@ class ImageBatchHandler:
         self.labels: list[str] = []
         self.model: torch.nn.Module | None = None
         self.loader: PersistentImageLoader | None = None
+        self.jpeg_decoder: BatchedJpegDecoder | None = None
 
     # ---- start-up -------------------------------------------------------------------------
 
@@ -76,6 +78,13 @@ class ImageBatchHandler:
             example = torch.randn(2, 3, cfg.image_size, cfg.image_size, generator=torch.Generator().manual_seed(0))
             model = fold_batchnorm(model, example)
         self.model = model.to(self.device, memory_format=torch.channels_last)
+        if self.device.type == "cuda" and cfg.pin_memory:
+            self.loader.pin_staging()
+        if cfg.decode_device == "cuda":
+            if self.device.type == "cuda":
+                self.jpeg_decoder = BatchedJpegDecoder(cfg, self.device)
+            else:
+                log.warning("decode_device cuda needs the model on a GPU; decoding on the CPU")
         if cfg.compile:
             self.model = compile_model(self.model, cfg.compile_mode)
         scale = torch.tensor(cfg.std, device=self.device).view(1, 3, 1, 1) * 255.0
@@ -115,13 +124,30 @@ class ImageBatchHandler:
         return parsed
 
     def preprocess(self, flat: FlatBatch) -> Iterator[DecodedBatch]:
-        """Decode and resize every image through the persistent multi-worker DataLoader.
+        """Decode and resize every image through the persistent multi-worker DataLoader (and,
+        with ``decode_device: cuda``, the JPEGs in batches on the GPU).
 
-        Lazy: batches are yielded as the workers finish them, so the model can run on the first
-        while the workers still decode the next.
+        Lazy: batches are yielded as they are ready, so the model can run on the first while
+        the workers still decode the next.
         """
         assert self.loader is not None, "initialize() has not run"
-        return self.loader.iterate(flat.items)
+        if self.jpeg_decoder is None:
+            return self.loader.iterate(flat.items)
+        return self._decode_on_device(flat.items)
+
+    def _decode_on_device(self, items: list[LoaderItem]) -> Iterator[DecodedBatch]:
+        assert self.loader is not None and self.jpeg_decoder is not None
+        jobs, rest = self.jpeg_decoder.split(items)
+        size = self.config.batch_size
+        for start in range(0, len(jobs), size):
+            chunk = jobs[start : start + size]
+            batch = self.jpeg_decoder.decode(chunk)
+            if batch is None:
+                rest.extend(job.item for job in chunk)
+            else:
+                yield batch
+        if rest:
+            yield from self.loader.iterate(sorted(rest, key=lambda item: item.key))
 
     @torch.inference_mode()
     def inference(self, batches: Iterable[DecodedBatch], clock: StageClock) -> list[ScoredBatch[torch.Tensor]]:
@@ -138,6 +164,7 @@ class ImageBatchHandler:
             if batch.keys:
                 with clock.device("HostToDeviceMs"):
                     x = self.to_model_input(batch.pixels)
+                batch.release(self.copied_event())  # its staging slot may take the next batch
                 with clock.device("InferenceMs"):
                     logits = self.forward(x)
             scored.append(ScoredBatch(batch.keys, batch.failures, logits))
@@ -177,6 +204,14 @@ class ImageBatchHandler:
             return self.model(x)[:count]
         with torch.autocast(self.device.type, dtype=self._autocast_dtype):
             return self.model(x)[:count].float()
+
+    def copied_event(self) -> Any:
+        """On CUDA, an event that completes once the work enqueued so far (the copy) is done."""
+        if self.device.type != "cuda":
+            return None
+        event = torch.cuda.Event()
+        event.record()
+        return event
 
     def to_model_input(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 NCHW (pinned on CUDA) -> normalized float on the device, channels_last."""

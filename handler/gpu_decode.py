@@ -1,0 +1,106 @@
+"""Batched JPEG decoding on the GPU (nvJPEG), for ``decode_device: cuda``.
+
+On a GPU server the CPU cores, not the GPU, bound a JPEG -> label pipeline; nvJPEG decodes a
+list of JPEGs in one call several times faster than libjpeg-turbo on a core. Only what nvJPEG
+does well comes here: baseline/progressive JPEGs with an end-of-image marker, in RGB or
+grayscale, within the pixel limit. Everything else -- other formats, CMYK, truncated files --
+and any batch nvJPEG rejects goes through the CPU DataLoader path, which reports per image.
+The same code runs with a CPU ``device`` (libjpeg-turbo), which is how it is tested without a GPU.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import warnings
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+from torchvision.io import ImageReadMode, decode_jpeg
+
+from handler.config import HandlerConfig
+from handler.dataset import DecodedBatch, LoaderItem
+from handler.images import EXIF_ORIENTATION, resize_to_input
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class JpegJob:
+    """A JPEG to decode on the GPU, with its EXIF orientation (nvJPEG ignores EXIF)."""
+
+    item: LoaderItem
+    orientation: int
+
+
+def apply_orientation(pixels: torch.Tensor, orientation: int) -> torch.Tensor:
+    """(C, H, W) as stored -> as displayed, for EXIF orientations 1-8 (PIL's exif_transpose)."""
+    if orientation == 2:
+        return pixels.flip(2)
+    if orientation == 3:
+        return pixels.flip(1, 2)
+    if orientation == 4:
+        return pixels.flip(1)
+    if orientation == 5:
+        return pixels.transpose(1, 2)
+    if orientation == 6:
+        return torch.rot90(pixels, -1, dims=(1, 2))
+    if orientation == 7:
+        return pixels.transpose(1, 2).flip(1, 2)
+    if orientation == 8:
+        return torch.rot90(pixels, 1, dims=(1, 2))
+    return pixels
+
+
+def jpeg_job(item: LoaderItem, max_pixels: int) -> JpegJob | None:
+    """A job when ``item`` is a JPEG nvJPEG can take; None sends it down the CPU path."""
+    data = item.data
+    if not data.startswith(b"\xff\xd8\xff") or not data.rstrip(b"\0").endswith(b"\xff\xd9"):
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size
+            if image.format != "JPEG" or image.mode not in ("RGB", "L") or width * height > max_pixels:
+                return None
+            orientation = int(image.getexif().get(EXIF_ORIENTATION, 1))
+    except Exception:  # anything odd: the CPU path gives the precise per-image error
+        return None
+    return JpegJob(item, orientation if 1 <= orientation <= 8 else 1)
+
+
+class BatchedJpegDecoder:
+    """Decodes lists of JPEGs on ``device`` and resizes them there, as the config says."""
+
+    def __init__(self, config: HandlerConfig, device: torch.device) -> None:
+        self.config = config
+        self.device = device
+
+    def split(self, items: list[LoaderItem]) -> tuple[list[JpegJob], list[LoaderItem]]:
+        """The items for this decoder, and the rest (for the CPU loader)."""
+        jobs: list[JpegJob] = []
+        rest: list[LoaderItem] = []
+        for item in items:
+            job = jpeg_job(item, self.config.max_image_pixels)
+            if job is None:
+                rest.append(item)
+            else:
+                jobs.append(job)
+        return jobs, rest
+
+    def decode(self, jobs: list[JpegJob]) -> DecodedBatch | None:
+        """One batch of model-size uint8 images on the device; None if nvJPEG rejected the list
+        (it fails a whole list for one bad image), so the caller can take the CPU path."""
+        data = [torch.frombuffer(bytearray(job.item.data), dtype=torch.uint8) for job in jobs]
+        try:
+            decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
+        except RuntimeError as exc:
+            log.info("batched JPEG decode failed (%s); decoding these %d on the CPU", str(exc)[:200], len(jobs))
+            return None
+        size = self.config.image_size
+        batch = torch.empty((len(jobs), size, size, 3), dtype=torch.uint8, device=self.device)
+        for row, job, pixels in zip(batch, jobs, decoded):
+            row.copy_(resize_to_input(apply_orientation(pixels, job.orientation), self.config).permute(1, 2, 0))
+        return DecodedBatch([job.item.key for job in jobs], batch.permute(0, 3, 1, 2))
