@@ -17,7 +17,7 @@ import binascii
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from handler.errors import BadRequest, ImageProblem, PayloadTooLarge, RequestError
+from handler.errors import BadRequest, ImageProblem, PayloadTooLarge
 
 
 @dataclass(frozen=True)

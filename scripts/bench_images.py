@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import io
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
+
+if TYPE_CHECKING:
+    import torch
 
 SIZES = {"640x480": (640, 480), "1280x960": (1280, 960), "4032x3024": (4032, 3024)}
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "retina", "hubble_deep_field",
@@ -47,3 +51,12 @@ def photo_jpegs(size: str, count: int, quality: int = 90) -> list[bytes]:
         image.save(buffer, format="JPEG", quality=quality)
         out.append(buffer.getvalue())
     return out
+
+
+def stock_input(images: list[bytes]) -> torch.Tensor:
+    """The stock image_classifier's model input for ``images`` (Resize 256, CenterCrop 224, ImageNet
+    normalization), e.g. to calibrate a random model on real photos."""
+    import torch
+    from ts.torch_handler.image_classifier import ImageClassifier
+
+    return torch.stack([ImageClassifier.image_processing(Image.open(io.BytesIO(b)).convert("RGB")) for b in images])

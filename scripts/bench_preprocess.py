@@ -21,7 +21,6 @@ import platform
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -32,12 +31,13 @@ from torch.utils.data import DataLoader, Dataset
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
-from bench_images import photo_jpegs  # noqa: E402
+from bench_images import photo_jpegs, stock_input  # noqa: E402
 from direct_context import DirectContext, random_model_dir  # noqa: E402
 from handler.batching import flatten  # noqa: E402
 from handler.decode import ParsedRequest, RawImage  # noqa: E402
-from handler.metrics import StageClock  # noqa: E402
+from handler.metrics import STAGE_METRICS  # noqa: E402
 from handler.service import ImageBatchHandler  # noqa: E402
+from timing import timed_ms, time_handle  # noqa: E402
 
 
 def stock_preprocess() -> Callable[[list[bytes]], torch.Tensor]:
@@ -103,43 +103,37 @@ def pixel_difference(stock: torch.Tensor, ours: torch.Tensor) -> dict[str, float
             "p99_abs_px_diff_vs_stock": round(float(diff.flatten().kthvalue(int(diff.numel() * 0.99)).values), 2)}
 
 
-def median_ms(fn: Callable[[], object], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
-
-
-def build_handler(arch: str, workdir: Path) -> tuple[ImageBatchHandler, DirectContext]:
-    model_dir = random_model_dir(workdir / arch, arch)
-    context = DirectContext(str(model_dir), {"handler": {"arch": arch, "batch_size": 16, "num_workers": 2}},
+def build_handler(arch: str, workdir: Path, settings: dict) -> tuple[ImageBatchHandler, DirectContext]:
+    model_dir = random_model_dir(workdir / arch, arch, calibration=stock_input(photo_jpegs("640x480", 16)))
+    handler_settings = {"arch": arch, "batch_size": 16, "num_workers": 2, **settings}
+    context = DirectContext(str(model_dir), {"handler": handler_settings},
                             gpu_id=0 if torch.cuda.is_available() else None)
     handler = ImageBatchHandler()
     handler.initialize(context)
     return handler, context
 
 
+@torch.inference_mode()
+def output_agreement(handler: ImageBatchHandler, context: DirectContext, images: list[bytes]) -> dict:
+    """The stock pipeline (its preprocessing, the plain eager model) against ours (our
+    preprocessing, our folded/compiled model, our precision): top-1 agreement and the largest
+    difference of any class probability."""
+    from handler.model_loading import load_model
+
+    stock_model = load_model(handler.config.arch, Path(context.model_dir) / "weights.pt", len(handler.labels))
+    stock = stock_model(stock_preprocess()(images)).softmax(dim=1)
+    inputs = ours_preprocess(handler)(images)
+    ours = torch.cat([handler.forward(x).float().softmax(dim=1).cpu() for x in inputs])
+    return {"top1_agreement": round(float((stock.argmax(1) == ours.argmax(1)).float().mean()), 3),
+            "max_prob_diff": round(float((stock - ours).abs().max()), 5),
+            "distinct_top1": len(set(stock.argmax(1).tolist()))}
+
+
 def end_to_end(handler: ImageBatchHandler, context: DirectContext, images: list[bytes], repeats: int) -> dict:
     """handle() on one request of ``images``: per-stage ms (from the handler's own clock) and images/s."""
-    import base64
-
-    row = {"body": {"images": [base64.b64encode(b).decode() for b in images]}}
-    handler.handle([row], context)  # warm-up
-    stages: dict[str, list[float]] = {}
-    total = []
-    for _ in range(repeats):
-        context.metrics.values.clear()
-        start = time.perf_counter()
-        handler.handle([row], context)
-        total.append(time.perf_counter() - start)
-        for name, values in context.metrics.values.items():
-            stages.setdefault(name, []).append(values[-1])
-    seconds = statistics.median(total)
-    result = {"images_per_s": round(len(images) / seconds, 1), "batch_ms": round(seconds * 1000, 2)}
-    for name in StageClock(handler.device).ms:
-        result[name] = round(statistics.median(stages[name]), 2)
+    timed = time_handle(handler, context, images, repeats)
+    result = {"images_per_s": round(len(images) / timed["seconds"], 1), "batch_ms": round(timed["seconds"] * 1000, 2)}
+    result.update({name: round(timed[name], 2) for name in STAGE_METRICS})
     return result
 
 
@@ -150,13 +144,17 @@ def main() -> None:
     parser.add_argument("--counts", nargs="+", type=int, default=[1, 8, 32, 128])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="fewer sizes, counts and repeats")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
+                        help="a handler setting for ours, e.g. --set precision='\"fp16\"' --set decode_device='\"cuda\"'")
+    parser.add_argument("--e2e-images", type=int, default=32, help="images per request in the end-to-end run")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     if args.quick:
         args.sizes, args.counts, args.repeats = ["640x480", "1280x960"], [1, 32], 3
 
     with tempfile.TemporaryDirectory() as tmp:
-        handler, context = build_handler(args.arch, Path(tmp))
+        settings = {key: json.loads(value) for key, value in (item.split("=", 1) for item in args.set)}
+        handler, context = build_handler(args.arch, Path(tmp), settings)
         methods = {"stock": stock_preprocess(), "blog": blog_preprocess(), "ours": ours_preprocess(handler)}
         rows = []
         for size in args.sizes:
@@ -170,11 +168,11 @@ def main() -> None:
                 times: dict[str, list[float]] = {name: [] for name in methods}
                 for round_ in range(repeats):  # stock and ours interleaved, alternating who goes first
                     for name in ("stock", "ours") if round_ % 2 else ("ours", "stock"):
-                        times[name].append(median_ms(lambda: methods[name](images), 1))
+                        times[name].append(timed_ms(lambda: methods[name](images)))
                 # The blog's method forks workers from this process on every call; the parent's
                 # pages then fault copy-on-write for a while, which would slow the others down.
                 # So it runs in a block of its own, after them.
-                times["blog"] = [median_ms(lambda: methods["blog"](images), 1) for _ in range(repeats)]
+                times["blog"] = [timed_ms(lambda: methods["blog"](images)) for _ in range(repeats)]
                 row = {"image_size": size, "images": count}
                 row.update({f"{name}_ms": round(statistics.median(t), 2) for name, t in times.items()})
                 row["speedup_vs_stock"] = round(row["stock_ms"] / row["ours_ms"], 2)
@@ -182,7 +180,9 @@ def main() -> None:
                 row["speedup_vs_blog"] = round(row["blog_ms"] / row["ours_ms"], 2)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-        e2e = {size: end_to_end(handler, context, photo_jpegs(size, 32), args.repeats) for size in args.sizes}
+        agreement = {size: output_agreement(handler, context, photo_jpegs(size, 32)) for size in args.sizes}
+        e2e = {size: end_to_end(handler, context, photo_jpegs(size, args.e2e_images), args.repeats)
+               for size in args.sizes}
         handler.loader.close()
 
     print("\n| image size | images/request | stock ms | blog (per-request DataLoader) ms | ours ms | ours vs stock | ours vs blog |")
@@ -190,11 +190,16 @@ def main() -> None:
     for r in rows:
         print(f"| {r['image_size']} | {r['images']} | {r['stock_ms']} | {r['blog_ms']} | {r['ours_ms']} | "
               f"{r['speedup_vs_stock']}x | {r['speedup_vs_blog']}x |")
-    print(f"\nEnd to end through handle() ({args.arch}, one 32-image request, device {handler.device}):")
+    print(f"\nOutputs, stock pipeline vs ours ({args.arch}, calibrated random weights, 32 photos):")
+    for size, figures in agreement.items():
+        print(f"  {size}: {json.dumps(figures)}")
+    print(f"\nEnd to end through handle() ({args.arch}, one {args.e2e_images}-image request, device {handler.device}, "
+          f"settings {json.dumps(settings)}):")
     for size, figures in e2e.items():
         print(f"  {size}: {json.dumps(figures)}")
     result = {
-        "arch": args.arch, "device": str(handler.device), "preprocess": rows, "end_to_end_32": e2e,
+        "arch": args.arch, "device": str(handler.device), "settings": settings, "preprocess": rows,
+        "output_agreement": agreement, "end_to_end": {"images_per_request": args.e2e_images, "sizes": e2e},
         "machine": {"cpus": torch.get_num_threads(), "platform": platform.platform(),
                     "torch": torch.__version__,
                     "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},

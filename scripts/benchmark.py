@@ -17,7 +17,6 @@ import concurrent.futures as futures
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -31,9 +30,10 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
-from bench_images import photo_jpegs  # noqa: E402
+from bench_images import photo_jpegs, stock_input  # noqa: E402
 from direct_context import random_model_dir  # noqa: E402
 from ts_server import Server, start_server  # noqa: E402
+from timing import latency_summary  # noqa: E402
 
 BATCH = 32
 
@@ -49,7 +49,7 @@ def stock_model_file(arch: str, classes: int) -> str:
 
 
 def build_archives(arch: str, store: Path, work: Path) -> None:
-    model_dir = random_model_dir(work / "weights", arch)
+    model_dir = random_model_dir(work / "weights", arch, calibration=stock_input(photo_jpegs("640x480", 16)))
     weights, labels = model_dir / "weights.pt", model_dir / "index_to_name.json"
     common = {"minWorkers": 1, "maxWorkers": 1, "responseTimeout": 300}
     stock_cfg = work / "stock.yaml"
@@ -89,16 +89,6 @@ def send_ours(server: Server, images: list[bytes]) -> list[dict]:
     return response.json()
 
 
-def percentiles(latencies_ms: list[float]) -> dict[str, float]:
-    ordered = sorted(latencies_ms)
-
-    def pick(q: float) -> float:
-        return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
-
-    return {"p50_ms": round(statistics.median(ordered), 1), "p95_ms": round(pick(0.95), 1),
-            "p99_ms": round(pick(0.99), 1)}
-
-
 def agreement(stock: list[dict], ours: list[dict]) -> dict[str, float]:
     """Top-1 agreement and the largest difference of the stock top-1 probability."""
     same = sum(next(iter(s)) == next(iter(o)) for s, o in zip(stock, ours))
@@ -126,7 +116,7 @@ def run_size(server: Server, size: str, rounds: int) -> dict:
             ours_lat.append((time.perf_counter() - start) * 1000)
     result = {"image_size": size}
     for name, lat in (("stock", stock_lat), ("ours", ours_lat)):
-        result[name] = {"images_per_s": round(BATCH * len(lat) / (sum(lat) / 1000), 1), **percentiles(lat)}
+        result[name] = {"images_per_s": round(BATCH * len(lat) / (sum(lat) / 1000), 1), **latency_summary(lat)}
     result["throughput_ratio"] = round(result["ours"]["images_per_s"] / result["stock"]["images_per_s"], 2)
     result["p50_ratio"] = round(result["stock"]["p50_ms"] / result["ours"]["p50_ms"], 2)
     result["outputs"] = agreement(reference_stock, reference_ours)

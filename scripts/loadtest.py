@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
-import statistics
 import sys
 import tempfile
 import threading
@@ -33,6 +31,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "scripts"), str(ROOT / "tests")]
 
 import shapes  # noqa: E402
 from helpers import shape_image  # noqa: E402
+from timing import percentile  # noqa: E402
 
 MAX_REQUESTS = 200_000  # a hard bound besides the time limit
 
@@ -130,13 +129,6 @@ def backend_stats(frontend_pid: int | None) -> dict[str, Any]:
     stats["shm_files"] = len(entries)
     stats["shm_mb"] = round(sum(e.stat().st_size for e in entries if e.is_file()) / 2**20, 2)
     return stats
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return round(ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))], 1)
 
 
 def prepare(target: Target, pool_size: int = 48) -> tuple[list[bytes], list[dict[str, float]]]:

@@ -12,12 +12,9 @@ requests of --images-per-request images and keeps the best images/s.
 from __future__ import annotations
 
 import argparse
-import base64
 import itertools
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +25,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
 from direct_context import DirectContext, random_model_dir  # noqa: E402
 from handler.service import ImageBatchHandler  # noqa: E402
+from timing import time_handle  # noqa: E402
 
 
 def load_images(folder: Path | None, count: int, size: str) -> list[bytes]:
@@ -47,14 +45,7 @@ def measure(model_dir: Path, handler_settings: dict[str, Any], images: list[byte
     handler = ImageBatchHandler()
     handler.initialize(context)
     try:
-        row = {"body": {"images": [base64.b64encode(b).decode() for b in images]}}
-        handler.handle([row], context)  # warm-up
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            handler.handle([row], context)
-            times.append(time.perf_counter() - start)
-        return len(images) / statistics.median(times)
+        return len(images) / time_handle(handler, context, images, repeats)["seconds"]
     finally:
         assert handler.loader is not None
         handler.loader.close()

@@ -5,7 +5,6 @@ import concurrent.futures as futures
 import io
 
 import pytest
-import requests
 from PIL import Image
 
 from helpers import encode, shape_image

@@ -1,0 +1,49 @@
+"""Timing helpers shared by the benchmark scripts: percentiles, a stopwatch, and handle() timing."""
+
+from __future__ import annotations
+
+import base64
+import statistics
+import time
+from typing import Any, Callable
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """The nearest-rank ``q`` quantile (0..1) of ``values``, rounded to 0.1; None if empty."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return round(ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))], 1)
+
+
+def latency_summary(latencies_ms: list[float]) -> dict[str, float | None]:
+    return {"p50_ms": percentile(latencies_ms, 0.50), "p95_ms": percentile(latencies_ms, 0.95),
+            "p99_ms": percentile(latencies_ms, 0.99)}
+
+
+def timed_ms(fn: Callable[[], object]) -> float:
+    """Milliseconds one call of ``fn`` takes."""
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1000
+
+
+def time_handle(handler: Any, context: Any, images: list[bytes], repeats: int) -> dict[str, float]:
+    """handle() on one request of ``images`` (base64 JSON), after a warm-up call: the median
+    seconds per call, and the median of each figure the handler published (its stage times)."""
+    row = {"body": {"images": [base64.b64encode(b).decode() for b in images]}}
+    handler.handle([row], context)  # warm-up
+    seconds: list[float] = []
+    published: dict[str, list[float]] = {}
+    metrics = getattr(context, "metrics", None)
+    for _ in range(repeats):
+        if metrics is not None:
+            metrics.values.clear()
+        start = time.perf_counter()
+        handler.handle([row], context)
+        seconds.append(time.perf_counter() - start)
+        for name, values in (metrics.values.items() if metrics is not None else ()):
+            published.setdefault(name, []).append(values[-1])
+    result = {"seconds": statistics.median(seconds)}
+    result.update({name: statistics.median(values) for name, values in published.items()})
+    return result
