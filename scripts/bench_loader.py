@@ -1,0 +1,74 @@
+#!/usr/bin/env python
+"""The loader's own overhead per request, with and without the staging ring, side by side.
+
+A transform that returns a fixed image (no decoding) leaves only what the DataLoader machinery
+costs: dispatching the image bytes to the workers, collating, and bringing the batches back.
+The same requests are also timed with the real decode, for scale.
+
+    .venv/bin/python scripts/bench_loader.py [--images 32] [--rounds 15]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
+
+from bench_images import photo_jpegs  # noqa: E402
+from handler.config import HandlerConfig  # noqa: E402
+from handler.dataset import ImageBytesDataset, LoaderItem  # noqa: E402
+from handler.images import ImageTransform  # noqa: E402
+from handler.loader import PersistentImageLoader  # noqa: E402
+from timing import timed_ms  # noqa: E402
+
+
+class FixedImage:
+    """Stands in for decoding: the same channels-last uint8 image for any bytes."""
+
+    def __init__(self, size: int) -> None:
+        self.pixels = torch.zeros((size, size, 3), dtype=torch.uint8).permute(2, 0, 1)
+
+    def __call__(self, data: bytes) -> torch.Tensor:
+        return self.pixels
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--size", default="640x480")
+    args = parser.parse_args()
+    config = HandlerConfig()
+    items = [LoaderItem(i, data) for i, data in enumerate(photo_jpegs(args.size, args.images))]
+    loaders = {
+        (transform, staging): PersistentImageLoader(
+            ImageBytesDataset(FixedImage(config.image_size) if transform == "no decode" else ImageTransform(config)),
+            batch_size=config.batch_size, num_workers=config.num_workers, image_size=config.image_size,
+            pin_memory=False, mp_context="fork", staging=staging)
+        for transform in ("no decode", "decode") for staging in (False, True)
+    }
+    for loader in loaders.values():
+        loader.start()
+        list(loader.iterate(items))  # warm-up
+    times: dict[tuple[str, bool], list[float]] = {key: [] for key in loaders}
+    for _ in range(args.rounds):  # interleaved, so machine noise hits every variant alike
+        for key, loader in loaders.items():
+            times[key].append(timed_ms(lambda: list(loader.iterate(items))))
+    print(f"One request of {args.images} JPEGs ({args.size}), {config.num_workers} workers, batch "
+          f"{config.batch_size}, median of {args.rounds} interleaved rounds (ms):\n")
+    print("| transform | without staging ring | with staging ring |\n|---|---|---|")
+    for transform in ("no decode", "decode"):
+        without, with_ring = (statistics.median(times[(transform, s)]) for s in (False, True))
+        print(f"| {transform} | {without:.2f} | {with_ring:.2f} |")
+    for loader in loaders.values():
+        loader.close()
+
+
+if __name__ == "__main__":
+    main()
