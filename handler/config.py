@@ -43,6 +43,9 @@ class HandlerConfig:
             on the GPU with nvJPEG and resized there; other images, and JPEGs nvJPEG rejects,
             still take the CPU path. Ignored (with a warning) when the model runs on the CPU.
         jpeg_draft: let libjpeg downscale large JPEGs while decoding (DCT scaling).
+        jpeg_draft_margin: DCT scaling stops at this many times the size the resize needs, so the
+            antialiased resize still downscales after it (1.0: fastest, further from the stock
+            pipeline's pixels).
         precision: ``fp32``, or autocast to ``fp16``/``bf16`` for the forward pass (fp16 needs CUDA).
         batch_buckets: pad every forward pass to the smallest of these batch sizes that fits, so
             the model only ever sees a few fixed shapes (each is warmed up in initialize).
@@ -75,6 +78,7 @@ class HandlerConfig:
     max_image_pixels: int = 50_000_000
     decode_device: str = "cpu"
     jpeg_draft: bool = True
+    jpeg_draft_margin: float = 1.5
     precision: str = "fp32"
     batch_buckets: tuple[int, ...] = ()
     cudnn_benchmark: bool = False
@@ -117,6 +121,8 @@ class HandlerConfig:
             raise ValueError(
                 f"handler.compile_mode must be one of {', '.join(COMPILE_MODES)}; got {self.compile_mode!r}"
             )
+        if not self.jpeg_draft_margin >= 1.0:
+            raise ValueError(f"handler.jpeg_draft_margin must be >= 1, got {self.jpeg_draft_margin}")
         if self.inline_max_images < 0:
             raise ValueError(f"handler.inline_max_images must be >= 0, got {self.inline_max_images}")
         if self.intra_op_threads < 0:
@@ -172,6 +178,10 @@ def _coerce(name: str, default: Any, value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ValueError(f"{where} must be an integer, got {value!r}")
         return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{where} must be a number, got {value!r}")
+        return float(value)
     if isinstance(default, tuple) and not default:  # a variable-length list of integers
         if not isinstance(value, (list, tuple)) or not all(
             isinstance(v, int) and not isinstance(v, bool) for v in value

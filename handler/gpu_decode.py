@@ -90,6 +90,13 @@ class BatchedJpegDecoder:
                 jobs.append(job)
         return jobs, rest
 
+    def warm_up(self) -> bool:
+        """Decode one small JPEG, so the decoder's setup is not paid by the first request;
+        False if it does not work here at all."""
+        buffer = io.BytesIO()
+        Image.new("RGB", (64, 48), (120, 60, 30)).save(buffer, format="JPEG")
+        return self.decode([JpegJob(LoaderItem(0, buffer.getvalue()), 1)]) is not None
+
     def decode(self, jobs: list[JpegJob]) -> DecodedBatch | None:
         """One batch of model-size uint8 images on the device; None if nvJPEG rejected the list
         (it fails a whole list for one bad image), so the caller can take the CPU path."""

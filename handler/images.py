@@ -7,6 +7,7 @@ than PIL's float path); conversion to float and normalization happen once per ba
 from __future__ import annotations
 
 import io
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -45,10 +46,11 @@ class ImageTransform:
         image = open_image(data, self.config.max_image_pixels)
         pixels = None
         if image.format == "JPEG":
-            need = _decoded_side_needed(self.config)
-            if self.config.jpeg_draft and min(image.size) >= 2 * need:
-                # libjpeg's DCT scaling decodes at 1/2, 1/4 or 1/8 size: far less work.
-                image.draft("RGB", (need, need))
+            target = draft_target(self.config)
+            if self.config.jpeg_draft and min(image.size) >= 2 * target:
+                # libjpeg's DCT scaling decodes at 1/2, 1/4 or 1/8 size (never below target):
+                # far less work.
+                image.draft("RGB", (target, target))
             else:
                 pixels = decode_jpeg_fast(data)
         if pixels is None:
@@ -181,10 +183,12 @@ def _resize(pixels: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return TF.resize(pixels, [height, width], antialias=True)
 
 
-def _decoded_side_needed(config: HandlerConfig) -> int:
-    if config.resize_mode == "center_crop":
-        return config.resize_size
-    return config.image_size
+def draft_target(config: HandlerConfig) -> int:
+    """The smallest side a DCT-scaled JPEG decode may produce: the side the resize needs, times
+    ``jpeg_draft_margin``. With a margin the antialiased resize still downscales afterwards and
+    smooths what DCT scaling does differently from it."""
+    need = config.resize_size if config.resize_mode == "center_crop" else config.image_size
+    return math.ceil(need * config.jpeg_draft_margin)
 
 
 def _describe_unreadable(exc: BaseException) -> str:

@@ -52,13 +52,12 @@ class ImageBatchHandler:
         properties = context.system_properties
         model_dir = Path(properties["model_dir"])
         model_yaml = getattr(context, "model_yaml_config", None) or {}
-        self.config = HandlerConfig.from_mapping(model_yaml.get("handler"))
+        self.config = cfg = HandlerConfig.from_mapping(model_yaml.get("handler"))
         # Keep Pillow's decompression-bomb guard on, at our limit (the stock handler turns it off).
-        Image.MAX_IMAGE_PIXELS = self.config.max_image_pixels
+        Image.MAX_IMAGE_PIXELS = cfg.max_image_pixels
         self.device = select_device(properties.get("gpu_id"))
-        torch.set_num_threads(thread_budget(self.config.intra_op_threads, model_yaml.get("maxWorkers", 1)))
+        torch.set_num_threads(thread_budget(cfg.intra_op_threads, model_yaml.get("maxWorkers", 1)))
 
-        cfg = self.config
         self.loader = PersistentImageLoader(
             ImageBytesDataset(ImageTransform(cfg)),
             batch_size=cfg.batch_size,
@@ -72,30 +71,40 @@ class ImageBatchHandler:
         self.loader.start()
 
         self.labels = load_labels(model_dir / "index_to_name.json")
-        weights = model_dir / context.manifest["model"]["serializedFile"]
+        self.model = self._prepare_model(model_dir / context.manifest["model"]["serializedFile"])
+        self._prepare_device()
+        self.warm_up()
+        self.initialized = True
+        log.info("handler ready: arch=%s device=%s config=%s", cfg.arch, self.device, cfg)
+
+    def _prepare_model(self, weights: Path) -> torch.nn.Module:
+        """Load, fold BatchNorm, move to the device in channels_last, optionally compile."""
+        cfg = self.config
         model = load_model(cfg.arch, weights, len(self.labels))
         if cfg.fuse_batchnorm:
             example = torch.randn(2, 3, cfg.image_size, cfg.image_size, generator=torch.Generator().manual_seed(0))
             model = fold_batchnorm(model, example)
-        self.model = model.to(self.device, memory_format=torch.channels_last)
-        if self.device.type == "cuda" and cfg.pin_memory:
-            self.loader.pin_staging()
-        if cfg.decode_device == "cuda":
-            if self.device.type == "cuda":
-                self.jpeg_decoder = BatchedJpegDecoder(cfg, self.device)
-            else:
-                log.warning("decode_device cuda needs the model on a GPU; decoding on the CPU")
-        if cfg.compile:
-            self.model = compile_model(self.model, cfg.compile_mode)
+        model = model.to(self.device, memory_format=torch.channels_last)
+        return compile_model(model, cfg.compile_mode) if cfg.compile else model
+
+    def _prepare_device(self) -> None:
+        """Normalization constants on the device; on CUDA the pinned staging ring, cuDNN
+        autotuning and the nvJPEG decoder."""
+        cfg = self.config
         scale = torch.tensor(cfg.std, device=self.device).view(1, 3, 1, 1) * 255.0
         self._inv_std255 = 1.0 / scale
         self._bias = -torch.tensor(cfg.mean, device=self.device).view(1, 3, 1, 1) * 255.0 * self._inv_std255
         self._autocast_dtype = autocast_dtype(cfg.precision, self.device)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
-        self.warm_up()
-        self.initialized = True
-        log.info("handler ready: arch=%s device=%s config=%s", cfg.arch, self.device, cfg)
+            if cfg.pin_memory:
+                assert self.loader is not None
+                self.loader.pin_staging()
+        if cfg.decode_device == "cuda":
+            if self.device.type == "cuda":
+                self.jpeg_decoder = BatchedJpegDecoder(cfg, self.device)
+            else:
+                log.warning("decode_device cuda needs the model on a GPU; decoding on the CPU")
 
     # ---- one server-side batch ------------------------------------------------------------
 
@@ -170,8 +179,12 @@ class ImageBatchHandler:
             scored.append(ScoredBatch(batch.keys, batch.failures, logits))
 
     def warm_up(self) -> None:
-        """Run each batch bucket once, so cuDNN tuning, torch.compile and lazy initialization
-        happen here, not in the first requests. A compile that fails falls back to eager."""
+        """Run each batch bucket once (and nvJPEG), so cuDNN tuning, torch.compile and lazy
+        initialization happen here, not in the first requests. A compile that fails falls back
+        to eager."""
+        if self.jpeg_decoder is not None and not self.jpeg_decoder.warm_up():  # nvJPEG sets up on first use
+            log.warning("batched GPU JPEG decode does not work here; decoding every image on the CPU")
+            self.jpeg_decoder = None
         try:
             self._run_buckets()
         except Exception as exc:

@@ -117,16 +117,22 @@ def build_handler(arch: str, workdir: Path, settings: dict) -> tuple[ImageBatchH
 def output_agreement(handler: ImageBatchHandler, context: DirectContext, images: list[bytes]) -> dict:
     """The stock pipeline (its preprocessing, the plain eager model) against ours (our
     preprocessing, our folded/compiled model, our precision): top-1 agreement and the largest
-    difference of any class probability."""
+    difference of any class probability. ``images`` must be ``photo_jpegs`` (quality 90)."""
     from handler.model_loading import load_model
 
     stock_model = load_model(handler.config.arch, Path(context.model_dir) / "weights.pt", len(handler.labels))
     stock = stock_model(stock_preprocess()(images)).softmax(dim=1)
     inputs = ours_preprocess(handler)(images)
     ours = torch.cat([handler.forward(x).float().softmax(dim=1).cpu() for x in inputs])
+    # For scale: how much the same model moves when the same photos are only re-encoded
+    # (JPEG quality 95 instead of 90) -- an invisible change.
+    size = f"{Image.open(io.BytesIO(images[0])).width}x{Image.open(io.BytesIO(images[0])).height}"
+    reencoded = stock_model(stock_preprocess()(photo_jpegs(size, len(images), quality=95))).softmax(dim=1)
     return {"top1_agreement": round(float((stock.argmax(1) == ours.argmax(1)).float().mean()), 3),
             "max_prob_diff": round(float((stock - ours).abs().max()), 5),
-            "distinct_top1": len(set(stock.argmax(1).tolist()))}
+            "distinct_top1": len(set(stock.argmax(1).tolist())),
+            "reencode_q95_top1_agreement": round(float((stock.argmax(1) == reencoded.argmax(1)).float().mean()), 3),
+            "reencode_q95_max_prob_diff": round(float((stock - reencoded).abs().max()), 5)}
 
 
 def end_to_end(handler: ImageBatchHandler, context: DirectContext, images: list[bytes], repeats: int) -> dict:

@@ -49,6 +49,8 @@ def test_invalid_values_are_rejected_with_the_key(settings, message):
         pytest.param({"precision": "int8"}, "precision must be one of", id="bad-precision"),
         pytest.param({"compile": True}, "compile needs handler.batch_buckets", id="compile-without-buckets"),
         pytest.param({"compile_mode": "fast"}, "compile_mode must be one of", id="bad-compile-mode"),
+        pytest.param({"jpeg_draft_margin": 0.5}, "jpeg_draft_margin must be >= 1", id="draft-margin-below-1"),
+        pytest.param({"jpeg_draft_margin": "2"}, "jpeg_draft_margin must be a number", id="draft-margin-string"),
     ],
 )
 def test_fast_path_settings_are_checked(settings, message):

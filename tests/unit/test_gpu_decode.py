@@ -131,3 +131,14 @@ def test_a_list_nvjpeg_rejects_falls_back_to_the_cpu(handler, monkeypatch):
 def test_decode_device_is_validated():
     with pytest.raises(ValueError, match="decode_device must be one of"):
         HandlerConfig.from_mapping({"decode_device": "gpu"})
+
+
+def test_warm_up_tells_whether_the_decoder_works(monkeypatch):
+    decoder = BatchedJpegDecoder(HandlerConfig(image_size=32, resize_size=32), torch.device("cpu"))
+    assert decoder.warm_up()
+
+    def rejects(*args, **kwargs):
+        raise RuntimeError("nvjpeg unavailable")
+
+    monkeypatch.setattr(gpu_decode, "decode_jpeg", rejects)
+    assert not decoder.warm_up()

@@ -138,3 +138,21 @@ def test_center_crop_matches_torchvision_resize_then_crop(size):
     ours = resize_to_input(pixels.permute(1, 2, 0).contiguous().permute(2, 0, 1), HandlerConfig())
     assert ours.shape == reference.shape
     assert (ours.int() - reference.int()).abs().max() <= 1
+
+
+@pytest.mark.parametrize(
+    ("settings", "source", "decoded"),
+    [
+        pytest.param({}, (4032, 3024), (1008, 756), id="margin-1.5-stops-at-1/4"),
+        pytest.param({"jpeg_draft_margin": 1.0}, (4032, 3024), (504, 378), id="margin-1-goes-to-1/8"),
+        pytest.param({}, (1280, 960), (640, 480), id="1280-halved"),
+        pytest.param({}, (640, 480), (640, 480), id="640-not-scaled"),
+    ],
+)
+def test_dct_scaling_keeps_the_margin_for_the_antialiased_resize(settings, source, decoded):
+    from handler.images import draft_target
+
+    target = draft_target(HandlerConfig(**settings))
+    image = Image.open(io.BytesIO(encode(Image.new("RGB", source), "JPEG")))
+    image.draft("RGB", (target, target))
+    assert image.size == decoded
