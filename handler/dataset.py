@@ -48,6 +48,8 @@ class DecodedBatch:
     pixels: torch.Tensor | None
     failures: dict[int, tuple[int, str]] = field(default_factory=dict)
     slot: int | None = None
+    # CUDA events around work done on the device to make this batch (nvJPEG decode + resize).
+    device_events: tuple[Any, Any] | None = field(default=None, repr=False, compare=False)
     _release: Callable[[Any], None] | None = field(default=None, repr=False, compare=False)
 
     def pin_memory(self, device: str | None = None) -> "DecodedBatch":

@@ -14,6 +14,7 @@ import io
 import logging
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from PIL import Image
@@ -101,6 +102,7 @@ class BatchedJpegDecoder:
         """One batch of model-size uint8 images on the device; None if nvJPEG rejected the list
         (it fails a whole list for one bad image), so the caller can take the CPU path."""
         data = [torch.frombuffer(bytearray(job.item.data), dtype=torch.uint8) for job in jobs]
+        events = _recorded_events(self.device)
         try:
             decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
         except RuntimeError as exc:
@@ -110,4 +112,15 @@ class BatchedJpegDecoder:
         batch = torch.empty((len(jobs), size, size, 3), dtype=torch.uint8, device=self.device)
         for row, job, pixels in zip(batch, jobs, decoded):
             row.copy_(resize_to_input(apply_orientation(pixels, job.orientation), self.config).permute(1, 2, 0))
-        return DecodedBatch([job.item.key for job in jobs], batch.permute(0, 3, 1, 2))
+        if events is not None:
+            events[1].record()
+        return DecodedBatch([job.item.key for job in jobs], batch.permute(0, 3, 1, 2), device_events=events)
+
+
+def _recorded_events(device: torch.device) -> tuple[Any, Any] | None:
+    """A started (start, end) pair of CUDA timing events, or None off CUDA."""
+    if device.type != "cuda":
+        return None
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    return start, end

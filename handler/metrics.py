@@ -50,6 +50,10 @@ class StageClock:
             end.record()
             self._pending.append((name, start, end))
 
+    def add_events(self, name: str, start: Any, end: Any) -> None:
+        """Count the device time between two CUDA events recorded elsewhere under ``name``."""
+        self._pending.append((name, start, end))
+
     def resolve(self) -> None:
         """Wait for the device stages recorded so far and add them up (one synchronization)."""
         if self._pending:

@@ -169,6 +169,8 @@ class ImageBatchHandler:
                 batch = next(pending, None)
             if batch is None:
                 return scored
+            if batch.device_events is not None:  # decoded on the GPU: its time is device time
+                clock.add_events("DecodeTransformMs", *batch.device_events)
             logits = None
             if batch.keys:
                 with clock.device("HostToDeviceMs"):
