@@ -28,10 +28,15 @@ def timed_ms(fn: Callable[[], object]) -> float:
     return (time.perf_counter() - start) * 1000
 
 
+def json_request(images: list[bytes]) -> dict[str, Any]:
+    """One TorchServe request row carrying ``images`` as base64 JSON."""
+    return {"body": {"images": [base64.b64encode(b).decode() for b in images]}}
+
+
 def time_handle(handler: Any, context: Any, images: list[bytes], repeats: int) -> dict[str, float]:
     """handle() on one request of ``images`` (base64 JSON), after a warm-up call: the median
     seconds per call, and the median of each figure the handler published (its stage times)."""
-    row = {"body": {"images": [base64.b64encode(b).decode() for b in images]}}
+    row = json_request(images)
     handler.handle([row], context)  # warm-up
     seconds: list[float] = []
     published: dict[str, list[float]] = {}

@@ -1,9 +1,12 @@
 #!/usr/bin/env python
-"""Find the fastest DataLoader batch size x worker count for YOUR machine and model, and write it
-into a model-config.yaml (the blog's advice to benchmark these on your own system, automated).
+"""Find the fastest DataLoader batch size x loader workers x TorchServe backend workers for YOUR
+machine and model, and write it into a model-config.yaml (the blog's advice to benchmark these on
+your own system, automated).
 
-Drives the handler directly (no TorchServe needed): for every combination it times handle() on
-requests of --images-per-request images and keeps the best images/s.
+Drives the handler directly (no TorchServe needed). For every combination it starts that many
+backend-worker processes (each a handler with its share of the cores, as TorchServe would run
+them), lets each call handle() on requests of --images-per-request images for --seconds, and
+keeps the combination with the most images/s in total.
 
     scripts/setup.sh --bench
     .venv/bin/python scripts/tune.py --arch mobilenet_v3_small [--images DIR] [--config in.yaml] [--out tuned.yaml]
@@ -13,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import multiprocessing
+import time
 import sys
 import tempfile
 from pathlib import Path
@@ -25,7 +30,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
 from direct_context import DirectContext, random_model_dir  # noqa: E402
 from handler.service import ImageBatchHandler  # noqa: E402
-from timing import time_handle  # noqa: E402
+from timing import json_request  # noqa: E402
 
 
 def load_images(folder: Path | None, count: int, size: str) -> list[bytes]:
@@ -39,16 +44,43 @@ def load_images(folder: Path | None, count: int, size: str) -> list[bytes]:
     return [files[i % len(files)].read_bytes() for i in range(count)]
 
 
-def measure(model_dir: Path, handler_settings: dict[str, Any], images: list[bytes], repeats: int) -> float:
-    """Median images/s of handle() on one request of ``images`` with these settings."""
-    context = DirectContext(str(model_dir), {"handler": handler_settings})
+def _backend_worker(model_dir: str, settings: dict[str, Any], images: list[bytes], seconds: float,
+                    start: Any, results: Any) -> None:
+    """One stand-in TorchServe backend worker: initialize, wait for the others, then serve."""
+    context = DirectContext(model_dir, settings)
     handler = ImageBatchHandler()
     handler.initialize(context)
     try:
-        return len(images) / time_handle(handler, context, images, repeats)["seconds"]
+        row = json_request(images)
+        handler.handle([row], context)  # warm-up
+        start.wait()
+        done, began = 0, time.perf_counter()
+        while time.perf_counter() - began < seconds:
+            handler.handle([row], context)
+            done += len(images)
+        results.put(done)
     finally:
         assert handler.loader is not None
         handler.loader.close()
+
+
+def measure(model_dir: Path, model_config: dict[str, Any], images: list[bytes], seconds: float,
+            backend_workers: int) -> float:
+    """Images/s that ``backend_workers`` handlers with these settings serve together."""
+    context = multiprocessing.get_context("spawn")  # fresh interpreters, like TorchServe's workers
+    start, results = context.Barrier(backend_workers + 1), context.Queue()
+    config = {**model_config, "minWorkers": backend_workers, "maxWorkers": backend_workers}
+    procs = [context.Process(target=_backend_worker, args=(str(model_dir), config, images, seconds, start, results))
+             for _ in range(backend_workers)]
+    for proc in procs:
+        proc.start()
+    start.wait(timeout=600)
+    began = time.perf_counter()
+    total = sum(results.get(timeout=600) for _ in procs)
+    elapsed = time.perf_counter() - began
+    for proc in procs:
+        proc.join()
+    return total / elapsed
 
 
 def main() -> None:
@@ -60,8 +92,10 @@ def main() -> None:
     parser.add_argument("--size", default="640x480")
     parser.add_argument("--images-per-request", type=int, default=32)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 16, 32])
-    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2, 4])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2, 4], help="DataLoader workers")
+    parser.add_argument("--backend-workers", type=int, nargs="+", default=[1, 2],
+                        help="TorchServe backend workers (minWorkers = maxWorkers)")
+    parser.add_argument("--seconds", type=float, default=4.0, help="serving time per combination")
     parser.add_argument("--config", type=Path, help="model-config.yaml to start from")
     parser.add_argument("--out", type=Path, default=Path("model-config.tuned.yaml"))
     args = parser.parse_args()
@@ -75,19 +109,19 @@ def main() -> None:
         if args.weights:
             (model_dir / "weights.pt").write_bytes(args.weights.read_bytes())
         results = []
-        print("| batch_size | num_workers | images/s |\n|---|---|---|", flush=True)
-        for batch_size, workers in itertools.product(args.batch_sizes, args.workers):
+        print("| backend workers | batch_size | num_workers | images/s |\n|---|---|---|---|", flush=True)
+        for backends, batch_size, workers in itertools.product(args.backend_workers, args.batch_sizes, args.workers):
             trial = {**settings, "batch_size": batch_size, "num_workers": workers}
             trial.pop("batch_buckets", None)  # buckets must cover batch_size; not part of this sweep
-            speed = measure(model_dir, trial, images, args.repeats)
-            results.append((speed, batch_size, workers))
-            print(f"| {batch_size} | {workers} | {speed:.1f} |", flush=True)
-    best_speed, best_batch, best_workers = max(results)
+            speed = measure(model_dir, {**base, "handler": trial}, images, args.seconds, backends)
+            results.append((speed, backends, batch_size, workers))
+            print(f"| {backends} | {batch_size} | {workers} | {speed:.1f} |", flush=True)
+    best_speed, best_backends, best_batch, best_workers = max(results)
     settings.update(batch_size=best_batch, num_workers=best_workers)
-    base["handler"] = settings
+    base.update(handler=settings, minWorkers=best_backends, maxWorkers=best_backends)
     args.out.write_text(yaml.safe_dump(base, sort_keys=False))
-    print(f"\nbest: batch_size={best_batch} num_workers={best_workers} ({best_speed:.1f} images/s); wrote {args.out}")
-
+    print(f"\nbest: {best_backends} backend worker(s), batch_size={best_batch} num_workers={best_workers} "
+          f"({best_speed:.1f} images/s); wrote {args.out}")
 
 if __name__ == "__main__":
     main()

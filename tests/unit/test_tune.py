@@ -1,0 +1,35 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+from PIL import Image
+
+from helpers import encode
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_tune_sweeps_and_writes_the_fastest_combination(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(4):
+        (images / f"{i}.png").write_bytes(encode(Image.new("RGB", (80 + i, 60), (i * 50, 90, 200))))
+    start = tmp_path / "model-config.yaml"
+    start.write_text(yaml.safe_dump({"responseTimeout": 60, "handler": {"image_size": 32, "resize_size": 40}}))
+    out = tmp_path / "tuned.yaml"
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "tune.py"), "--arch", "shapes_cnn", "--labels-count", "3",
+         "--images", str(images), "--images-per-request", "4", "--batch-sizes", "2", "--workers", "0", "1",
+         "--backend-workers", "1", "2", "--seconds", "0.5", "--config", str(start), "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = [line for line in run.stdout.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert len(rows) == 4  # 2 backend-worker counts x 1 batch size x 2 loader-worker counts
+    speeds = {tuple(int(c) for c in line.split("|")[1:4]): float(line.split("|")[4]) for line in rows}
+    tuned = yaml.safe_load(out.read_text())
+    best = max(speeds, key=speeds.get)
+    assert (tuned["maxWorkers"], tuned["handler"]["batch_size"], tuned["handler"]["num_workers"]) == best
+    assert tuned["minWorkers"] == tuned["maxWorkers"]
+    assert tuned["responseTimeout"] == 60 and tuned["handler"]["image_size"] == 32  # the rest is kept
