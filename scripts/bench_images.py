@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import io
-from typing import TYPE_CHECKING
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 from PIL import Image
@@ -17,7 +20,15 @@ PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "r
 
 
 def photos() -> list[Image.Image]:
-    """The RGB photos of ``skimage.data`` (install with ``scripts/setup.sh --bench``)."""
+    """The RGB photos of ``skimage.data`` (install with ``scripts/setup.sh --bench``), or the
+    images in the folder ``$BENCH_PHOTOS`` names (for a machine without scikit-image: export
+    them with ``python scripts/bench_images.py --export DIR`` where it is installed)."""
+    folder = os.environ.get("BENCH_PHOTOS")
+    if folder:
+        files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+        if not files:
+            raise RuntimeError(f"no .png/.jpg files in BENCH_PHOTOS={folder}")
+        return [Image.open(p).convert("RGB") for p in files]
     import skimage.data
 
     images = []
@@ -53,10 +64,36 @@ def photo_jpegs(size: str, count: int, quality: int = 90) -> list[bytes]:
     return out
 
 
-def stock_input(images: list[bytes]) -> torch.Tensor:
-    """The stock image_classifier's model input for ``images`` (Resize 256, CenterCrop 224, ImageNet
-    normalization), e.g. to calibrate a random model on real photos."""
-    import torch
-    from ts.torch_handler.image_classifier import ImageClassifier
+def stock_transform() -> Callable[[Image.Image], torch.Tensor]:
+    """TorchServe's image_classifier transform (Resize 256, CenterCrop 224, ToTensor, ImageNet
+    Normalize); re-created with the same torchvision calls where torchserve is not installed
+    (e.g. on a GPU machine that has only torch)."""
+    try:
+        from ts.torch_handler.image_classifier import ImageClassifier
 
-    return torch.stack([ImageClassifier.image_processing(Image.open(io.BytesIO(b)).convert("RGB")) for b in images])
+        return ImageClassifier.image_processing
+    except ImportError:
+        from torchvision import transforms
+
+        return transforms.Compose([
+            transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor(),
+            transforms.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]),
+        ])
+
+
+def stock_input(images: list[bytes]) -> torch.Tensor:
+    """The stock image_classifier's model input for ``images``, as its preprocess builds it."""
+    import torch
+
+    transform = stock_transform()
+    return torch.stack([transform(Image.open(io.BytesIO(b))) for b in images])
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Export the benchmark photos as PNG files.")
+    parser.add_argument("--export", type=Path, required=True, metavar="DIR")
+    args = parser.parse_args()
+    args.export.mkdir(parents=True, exist_ok=True)
+    for i, photo in enumerate(photos()):
+        photo.save(args.export / f"photo_{i}.png")
+    print(f"wrote {len(photos())} photos to {args.export}")

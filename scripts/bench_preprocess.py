@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
-from bench_images import photo_jpegs, stock_input  # noqa: E402
+from bench_images import photo_jpegs, stock_input, stock_transform  # noqa: E402
 from direct_context import DirectContext, random_model_dir  # noqa: E402
 from handler.batching import flatten  # noqa: E402
 from handler.decode import ParsedRequest, RawImage  # noqa: E402
@@ -41,9 +41,13 @@ from timing import timed_ms, time_handle  # noqa: E402
 
 
 def stock_preprocess() -> Callable[[list[bytes]], torch.Tensor]:
-    """TorchServe's own ImageClassifier.preprocess on one row per image (its contract)."""
-    from ts.torch_handler.image_classifier import ImageClassifier
-
+    """TorchServe's own ImageClassifier.preprocess on one row per image (its contract); where
+    torchserve is not installed, the same serial loop over the same transform."""
+    try:
+        from ts.torch_handler.image_classifier import ImageClassifier
+    except ImportError:
+        print("torchserve is not installed: 'stock' is its image_classifier pipeline re-created", flush=True)
+        return stock_input
     stock = ImageClassifier()
     stock.device = torch.device("cpu")
     return lambda images: stock.preprocess([{"body": bytearray(b)} for b in images])
@@ -62,9 +66,7 @@ class _BytesDataset(Dataset):
 
 def blog_preprocess(workers: int = 2, batch_size: int = 16) -> Callable[[list[bytes]], torch.Tensor]:
     """A Dataset + DataLoader built for every request, as the blog post wrote it."""
-    from ts.torch_handler.image_classifier import ImageClassifier
-
-    transform = ImageClassifier.image_processing
+    transform = stock_transform()
 
     def run(images: list[bytes]) -> torch.Tensor:
         loader = DataLoader(_BytesDataset(images, transform), batch_size=batch_size, num_workers=workers,
