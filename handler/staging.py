@@ -49,7 +49,7 @@ class StagingRing:
         try:
             free = shutil.disk_usage("/dev/shm").free
         except OSError:
-            free = nbytes  # no /dev/shm to measure: let the allocation decide
+            return cls(slots, capacity, image_size)  # no /dev/shm to measure: let the allocation decide
         if nbytes > MAX_SHM_SHARE * free:
             log.warning("staging ring of %d MB does not fit in /dev/shm (%d MB free); batches travel "
                         "in blocks of their own", nbytes >> 20, free >> 20)

@@ -103,3 +103,18 @@ def test_an_abandoned_request_leaves_the_next_one_intact():
         assert loader.ring.free_slots() == 6  # the abandoned request's slots came back too
     finally:
         loader.close()
+
+
+def test_the_ring_is_skipped_when_dev_shm_is_small(monkeypatch, caplog):
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr("shutil.disk_usage", lambda path: usage(64 << 20, 60 << 20, 4 << 20))
+    assert StagingRing.create(slots=6, capacity=16, image_size=224) is None  # 14 MB wanted, 4 MB free
+    assert "does not fit in /dev/shm" in caplog.text
+
+    def no_shm(path):
+        raise FileNotFoundError(path)
+
+    monkeypatch.setattr("shutil.disk_usage", no_shm)
+    assert StagingRing.create(slots=2, capacity=1, image_size=SIZE) is not None
