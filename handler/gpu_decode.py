@@ -110,8 +110,15 @@ class BatchedJpegDecoder:
             return None
         size = self.config.image_size
         batch = torch.empty((len(jobs), size, size, 3), dtype=torch.uint8, device=self.device)
-        for row, job, pixels in zip(batch, jobs, decoded):
-            row.copy_(resize_to_input(apply_orientation(pixels, job.orientation), self.config).permute(1, 2, 0))
+        upright = [apply_orientation(pixels, job.orientation) for job, pixels in zip(jobs, decoded)]
+        # Photos of one request often share a size: resize each such group in one call (a few
+        # kernel launches per group instead of per image).
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for index, pixels in enumerate(upright):
+            groups.setdefault(tuple(pixels.shape), []).append(index)
+        for indices in groups.values():
+            resized = resize_to_input(torch.stack([upright[i] for i in indices]), self.config)
+            batch[torch.tensor(indices, device=self.device)] = resized.permute(0, 2, 3, 1)
         if events is not None:
             events[1].record()
         return DecodedBatch([job.item.key for job in jobs], batch.permute(0, 3, 1, 2), device_events=events)

@@ -145,9 +145,10 @@ def _high_depth_to_rgb(image: Image.Image) -> np.ndarray:
 
 
 def resize_to_input(pixels: torch.Tensor, config: HandlerConfig) -> torch.Tensor:
-    """(3, H, W) uint8 -> (3, S, S) uint8 by the configured resize mode, antialiased."""
+    """(..., 3, H, W) uint8 -> (..., 3, S, S) uint8 by the configured resize mode, antialiased.
+    Leading dimensions (a stack of same-sized images) are resized together."""
     size = config.image_size
-    _, height, width = pixels.shape
+    height, width = pixels.shape[-2:]
     if config.resize_mode == "squash":
         return _resize(pixels, size, size)
     if config.resize_mode == "letterbox":
@@ -156,9 +157,10 @@ def resize_to_input(pixels: torch.Tensor, config: HandlerConfig) -> torch.Tensor
         resized = _resize(pixels, new_h, new_w)
         top, left = (size - new_h) // 2, (size - new_w) // 2
         # Pad in HWC order: the batch is collated channels_last, so this layout copies fastest.
-        canvas = torch.full((size, size, 3), config.pad_value, dtype=torch.uint8, device=pixels.device)
-        canvas[top : top + new_h, left : left + new_w].copy_(resized.permute(1, 2, 0))
-        return canvas.permute(2, 0, 1)
+        lead = pixels.shape[:-3]
+        canvas = torch.full((*lead, size, size, 3), config.pad_value, dtype=torch.uint8, device=pixels.device)
+        canvas[..., top : top + new_h, left : left + new_w, :].copy_(resized.movedim(-3, -1))
+        return canvas.movedim(-1, -3)
     # center_crop, exactly as torchvision's Resize(resize_size) + CenterCrop(image_size) do it
     # (same output size rounding, same crop offsets), so outputs match the stock pipeline.
     short, long = min(height, width), max(height, width)
@@ -172,11 +174,11 @@ def resize_to_input(pixels: torch.Tensor, config: HandlerConfig) -> torch.Tensor
     crop_h = min(height, max(1, round(size / scale)))
     crop_w = min(width, max(1, round(size / scale)))
     top, left = (height - crop_h) // 2, (width - crop_w) // 2
-    return _resize(pixels[:, top : top + crop_h, left : left + crop_w], size, size)
+    return _resize(pixels[..., top : top + crop_h, left : left + crop_w], size, size)
 
 
 def _resize(pixels: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    if pixels.shape[1:] == (height, width):
+    if pixels.shape[-2:] == (height, width):
         return pixels
     # No .contiguous(): a channels-last (HWC-strided) uint8 image takes torch's vectorized
     # antialiasing kernel, over twice as fast as a CHW one.

@@ -142,3 +142,21 @@ def test_warm_up_tells_whether_the_decoder_works(monkeypatch):
 
     monkeypatch.setattr(gpu_decode, "decode_jpeg", rejects)
     assert not decoder.warm_up()
+
+
+@pytest.mark.parametrize("mode", ["center_crop", "letterbox", "squash"])
+def test_same_sized_images_resized_together_equal_one_by_one(mode):
+    from torchvision.io import decode_jpeg
+
+    from handler.images import resize_to_input
+
+    config = HandlerConfig(image_size=48, resize_size=56, resize_mode=mode, pad_value=9)
+    rng = np.random.default_rng(1)
+    sizes = [(120, 90), (120, 90), (90, 120), (120, 90), (64, 200)]
+    data = [encode(Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)), "JPEG") for w, h in sizes]
+    jobs = [jpeg_job(LoaderItem(i, d), max_pixels=10**7) for i, d in enumerate(data)]
+    batch = BatchedJpegDecoder(config, torch.device("cpu")).decode(jobs)
+    assert batch.keys == [0, 1, 2, 3, 4]
+    for row, d in zip(batch.pixels, data):
+        one = resize_to_input(decode_jpeg(torch.frombuffer(bytearray(d), dtype=torch.uint8)), config)
+        assert torch.equal(row, one)
