@@ -1,4 +1,5 @@
 import sys
+import types
 
 import numpy as np
 import torch
@@ -8,6 +9,13 @@ from bench_images import stock_transform
 
 
 def test_the_recreated_stock_transform_matches_torchserves(monkeypatch):
+    try:
+        import captum.attr  # noqa: F401  (the stock vision handler imports it; only --bench installs it)
+    except ImportError:
+        attr = types.ModuleType("captum.attr")
+        attr.IntegratedGradients = object
+        monkeypatch.setitem(sys.modules, "captum", types.ModuleType("captum"))
+        monkeypatch.setitem(sys.modules, "captum.attr", attr)
     from ts.torch_handler.image_classifier import ImageClassifier
 
     real = ImageClassifier.image_processing
