@@ -33,11 +33,14 @@ def json_request(images: list[bytes]) -> dict[str, Any]:
     return {"body": {"images": [base64.b64encode(b).decode() for b in images]}}
 
 
-def time_handle(handler: Any, context: Any, images: list[bytes], repeats: int) -> dict[str, float]:
-    """handle() on one request of ``images`` (base64 JSON), after a warm-up call: the median
-    seconds per call, and the median of each figure the handler published (its stage times)."""
-    row = json_request(images)
-    handler.handle([row], context)  # warm-up
+def time_handle(handler: Any, context: Any, images: list[bytes], repeats: int,
+                per_request: int | None = None) -> dict[str, float]:
+    """handle() on ``images`` (base64 JSON; one request, or one server-side batch of requests of
+    ``per_request`` images each), after a warm-up call: the median seconds per call, and the
+    median of each figure the handler published (its stage times)."""
+    step = per_request or len(images)
+    rows = [json_request(images[i : i + step]) for i in range(0, len(images), step)]
+    handler.handle(rows, context)  # warm-up
     seconds: list[float] = []
     published: dict[str, list[float]] = {}
     metrics = getattr(context, "metrics", None)
@@ -45,7 +48,7 @@ def time_handle(handler: Any, context: Any, images: list[bytes], repeats: int) -
         if metrics is not None:
             metrics.values.clear()
         start = time.perf_counter()
-        handler.handle([row], context)
+        handler.handle(rows, context)
         seconds.append(time.perf_counter() - start)
         for name, values in (metrics.values.items() if metrics is not None else ()):
             published.setdefault(name, []).append(values[-1])
