@@ -7,9 +7,12 @@ Modules, one concern each:
     images        -- image bytes -> uint8 CHW tensor (decode, EXIF, RGB, resize/crop)
     dataset       -- the torch Dataset the DataLoader workers run ``images`` in
     loader        -- the persistent multi-worker DataLoader, reset per request batch
+    staging       -- shared-memory slots the workers write batches into (pinned on CUDA)
+    gpu_decode    -- optional batched nvJPEG decode and resize on the GPU
     batching      -- flatten the server-side batch into image slots and split results back
     architectures -- the demo model (ShapesNet) and the architecture registry
     model_loading -- build an architecture and load its weights and labels
+    optimize      -- inference-only rewrites: BatchNorm folding, optional torch.compile
     postprocess   -- logits -> top-k {label: score}
     responses     -- success bodies: plain JSON or the KServe v1/v2 envelope
     metrics       -- per-stage timings and counts for TorchServe's metrics (Prometheus)
