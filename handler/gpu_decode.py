@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import io
 import logging
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +21,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 from handler.config import HandlerConfig
 from handler.dataset import DecodedBatch, LoaderItem
-from handler.images import EXIF_ORIENTATION, resize_to_input
+from handler.images import EXIF_ORIENTATION, has_jpeg_end_marker, open_image, resize_to_input
 
 log = logging.getLogger(__name__)
 
@@ -55,19 +54,17 @@ def apply_orientation(pixels: torch.Tensor, orientation: int) -> torch.Tensor:
 
 
 def jpeg_job(item: LoaderItem, max_pixels: int) -> JpegJob | None:
-    """A job when ``item`` is a JPEG nvJPEG can take; None sends it down the CPU path."""
+    """A job when ``item`` is a JPEG nvJPEG can take; None sends it down the CPU path, which
+    gives the precise per-image error for anything odd."""
     data = item.data
-    if not data.startswith(b"\xff\xd8\xff") or not data.rstrip(b"\0").endswith(b"\xff\xd9"):
+    if not data.startswith(b"\xff\xd8\xff") or not has_jpeg_end_marker(data):
         return None
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            width, height = image.size
-            if image.format != "JPEG" or image.mode not in ("RGB", "L") or width * height > max_pixels:
-                return None
-            orientation = int(image.getexif().get(EXIF_ORIENTATION, 1))
-    except Exception:  # anything odd: the CPU path gives the precise per-image error
+        image = open_image(data, max_pixels)
+        if image.format != "JPEG" or image.mode not in ("RGB", "L"):
+            return None
+        orientation = int(image.getexif().get(EXIF_ORIENTATION, 1))
+    except Exception:  # ImageDecodeError, or a corrupt EXIF block
         return None
     return JpegJob(item, orientation if 1 <= orientation <= 8 else 1)
 

@@ -64,7 +64,7 @@ def decode_jpeg_fast(data: bytes) -> torch.Tensor | None:
     Returns None where PIL should decode instead: a file without its end-of-image marker
     (libjpeg would pad a truncated image silently, PIL reports it) or one torchvision rejects.
     """
-    if not data.rstrip(b"\0").endswith(b"\xff\xd9"):
+    if not has_jpeg_end_marker(data):
         return None
     try:
         return decode_jpeg(
@@ -74,6 +74,12 @@ def decode_jpeg_fast(data: bytes) -> torch.Tensor | None:
         )
     except RuntimeError:
         return None
+
+
+def has_jpeg_end_marker(data: bytes) -> bool:
+    """Whether JPEG ``data`` ends with its end-of-image marker (trailing zero padding allowed):
+    libjpeg-turbo and nvJPEG would pad a truncated file silently, where Pillow reports it."""
+    return data.rstrip(b"\0").endswith(b"\xff\xd9")
 
 
 def open_image(data: bytes, max_pixels: int) -> Image.Image:
