@@ -34,6 +34,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 from bench_images import photo_jpegs, stock_input, stock_transform  # noqa: E402
 from direct_context import DirectContext, random_model_dir  # noqa: E402
 from handler.batching import flatten  # noqa: E402
+from handler.config import IMAGENET_STD  # noqa: E402
 from handler.decode import ParsedRequest, RawImage  # noqa: E402
 from handler.metrics import STAGE_METRICS  # noqa: E402
 from handler.service import ImageBatchHandler  # noqa: E402
@@ -99,7 +100,7 @@ def _parsed(images: list[bytes]) -> ParsedRequest:
 
 def pixel_difference(stock: torch.Tensor, ours: torch.Tensor) -> dict[str, float]:
     """How far our model input is from the stock pipeline's, in 0-255 pixel units."""
-    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) * 255
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255
     diff = ((stock.float().cpu() - ours.float().cpu()) * std).abs()
     return {"mean_abs_px_diff_vs_stock": round(float(diff.mean()), 3),
             "p99_abs_px_diff_vs_stock": round(float(diff.flatten().kthvalue(int(diff.numel() * 0.99)).values), 2)}
@@ -116,20 +117,21 @@ def build_handler(arch: str, workdir: Path, settings: dict) -> tuple[ImageBatchH
 
 
 @torch.inference_mode()
-def output_agreement(handler: ImageBatchHandler, context: DirectContext, images: list[bytes]) -> dict:
+def output_agreement(handler: ImageBatchHandler, context: DirectContext, size: str, count: int = 32) -> dict:
     """The stock pipeline (its preprocessing, the plain eager model) against ours (our
-    preprocessing, our folded/compiled model, our precision): top-1 agreement and the largest
-    difference of any class probability. ``images`` must be ``photo_jpegs`` (quality 90)."""
+    preprocessing, our folded/compiled model, our precision) on ``count`` photos of ``size``:
+    top-1 agreement and the largest difference of any class probability."""
     from handler.model_loading import load_model
 
+    images = photo_jpegs(size, count)
     stock_model = load_model(handler.config.arch, Path(context.model_dir) / "weights.pt", len(handler.labels))
-    stock = stock_model(stock_preprocess()(images)).softmax(dim=1)
+    stock_input_of = stock_preprocess()
+    stock = stock_model(stock_input_of(images)).softmax(dim=1)
     inputs = ours_preprocess(handler)(images)
     ours = torch.cat([handler.forward(x).float().softmax(dim=1).cpu() for x in inputs])
     # For scale: how much the same model moves when the same photos are only re-encoded
     # (JPEG quality 95 instead of 90) -- an invisible change.
-    size = f"{Image.open(io.BytesIO(images[0])).width}x{Image.open(io.BytesIO(images[0])).height}"
-    reencoded = stock_model(stock_preprocess()(photo_jpegs(size, len(images), quality=95))).softmax(dim=1)
+    reencoded = stock_model(stock_input_of(photo_jpegs(size, count, quality=95))).softmax(dim=1)
     return {"top1_agreement": round(float((stock.argmax(1) == ours.argmax(1)).float().mean()), 3),
             "max_prob_diff": round(float((stock - ours).abs().max()), 5),
             "distinct_top1": len(set(stock.argmax(1).tolist())),
@@ -189,7 +191,7 @@ def main() -> None:
                 row["speedup_vs_blog"] = round(row["blog_ms"] / row["ours_ms"], 2)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-        agreement = {size: output_agreement(handler, context, photo_jpegs(size, 32)) for size in args.sizes}
+        agreement = {size: output_agreement(handler, context, size) for size in args.sizes}
         e2e = {size: end_to_end(handler, context, photo_jpegs(size, args.e2e_images), args.repeats)
                for size in args.sizes}
         handler.loader.close()
