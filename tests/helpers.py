@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import json
+from pathlib import Path
 from typing import Any
 
 from PIL import Image
@@ -28,6 +30,16 @@ def shape_image(label: str, seed: int, *, fmt: str = "PNG", min_side: int = 160,
                                 spec.background, spec.seed)
     save_args = {"quality": 90} if fmt == "JPEG" else {}
     return encode(shapes.draw(spec), fmt, **save_args)
+
+
+def write_model_dir(directory: Path, model: Any, labels: list[str]) -> Path:
+    """A model directory as TorchServe unpacks a .mar: ``weights.pt`` (the state_dict) and
+    ``index_to_name.json``."""
+    import torch
+
+    torch.save(model.state_dict(), directory / "weights.pt")
+    (directory / "index_to_name.json").write_text(json.dumps(dict(enumerate(labels))))
+    return directory
 
 
 # The handler's stand-in context lives in scripts/ so that benchmarks can use it too.

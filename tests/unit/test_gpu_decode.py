@@ -13,7 +13,7 @@ from handler.config import HandlerConfig
 from handler.dataset import LoaderItem
 from handler.gpu_decode import BatchedJpegDecoder, apply_orientation, jpeg_job
 from handler.service import ImageBatchHandler
-from helpers import FakeContext, encode, shape_image
+from helpers import FakeContext, encode, shape_image, write_model_dir
 
 LABELS = ["circle", "square", "triangle"]
 
@@ -59,11 +59,8 @@ def test_only_jpegs_nvjpeg_handles_are_routed_to_it():
 def model_dir(tmp_path_factory):
     from handler.architectures import ShapesNet
 
-    path = tmp_path_factory.mktemp("model")
     torch.manual_seed(0)
-    torch.save(ShapesNet(num_classes=3).state_dict(), path / "weights.pt")
-    (path / "index_to_name.json").write_text(json.dumps(dict(enumerate(LABELS))))
-    return path
+    return write_model_dir(tmp_path_factory.mktemp("model"), ShapesNet(num_classes=3), LABELS)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ from torch import nn
 from handler.architectures import ShapesNet
 from handler.optimize import fold_batchnorm
 from handler.service import ImageBatchHandler
-from helpers import FakeContext, shape_image
+from helpers import FakeContext, shape_image, write_model_dir
 
 EXAMPLE = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
 
@@ -78,11 +78,9 @@ def test_a_model_without_batchnorm_is_returned_as_is():
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("model")
     torch.manual_seed(0)
-    torch.save(with_trained_statistics(ShapesNet(num_classes=3)).state_dict(), path / "weights.pt")
-    (path / "index_to_name.json").write_text(json.dumps({"0": "circle", "1": "square", "2": "triangle"}))
-    return path
+    model = with_trained_statistics(ShapesNet(num_classes=3))
+    return write_model_dir(tmp_path_factory.mktemp("model"), model, ["circle", "square", "triangle"])
 
 
 def answers(model_dir, settings: dict) -> list[dict]:

@@ -5,17 +5,15 @@ import torch
 
 from handler.architectures import ShapesNet
 from handler.service import ImageBatchHandler
-from helpers import FakeContext, shape_image
+from helpers import FakeContext, shape_image, write_model_dir
 
 LABELS = ["circle", "square", "triangle"]
 
 
 @pytest.fixture(scope="module")
 def handler_and_context(tmp_path_factory):
-    model_dir = tmp_path_factory.mktemp("model")
     torch.manual_seed(0)
-    torch.save(ShapesNet(num_classes=3).state_dict(), model_dir / "weights.pt")
-    (model_dir / "index_to_name.json").write_text(json.dumps(dict(enumerate(LABELS))))
+    model_dir = write_model_dir(tmp_path_factory.mktemp("model"), ShapesNet(num_classes=3), LABELS)
     yaml_config = {"handler": {"arch": "shapes_cnn", "image_size": 64, "resize_mode": "letterbox",
                                "top_k": 2, "batch_size": 4, "num_workers": 2, "max_images_per_request": 6}}
     context = FakeContext(str(model_dir), yaml_config)
