@@ -26,6 +26,7 @@ from handler.images import ImageTransform
 from handler.loader import PersistentImageLoader
 from handler.metrics import StageClock, publish
 from handler.model_loading import load_labels, load_model
+from handler.normalize import Normalizer
 from handler.optimize import compile_model, fold_batchnorm
 from handler.postprocess import top_k_labels
 from handler.responses import Prediction, success_body
@@ -91,9 +92,7 @@ class ImageBatchHandler:
         """Normalization constants on the device; on CUDA the pinned staging ring, cuDNN
         autotuning and the nvJPEG decoder."""
         cfg = self.config
-        scale = torch.tensor(cfg.std, device=self.device).view(1, 3, 1, 1) * 255.0
-        self._inv_std255 = 1.0 / scale
-        self._bias = -torch.tensor(cfg.mean, device=self.device).view(1, 3, 1, 1) * 255.0 * self._inv_std255
+        self._normalize = Normalizer(cfg.mean, cfg.std, self.device)
         self._autocast_dtype = autocast_dtype(cfg.precision, self.device)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
@@ -230,11 +229,7 @@ class ImageBatchHandler:
 
     def to_model_input(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 NCHW (pinned on CUDA) -> normalized float on the device, channels_last."""
-        # Reorder while still uint8 (1 byte a value), then convert and normalize in one pass:
-        # x * (1 / (255 std)) - mean / std.
-        x = pixels.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        out = torch.empty(x.shape, dtype=torch.float32, device=self.device, memory_format=torch.channels_last)
-        return torch.addcmul(self._bias, x, self._inv_std255, out=out)
+        return self._normalize(pixels)
 
     def predictions(self, scored: list[ScoredBatch[torch.Tensor]]) -> Outcomes[Prediction]:
         """Top-k per good image and the failures, keyed by image."""
