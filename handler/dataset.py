@@ -23,6 +23,7 @@ class LoaderItem:
     key: int
     data: bytes
     slot: int | None = None  # the staging ring slot its batch is written to, if any
+    span: tuple[int, int] | None = None  # where in the inbox ``data`` is, when it travels there
 
 
 @dataclass(frozen=True)

@@ -4,8 +4,9 @@ Creating a DataLoader with workers per request forks new processes every time an
 slower than a plain loop. Here the DataLoader is built once with ``persistent_workers=True``;
 each request swaps the batches in a ``RequestBatchSampler`` and iterates the loader again, which
 resets the same workers to a new epoch. The items the sampler yields carry the image bytes, so
-the workers need no shared state with the handler; the decoded batches come back through a
-``StagingRing`` of shared-memory slots allocated before the workers fork.
+the workers need no shared state with the handler. Both ways use shared memory allocated before
+the workers fork: the image bytes go out through an ``Inbox``, the decoded batches come back
+through a ``StagingRing`` of slots.
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ import threading
 from typing import Iterator, Sequence
 
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
-from handler.dataset import DecodedBatch, ImageBytesDataset, LoaderItem, collate_decoded
+from handler.dataset import DecodedBatch, DecodedImage, ImageBytesDataset, LoaderItem, collate_decoded
+from handler.inbox import Inbox
 from handler.staging import StagingRing
 
 log = logging.getLogger(__name__)
@@ -40,24 +42,45 @@ class RequestBatchSampler(Sampler[list[LoaderItem]]):
     is given a staging ring slot (if one is free) for its worker to write into.
     """
 
-    def __init__(self, ring: StagingRing | None = None) -> None:
+    def __init__(self, ring: StagingRing | None = None, inbox: Inbox | None = None) -> None:
         self._batches: list[list[LoaderItem]] = []
         self._ring = ring
+        self._inbox = inbox
 
     def set_batches(self, batches: list[list[LoaderItem]]) -> None:
         self._batches = batches
 
     def __iter__(self) -> Iterator[list[LoaderItem]]:
-        ring = self._ring
-        if ring is None:
+        ring, inbox = self._ring, self._inbox
+        if ring is None and inbox is None:
             yield from self._batches
             return
         # The DataLoader asks for the first batch only after draining the previous epoch, so
-        # no worker still writes a slot of an abandoned request now.
-        ring.reclaim_pending()
+        # no worker still writes a slot, or reads the inbox, of an abandoned request now.
+        if ring is not None:
+            ring.reclaim_pending()
+        if inbox is not None:
+            inbox.reset()
         for batch in self._batches:
-            slot = ring.acquire() if len(batch) <= ring.capacity else None
-            yield batch if slot is None else [LoaderItem(i.key, i.data, slot) for i in batch]
+            slot = ring.acquire() if ring is not None and len(batch) <= ring.capacity else None
+            yield [self._staged(item, slot) for item in batch]
+
+    def _staged(self, item: LoaderItem, slot: int | None) -> LoaderItem:
+        span = self._inbox.put(item.data) if self._inbox is not None else None
+        return LoaderItem(item.key, b"" if span else item.data, slot, span)
+
+
+class InboxDataset(Dataset):
+    """Gives ``dataset`` each item with its bytes, reading them from the inbox where the sampler
+    put them."""
+
+    def __init__(self, dataset: ImageBytesDataset, inbox: Inbox) -> None:
+        self.dataset, self.inbox = dataset, inbox
+
+    def __getitem__(self, item: LoaderItem) -> DecodedImage:  # type: ignore[override]
+        if item.span is not None:
+            item = LoaderItem(item.key, self.inbox.read(item.span), item.slot)
+        return self.dataset[item]
 
     def __len__(self) -> int:
         return len(self._batches)
@@ -111,20 +134,21 @@ class PersistentImageLoader:
             if staging and num_workers
             else None
         )
+        self.inbox = Inbox.create() if staging and num_workers else None
         self._collate = functools.partial(collate_decoded, image_size=image_size)
         self._worker_collate = functools.partial(
             collate_decoded, image_size=image_size, ring=self.ring.pixels if self.ring else None
         )
         self._pin_memory = pin_memory
         self._mp_context = mp_context
-        self._sampler = RequestBatchSampler(self.ring)
+        self._sampler = RequestBatchSampler(self.ring, self.inbox)
         self._loader = self._build()
         self.inline_max_images = inline_max_images
 
     def _build(self) -> DataLoader:
         workers = self._num_workers
         return DataLoader(
-            self._dataset,
+            self._dataset if self.inbox is None else InboxDataset(self._dataset, self.inbox),
             batch_sampler=self._sampler,
             num_workers=workers,
             collate_fn=self._worker_collate,

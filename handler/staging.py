@@ -26,8 +26,18 @@ import torch
 
 log = logging.getLogger(__name__)
 
-# Keep the ring to this share of the free space in /dev/shm (containers often give it 64 MB).
+# Keep each shared-memory buffer to this share of the free space in /dev/shm (containers often
+# give it 64 MB).
 MAX_SHM_SHARE = 0.25
+
+
+def shm_budget() -> int:
+    """Bytes one shared-memory buffer may take: a share of what /dev/shm has free (unlimited
+    where there is no /dev/shm to measure: the allocation itself decides there)."""
+    try:
+        return int(MAX_SHM_SHARE * shutil.disk_usage("/dev/shm").free)
+    except OSError:
+        return 1 << 62
 
 
 class StagingRing:
@@ -46,13 +56,10 @@ class StagingRing:
     def create(cls, slots: int, capacity: int, image_size: int) -> "StagingRing | None":
         """A ring, or None where /dev/shm is too small to hold one comfortably."""
         nbytes = slots * capacity * image_size * image_size * 3
-        try:
-            free = shutil.disk_usage("/dev/shm").free
-        except OSError:
-            return cls(slots, capacity, image_size)  # no /dev/shm to measure: let the allocation decide
-        if nbytes > MAX_SHM_SHARE * free:
-            log.warning("staging ring of %d MB does not fit in /dev/shm (%d MB free); batches travel "
-                        "in blocks of their own", nbytes >> 20, free >> 20)
+        budget = shm_budget()
+        if nbytes > budget:
+            log.warning("staging ring of %d MB does not fit in /dev/shm (%d MB may be used); batches "
+                        "travel in blocks of their own", nbytes >> 20, budget >> 20)
             return None
         return cls(slots, capacity, image_size)
 
