@@ -3,10 +3,10 @@
 Creating a DataLoader with workers per request forks new processes every time and measured
 slower than a plain loop. Here the DataLoader is built once with ``persistent_workers=True``;
 each request swaps the batches in a ``RequestBatchSampler`` and iterates the loader again, which
-resets the same workers to a new epoch. The items the sampler yields carry the image bytes, so
-the workers need no shared state with the handler. Both ways use shared memory allocated before
-the workers fork: the image bytes go out through an ``Inbox``, the decoded batches come back
-through a ``StagingRing`` of slots.
+resets the same workers to a new epoch. The items the sampler yields carry the request's images,
+so the workers need no other state from the handler. Both ways use shared memory allocated
+before the workers fork: the image bytes go out through an ``Inbox``, the decoded batches come
+back through a ``StagingRing`` of slots (either falls back to pickling when full).
 """
 
 from __future__ import annotations
