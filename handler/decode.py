@@ -3,6 +3,7 @@
 A row is one request as TorchServe hands it to ``handle``:
     raw body (``curl -T``, octet-stream, image/*)  {"body": bytearray}
     multipart form, one file per field             {"a": bytearray, "b": bytearray, ...}
+    multipart/mixed (the same parts, undecoded)    {"body": bytearray starting with "--boundary"}
     JSON (application/json, already parsed)        {"body": {"images": [b64, ...]}} or {"body": {"data": b64}}
     KServe v1 (/v1/models/M:predict)               {"body": {"instances": [{"b64"|"data": b64} | b64, ...]}}
     KServe v2 / Open Inference Protocol            {"body": {"inputs": [{"name", "shape", "datatype": "BYTES",
@@ -68,6 +69,8 @@ def parse_request(row: Mapping[str, Any], max_images: int) -> ParsedRequest:
 
 def _parse_body(body: Any) -> ParsedRequest:
     if isinstance(body, (bytes, bytearray)):
+        if body.startswith(b"--"):  # no image format starts so; a multipart body always does
+            return _parse_multipart_body(body)
         return ParsedRequest([RawImage(0, None, bytes(body))], as_list=False)
     if isinstance(body, (dict, list)):
         return _parse_json(body)
@@ -94,6 +97,65 @@ def _parse_multipart(row: Mapping[str, Any]) -> ParsedRequest:
     if problems:
         raise BadRequest("invalid_field", "multipart fields must be image files", problems)
     return ParsedRequest(images, as_list=len(images) > 1)
+
+
+def _parse_multipart_body(body: bytes | bytearray) -> ParsedRequest:
+    """A multipart body TorchServe passed through undecoded (``multipart/mixed``, or any
+    multipart type but form-data): the parts are the images, named like form fields.
+
+    TorchServe decodes ``multipart/form-data`` itself, in its frontend, at about 0.5 ms per
+    image; a ``multipart/mixed`` body of the same parts reaches the handler whole and is split
+    here in well under a millisecond.
+    """
+    first_line_end = body.find(b"\r\n")
+    delimiter = bytes(body[:first_line_end]).rstrip(b" \t") if first_line_end > 2 else b""
+    if not 2 < len(delimiter) <= 72:  # "--" + a boundary of 1-70 characters (RFC 2046)
+        raise BadRequest("invalid_multipart", "the body starts like a multipart body but has no boundary line")
+    separator = b"\r\n" + delimiter
+    view = memoryview(body)
+    images: list[RawImage] = []
+    start = first_line_end + 2
+    search = start
+    while True:
+        end = body.find(separator, search)
+        if end < 0:
+            raise BadRequest("invalid_multipart", "the multipart body ends without its closing boundary "
+                                                  f"{delimiter.decode('latin-1')}--")
+        after = end + len(separator)
+        closing = body[after : after + 2] == b"--"
+        line_end = after
+        while body[line_end : line_end + 1] in (b" ", b"\t"):
+            line_end += 1
+        if not closing and body[line_end : line_end + 2] != b"\r\n":
+            search = end + 1  # the boundary text followed by more: part of the data, not a delimiter
+            continue
+        images.append(_multipart_part(body, view, start, end, len(images)))
+        if closing:
+            return ParsedRequest(images, as_list=len(images) > 1)
+        start = search = line_end + 2
+
+
+def _multipart_part(body: bytes | bytearray, view: memoryview, start: int, end: int, index: int) -> RawImage:
+    """The part in ``body[start:end]``: headers (the name comes from Content-Disposition), a
+    blank line, the image bytes."""
+    if body[start : start + 2] == b"\r\n":  # a part without headers
+        return RawImage(index, None, bytes(view[start + 2 : end]))
+    head_end = body.find(b"\r\n\r\n", start, end)
+    if head_end < 0:
+        raise BadRequest("invalid_multipart", "a multipart part has no blank line after its headers",
+                         [ImageProblem(index, None, "part headers are not terminated")])
+    name = None
+    for line in bytes(view[start:head_end]).decode("latin-1").split("\r\n"):
+        key, _, value = line.partition(":")
+        if key.strip().lower() == "content-disposition":
+            params = dict(_header_param(p) for p in value.split(";")[1:])
+            name = params.get("name") or params.get("filename")
+    return RawImage(index, name, bytes(view[head_end + 4 : end]))
+
+
+def _header_param(text: str) -> tuple[str, str]:
+    key, _, value = text.strip().partition("=")
+    return key.strip().lower(), value.strip().strip('"')
 
 
 def _parse_json(body: Any) -> ParsedRequest:

@@ -3,10 +3,13 @@
 import base64
 import json
 import concurrent.futures as futures
+import shutil
+import subprocess
 import time
 
 import pytest
 import requests
+from urllib3 import encode_multipart_formdata
 
 from helpers import shape_image
 
@@ -77,6 +80,27 @@ def test_multipart_five_images_in_field_order(server):
     for result in body:
         check_scores(result)
     same_results(body, alone(server, images))
+
+
+def test_multipart_mixed_body_gives_the_same_answers_as_form_data(server, tmp_path):
+    images = labelled_images(6, seed=35, fmt="JPEG")
+    parts = [(f"img{i}", (f"{i}.jpg", data, "image/jpeg")) for i, (_, data) in enumerate(images)]
+    body, content_type = encode_multipart_formdata(parts)
+    response = server.predict(data=body, headers={"Content-Type": content_type.replace("form-data", "mixed")})
+    assert response.status_code == 200, response.text
+    same_results(response.json(), alone(server, images))
+    if shutil.which("curl") is None:
+        return
+    # curl builds the same body from -F when told the type (it adds the boundary itself).
+    paths = []
+    for i, (_, data) in enumerate(images[:3]):
+        paths += ["-F", f"img{i}=@{tmp_path / f'{i}.jpg'}"]
+        (tmp_path / f"{i}.jpg").write_bytes(data)
+    auth = server.auth().get("Authorization")
+    done = subprocess.run(["curl", "-sS", "-H", "Content-Type: multipart/mixed", "-H", f"Authorization: {auth}",
+                           *paths, f"{server.inference_url}/predictions/shapes"],
+                          capture_output=True, timeout=60, check=True)
+    same_results(json.loads(done.stdout), alone(server, images[:3]))
 
 
 def test_json_base64_list(server):

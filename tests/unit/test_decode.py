@@ -113,3 +113,49 @@ def test_malformed_kserve_bodies_are_400(body):
     with pytest.raises(RequestError) as caught:
         parse_request({"body": body}, max_images=8)
     assert caught.value.status == 400 and caught.value.code == "invalid_json"
+
+
+def mixed_body(parts: list[tuple[str | None, bytes]], boundary: str = "b0undary") -> bytes:
+    """A multipart/mixed body as clients build it (a name per part where given)."""
+    out = b""
+    for name, data in parts:
+        out += f"--{boundary}\r\n".encode()
+        if name is not None:
+            out += f'Content-Disposition: form-data; name="{name}"; filename="{name}.jpg"\r\n'.encode()
+            out += b"Content-Type: image/jpeg\r\n"
+        out += b"\r\n" + data + b"\r\n"
+    return out + f"--{boundary}--\r\n".encode()
+
+
+def test_a_multipart_mixed_body_is_split_into_named_images_in_order():
+    # Image bytes that hold CRLF and dashes, even the boundary without its leading CRLF.
+    tricky = b"\xff\xd8\r\n--b0undar\r\n--b0undary-ish"
+    parsed = parse_request({"body": bytearray(mixed_body([("z", tricky), ("a", PNG), (None, b"3")]))}, 4)
+    assert [(i.index, i.field, i.data) for i in parsed.images] == [(0, "z", tricky), (1, "a", PNG), (2, None, b"3")]
+    assert parsed.as_list is True
+
+
+def test_a_multipart_mixed_body_with_one_part_is_answered_as_object():
+    parsed = parse_request({"body": bytearray(mixed_body([("only", PNG)]))}, max_images=4)
+    assert [i.data for i in parsed.images] == [PNG] and parsed.as_list is False
+
+
+def test_multipart_mixed_is_matched_against_the_limits_like_any_request():
+    with pytest.raises(RequestError) as too_many:
+        parse_request({"body": bytearray(mixed_body([(f"f{i}", PNG) for i in range(5)]))}, max_images=4)
+    assert too_many.value.status == 413
+    with pytest.raises(RequestError) as empty:
+        parse_request({"body": bytearray(mixed_body([("a", PNG), ("b", b"")]))}, max_images=4)
+    assert empty.value.code == "empty_image" and [p.field for p in empty.value.images] == ["b"]
+
+
+@pytest.mark.parametrize("body", [
+    mixed_body([("a", PNG)])[:-14],  # the closing boundary is cut off
+    b"--b0undary\r\nContent-Type: image/png" + PNG + b"\r\n--b0undary--",  # headers never end
+    b"--\r\n" + PNG,  # no boundary
+    b"--" + b"x" * 80 + b"\r\n\r\n" + PNG,  # a boundary longer than RFC 2046 allows
+])
+def test_a_broken_multipart_body_is_a_400_that_says_so(body):
+    with pytest.raises(RequestError) as error:
+        parse_request({"body": bytearray(body)}, max_images=4)
+    assert error.value.status == 400 and error.value.code == "invalid_multipart", error.value
