@@ -3,6 +3,7 @@
 
     .venv/bin/python scripts/client.py PATH... [--batch 32] [--concurrency 4] [--url URL] [--model shapes]
                                        [--out results.jsonl] [--token KEY | --key-file key_file.json]
+                                       [--form-data]
 
 Writes one JSON line per image: {"path", "label", "scores"} or {"path", "error", "reason"}.
 The token comes from --token, else $TS_INFERENCE_KEY, else the "inference" key of --key-file.
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import requests
+from urllib3 import encode_multipart_formdata
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 
@@ -71,7 +73,15 @@ class Progress:
             sys.stderr.flush()
 
 
-def classify(session: requests.Session, url: str, paths: list[Path]) -> list[dict[str, Any]]:
+def multipart_mixed(files: list[tuple[str, tuple[str, bytes, str]]]) -> tuple[bytes, str]:
+    """The body and Content-Type of a ``multipart/mixed`` request with these (field, (filename,
+    bytes, type)) parts: the handler reads the same parts as from a form upload, but TorchServe
+    passes the body through instead of decoding it in its frontend (half the transport time)."""
+    body, content_type = encode_multipart_formdata(files)
+    return body, content_type.replace("multipart/form-data", "multipart/mixed", 1)
+
+
+def classify(session: requests.Session, url: str, paths: list[Path], form_data: bool = False) -> list[dict[str, Any]]:
     """One batched request; on a per-image 4xx, the failing images are reported and the rest re-sent."""
     results: dict[int, dict[str, Any]] = {}
     pending = list(range(len(paths)))
@@ -86,7 +96,11 @@ def classify(session: requests.Session, url: str, paths: list[Path]) -> list[dic
         if not pending:
             break
         try:
-            response = session.post(url, files=files, timeout=300)
+            if form_data:
+                response = session.post(url, files=files, timeout=300)
+            else:
+                body, content_type = multipart_mixed(files)
+                response = session.post(url, data=body, headers={"Content-Type": content_type}, timeout=300)
             body = response.json()
         except (requests.RequestException, ValueError) as exc:
             for i in pending:
@@ -119,6 +133,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("results.jsonl"))
     parser.add_argument("--token")
     parser.add_argument("--key-file", type=Path, default=Path("key_file.json"))
+    parser.add_argument("--form-data", action="store_true",
+                        help="send multipart/form-data (slower through TorchServe) instead of multipart/mixed")
     args = parser.parse_args()
     if args.batch < 1 or args.concurrency < 1:
         parser.error("--batch and --concurrency must be at least 1")
@@ -131,7 +147,7 @@ def main() -> None:
     progress = Progress(len(paths))
     failed = 0
     with args.out.open("w") as out, futures.ThreadPoolExecutor(args.concurrency) as pool:
-        for lines in pool.map(lambda chunk: classify(session, url, chunk), chunks):
+        for lines in pool.map(lambda chunk: classify(session, url, chunk, args.form_data), chunks):
             bad = sum("error" in line for line in lines)
             failed += bad
             progress.add(len(lines), bad)

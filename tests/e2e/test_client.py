@@ -12,7 +12,8 @@ from ts_server import ROOT
 pytestmark = pytest.mark.e2e
 
 
-def test_client_classifies_a_folder_and_reports_bad_files(server, tmp_path):
+@pytest.mark.parametrize("encoding", [[], ["--form-data"]], ids=["multipart-mixed", "form-data"])
+def test_client_classifies_a_folder_and_reports_bad_files(server, tmp_path, encoding):
     folder = tmp_path / "images"
     (folder / "sub").mkdir(parents=True)
     expected = {}
@@ -24,7 +25,7 @@ def test_client_classifies_a_folder_and_reports_bad_files(server, tmp_path):
     out = tmp_path / "results.jsonl"
     run = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "client.py"), str(folder), "--batch", "4", "--concurrency", "2",
-         "--url", server.inference_url, "--key-file", str(server.workdir / "key_file.json"), "--out", str(out)],
+         "--url", server.inference_url, "--key-file", str(server.workdir / "key_file.json"), "--out", str(out), *encoding],
         capture_output=True, text=True, timeout=300,
     )
     assert run.returncode == 1, run.stderr  # one file failed
