@@ -59,6 +59,9 @@ class HandlerConfig:
             max-autotune-no-cudagraphs.
         intra_op_threads: torch threads of each TorchServe worker for the model; 0 shares the
             machine's cores among the model's maxWorkers backend workers.
+        keep_freed_memory: have glibc serve blocks up to 32 MB from its heap and keep freed
+            memory for the next batch, instead of mapping every batch's tensors fresh from the
+            kernel (page faults); the worker's memory then stays at its peak.
     """
 
     arch: str = "resnet18"
@@ -86,6 +89,7 @@ class HandlerConfig:
     compile: bool = False
     compile_mode: str = "default"
     intra_op_threads: int = 0
+    keep_freed_memory: bool = True
 
     def __post_init__(self) -> None:
         _positive("image_size", self.image_size)

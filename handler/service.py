@@ -24,6 +24,7 @@ from handler.errors import RequestError
 from handler.gpu_decode import BatchedJpegDecoder
 from handler.images import ImageTransform
 from handler.loader import PersistentImageLoader
+from handler.memory import keep_freed_memory
 from handler.metrics import StageClock, publish
 from handler.model_loading import load_labels, load_model
 from handler.normalize import Normalizer
@@ -54,6 +55,8 @@ class ImageBatchHandler:
         model_dir = Path(properties["model_dir"])
         model_yaml = getattr(context, "model_yaml_config", None) or {}
         self.config = cfg = HandlerConfig.from_mapping(model_yaml.get("handler"))
+        if cfg.keep_freed_memory:
+            keep_freed_memory()  # before the loader workers fork, so they have it too
         # Keep Pillow's decompression-bomb guard on, at our limit (the stock handler turns it off).
         Image.MAX_IMAGE_PIXELS = cfg.max_image_pixels
         self.device = select_device(properties.get("gpu_id"))
