@@ -39,7 +39,8 @@ class RequestBatchSampler(Sampler[list[LoaderItem]]):
     """Yields the batches of the current request; replaced before every epoch.
 
     Runs in the handler process, as the DataLoader dispatches each batch: that is when a batch
-    is given a staging ring slot (if one is free) for its worker to write into.
+    is given a staging ring slot (if one is free) for its worker to write into, and its images
+    are copied into the inbox (where they fit).
     """
 
     def __init__(self, ring: StagingRing | None = None, inbox: Inbox | None = None) -> None:
@@ -69,6 +70,9 @@ class RequestBatchSampler(Sampler[list[LoaderItem]]):
         span = self._inbox.put(item.data) if self._inbox is not None else None
         return LoaderItem(item.key, b"" if span else item.data, slot, span)
 
+    def __len__(self) -> int:
+        return len(self._batches)
+
 
 class InboxDataset(Dataset):
     """Gives ``dataset`` each item with its bytes, reading them from the inbox where the sampler
@@ -81,9 +85,6 @@ class InboxDataset(Dataset):
         if item.span is not None:
             item = LoaderItem(item.key, self.inbox.read(item.span), item.slot)
         return self.dataset[item]
-
-    def __len__(self) -> int:
-        return len(self._batches)
 
 
 def _init_worker(_worker_id: int) -> None:

@@ -44,6 +44,7 @@ def test_the_sampler_moves_bytes_into_the_inbox_and_sends_the_rest_as_they_are()
     inbox = Inbox(10)
     sampler = RequestBatchSampler(inbox=inbox)
     sampler.set_batches([[LoaderItem(0, b"12345"), LoaderItem(1, b"678")], [LoaderItem(2, b"abcdef")]])
+    assert len(sampler) == 2
     first, second = list(sampler)
     assert [(i.data, i.span) for i in first] == [(b"", (0, 5)), (b"", (5, 3))]
     assert [(i.data, i.span) for i in second] == [(b"abcdef", None)]  # did not fit
