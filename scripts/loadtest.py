@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Load test: N concurrent clients for T seconds, mixed batch sizes, every result checked.
 
-Each image in the pool has a reference result (the image sent alone). Every response is checked
+Requests go as multipart form uploads and as multipart/mixed bodies, half and half. Each image
+in the pool has a reference result (the image sent alone). Every response is checked
 image by image against those references, so a result mixed up between requests or images is
 caught. Reports throughput, latency percentiles, errors, mismatches, and the TorchServe backend
 workers' (with their DataLoader workers') RSS, open file descriptors and /dev/shm use before/after.
@@ -30,6 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts"), str(ROOT / "tests")]
 
 import shapes  # noqa: E402
+from client import multipart_mixed  # noqa: E402
 from helpers import shape_image  # noqa: E402
 from timing import percentile  # noqa: E402
 
@@ -45,9 +47,10 @@ class Target:
     token: str
     frontend_pid: int | None = None
 
-    def post(self, **kwargs: Any) -> requests.Response:
+    def post(self, headers: dict[str, str] | None = None, **kwargs: Any) -> requests.Response:
         return requests.post(f"{self.inference_url}/predictions/{self.model}",
-                             headers={"Authorization": f"Bearer {self.token}"}, timeout=120, **kwargs)
+                             headers={"Authorization": f"Bearer {self.token}", **(headers or {})}, timeout=120,
+                             **kwargs)
 
 
 @dataclass
@@ -94,7 +97,11 @@ def client(target: Target, pool: list[bytes], refs: list[dict], tally: Tally, de
         files = [(f"f{i}", (f"{i}.img", pool[p], "application/octet-stream")) for i, p in enumerate(picks)]
         start = time.perf_counter()
         try:
-            response = target.post(files=files)
+            if rng.random() < 0.5:  # half as form uploads, half as multipart/mixed bodies
+                response = target.post(files=files)
+            else:
+                body_bytes, content_type = multipart_mixed(files)
+                response = target.post(data=body_bytes, headers={"Content-Type": content_type})
             status = str(response.status_code)
             body = response.json() if status == "200" else None
         except (requests.RequestException, ValueError) as exc:

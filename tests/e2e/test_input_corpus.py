@@ -98,6 +98,12 @@ BAD = [
                       headers={"Content-Type": "application/pdf"}), 400, id="pdf"),
     pytest.param(dict(files=[("a", ("a.jpg", JPEG, "image/jpeg")), ("b", ("b.jpg", b"", "image/jpeg"))]), 400,
                  id="zero-byte-multipart-field"),
+    pytest.param(dict(data=b"--cut\r\nContent-Type: image/jpeg\r\n\r\n" + JPEG,  # no closing boundary
+                      headers={"Content-Type": "multipart/mixed; boundary=cut"}), 400,
+                 id="multipart-mixed-without-closing-boundary"),
+    pytest.param(dict(data=b"--cut\r\n\r\n" + JPEG[: len(JPEG) // 2] + b"\r\n--cut--\r\n",
+                      headers={"Content-Type": "multipart/mixed; boundary=cut"}), 400,
+                 id="multipart-mixed-truncated-jpeg"),
 ]
 
 
