@@ -206,9 +206,10 @@ def plot(result: dict, path: Path) -> None:
     sizes = [r["image_size"] for r in result["e2e"]]
     x = range(len(sizes))
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    for offset, name in ((-0.2, "stock"), (0.2, "ours")):
-        left.bar([i + offset for i in x], [r[name]["images_per_s"] for r in result["e2e"]], 0.4, label=name)
-        right.bar([i + offset for i in x], [r[name]["p50_ms"] for r in result["e2e"]], 0.4, label=name)
+    bars = (("stock", "stock"), ("ours", "ours (multipart/mixed)"), ("ours_form_data", "ours (form upload)"))
+    for offset, (name, label) in zip((-0.27, 0.0, 0.27), bars):
+        left.bar([i + offset for i in x], [r[name]["images_per_s"] for r in result["e2e"]], 0.27, label=label)
+        right.bar([i + offset for i in x], [r[name]["p50_ms"] for r in result["e2e"]], 0.27, label=label)
     left.set(title="throughput (images/s, higher is better)", xticks=list(x), xticklabels=sizes)
     right.set(title=f"p50 latency per {BATCH}-image batch (ms)", xticks=list(x), xticklabels=sizes)
     left.legend()
