@@ -120,15 +120,20 @@ def client(target: Target, pool: list[bytes], refs: list[dict], tally: Tally, de
 
 
 def backend_stats(frontend_pid: int | None) -> dict[str, Any]:
-    """RSS, open fds of the backend workers and their loader workers; /dev/shm use."""
-    stats: dict[str, Any] = {"rss_mb": None, "open_fds": None, "processes": 0}
+    """RSS and open fds of the backend workers with their loader workers (RSS summed, so pages
+    they share count once per process), the Java frontend's RSS apart; /dev/shm use."""
+    stats: dict[str, Any] = {"rss_mb": None, "open_fds": None, "processes": 0, "frontend_rss_mb": None}
     if frontend_pid is not None:
         try:
-            # Backend workers are the frontend's children; their DataLoader workers, grandchildren.
+            # Below the torchserve launcher: the Java frontend; its children are the backend
+            # workers, theirs the DataLoader workers.
             procs = psutil.Process(frontend_pid).children(recursive=True)
-            stats["processes"] = len(procs)
-            stats["rss_mb"] = round(sum(p.memory_info().rss for p in procs) / 2**20, 1)
-            stats["open_fds"] = sum(p.num_fds() for p in procs)
+            java = [p for p in procs if p.name().startswith("java")]
+            backend = [p for p in procs if p not in java]
+            stats["processes"] = len(backend)
+            stats["rss_mb"] = round(sum(p.memory_info().rss for p in backend) / 2**20, 1)
+            stats["open_fds"] = sum(p.num_fds() for p in backend)
+            stats["frontend_rss_mb"] = round(sum(p.memory_info().rss for p in java) / 2**20, 1)
         except psutil.Error:
             pass
     shm = Path("/dev/shm")
