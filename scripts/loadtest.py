@@ -36,6 +36,7 @@ from helpers import shape_image  # noqa: E402
 from timing import percentile  # noqa: E402
 
 MAX_REQUESTS = 200_000  # a hard bound besides the time limit
+RSS_SAMPLE_S = 30.0  # how often the backend's memory is sampled during the run
 
 
 @dataclass
@@ -161,8 +162,11 @@ def run(target: Target, clients: int, seconds: float, max_batch: int, seed: int 
                for i in range(clients)]
     for t in threads:
         t.start()
-    for t in threads:
-        t.join()
+    rss_samples = []  # (seconds into the run, backend RSS MB): shows where memory levels off
+    while alive := [t for t in threads if t.is_alive()]:
+        alive[0].join(timeout=1.0)
+        if time.time() - started >= RSS_SAMPLE_S * (len(rss_samples) + 1) and time.time() < deadline:
+            rss_samples.append((round(time.time() - started), backend_stats(target.frontend_pid)["rss_mb"]))
     wall = time.time() - started
     time.sleep(1.0)  # let released shared memory and descriptors settle before measuring again
     after = backend_stats(target.frontend_pid)
@@ -174,7 +178,7 @@ def run(target: Target, clients: int, seconds: float, max_batch: int, seed: int 
         "latency_ms": {"p50": percentile(tally.latencies_ms, 0.5), "p95": percentile(tally.latencies_ms, 0.95),
                        "p99": percentile(tally.latencies_ms, 0.99), "max": percentile(tally.latencies_ms, 1.0)},
         "errors": tally.errors, "mismatches": tally.mismatches,
-        "backend_before": before, "backend_after": after,
+        "backend_before": before, "backend_after": after, "backend_rss_mb_during": rss_samples,
     }
 
 
