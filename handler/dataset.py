@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import Dataset, get_worker_info
 
 from handler.images import ImageDecodeError
+from handler.staging import shared_uint8
 
 
 @dataclass(frozen=True)
@@ -100,8 +101,7 @@ def collate_decoded(results: list[DecodedImage], image_size: int, ring: torch.Te
     if ring is not None and slot is not None:
         block = ring[slot, : len(good)]
     elif get_worker_info() is not None and good:
-        storage = torch.UntypedStorage._new_shared(len(good) * image_size * image_size * 3)
-        block = torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
+        block = shared_uint8(len(good) * image_size * image_size * 3).view(shape)
         slot = None
     else:
         block = torch.empty(shape, dtype=torch.uint8)

@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import logging
 
-import torch
-
-from handler.staging import shm_budget
+from handler.staging import shared_uint8, shm_budget
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +31,7 @@ class Inbox:
     """``nbytes`` of shared memory handed out front to back."""
 
     def __init__(self, nbytes: int) -> None:
-        # A fresh shared storage is zero pages: nothing is committed until it is written.
-        storage = torch.UntypedStorage._new_shared(nbytes)
-        self._buffer = torch.empty(0, dtype=torch.uint8).set_(storage)
+        self._buffer = shared_uint8(nbytes)
         self._view = memoryview(self._buffer.numpy())
         self.capacity = nbytes
         self._used = 0

@@ -40,6 +40,12 @@ def shm_budget() -> int:
         return 1 << 62
 
 
+def shared_uint8(nbytes: int) -> torch.Tensor:
+    """A flat uint8 tensor on fresh shared memory: zero pages, nothing committed until written,
+    passed to other processes by handle (or inherited across fork) rather than copied."""
+    return torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(nbytes))
+
+
 class StagingRing:
     """``slots`` blocks of ``capacity`` uint8 NHWC images of side ``image_size``."""
 
