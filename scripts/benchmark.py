@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import requests
 import torch
@@ -120,34 +121,36 @@ def agreement(stock: list[dict], ours: list[dict]) -> dict[str, float]:
             "distinct_top1": len({next(iter(s)) for s in stock})}
 
 
-def warm_up(server: Server, seconds: float) -> None:
-    """Traffic of every kind for ``seconds`` before anything is timed: the JVM compiles its hot
-    paths during the first seconds of load (measured here: ours' mean latency fell from 124 to
-    111 ms over three 60-request windows of one fresh server), which would count against
-    whichever size is measured first."""
-    images = photo_jpegs("640x480", BATCH)
-    deadline = time.monotonic() + seconds
-    with futures.ThreadPoolExecutor(BATCH) as pool:
-        while time.monotonic() < deadline:
-            send_stock(server, pool, images)
-            send_ours(server, images)
-            send_ours(server, images, form_data=True)
-            send_ours(server, images, "echo")
-
-
-def run_size(server: Server, size: str, rounds: int) -> dict:
-    images = photo_jpegs(size, BATCH)
-    senders = {
-        "stock": None,  # filled in below: it needs the thread pool
+def request_kinds(server: Server, pool: futures.ThreadPoolExecutor, images: list[bytes]) -> dict[str, Callable[[], object]]:
+    """Every kind of request a round sends ``images`` as, by name."""
+    return {
+        "stock": lambda: send_stock(server, pool, images),
         "ours": lambda: send_ours(server, images),
         "ours_form_data": lambda: send_ours(server, images, form_data=True),
         # The same 32-image request to a handler that ignores it: TorchServe's own share.
         "echo": lambda: send_ours(server, images, "echo"),
         "echo_form_data": lambda: send_ours(server, images, "echo", form_data=True),
     }
-    latencies: dict[str, list[float]] = {name: [] for name in senders}
+
+
+def warm_up(server: Server, seconds: float) -> None:
+    """Traffic of every kind for ``seconds`` before anything is timed: the JVM compiles its hot
+    paths during the first seconds of load (measured here: ours' mean latency fell from 124 to
+    111 ms over three 60-request windows of one fresh server), which would count against
+    whichever size is measured first."""
+    deadline = time.monotonic() + seconds
     with futures.ThreadPoolExecutor(BATCH) as pool:
-        senders["stock"] = lambda: send_stock(server, pool, images)
+        sends = request_kinds(server, pool, photo_jpegs("640x480", BATCH)).values()
+        while time.monotonic() < deadline:
+            for send in sends:
+                send()
+
+
+def run_size(server: Server, size: str, rounds: int) -> dict:
+    images = photo_jpegs(size, BATCH)
+    with futures.ThreadPoolExecutor(BATCH) as pool:
+        senders = request_kinds(server, pool, images)
+        latencies: dict[str, list[float]] = {name: [] for name in senders}
         reference_stock = send_stock(server, pool, images)  # warm-up, also the agreement check
         reference_ours = send_ours(server, images)
         for _ in range(2):  # more warm-up: the JVM and both workers settle in

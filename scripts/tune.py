@@ -123,5 +123,6 @@ def main() -> None:
     print(f"\nbest: {best_backends} backend worker(s), batch_size={best_batch} num_workers={best_workers} "
           f"({best_speed:.1f} images/s); wrote {args.out}")
 
+
 if __name__ == "__main__":
     main()
