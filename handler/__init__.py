@@ -11,6 +11,7 @@ Modules, one concern each:
     inbox         -- shared-memory arena the image bytes travel to the workers in
     staging       -- shared-memory slots the workers write batches into (pinned on CUDA)
     gpu_decode    -- optional batched nvJPEG decode and resize on the GPU
+    assemble      -- decoded chunks gathered into full model batches on the device
     batching      -- flatten the server-side batch into image slots and split results back
     architectures -- the demo model (ShapesNet) and the architecture registry
     model_loading -- build an architecture and load its weights and labels

@@ -69,13 +69,17 @@ def publish(metrics: Any, clock: StageClock, *, images: int, requests: int, bad_
     clock.resolve()
     if metrics is None:
         return
-    from ts.metrics.metric_type_enum import MetricTypes
+    try:
+        from ts.metrics.metric_type_enum import MetricTypes
 
+        gauge = {"metric_type": MetricTypes.GAUGE}
+    except ImportError:  # driven directly, without TorchServe (benchmarks, a GPU machine with torch only)
+        gauge = {}
     # idx=0 tags the figures with the model (Level=Model); fresh dimension lists each call,
     # since TorchServe appends its default dimensions to the list it is given.
     for name, value in clock.ms.items():
         metrics.add_time(name, round(value, 3), idx=0, unit="ms", dimensions=[])
     for name, value in (("ImagesPerBatch", images), ("RequestsPerBatch", requests)):
-        metrics.add_metric(name, value, "count", idx=0, dimensions=[], metric_type=MetricTypes.GAUGE)
+        metrics.add_metric(name, value, "count", idx=0, dimensions=[], **gauge)
     metrics.add_counter("BadImages", bad_images, idx=0, dimensions=[])
     metrics.add_counter("RejectedRequests", rejected, idx=0, dimensions=[])

@@ -16,6 +16,7 @@ from typing import Any, Iterable, Iterator
 import torch
 from PIL import Image
 
+from handler.assemble import BatchAssembler
 from handler.batching import FlatBatch, Outcomes, ScoredBatch, flatten, split
 from handler.config import HandlerConfig
 from handler.dataset import DecodedBatch, ImageBytesDataset, LoaderItem
@@ -162,25 +163,27 @@ class ImageBatchHandler:
 
     @torch.inference_mode()
     def inference(self, batches: Iterable[DecodedBatch], clock: StageClock) -> list[ScoredBatch[torch.Tensor]]:
-        """The model's logits for each decoded batch, run as soon as the batch arrives."""
+        """The model's logits for the decoded images, in batches of ``batch_size`` (chunks
+        gathered on the device), each run as soon as it is complete."""
         assert self.model is not None, "initialize() has not run"
+        assembler = BatchAssembler(self.config.batch_size, self.device, self.to_model_input, self.copied_event)
         scored: list[ScoredBatch[torch.Tensor]] = []
         pending = iter(batches)
         while True:
             with clock.host("DecodeTransformMs"):  # waiting for the loader workers
-                batch = next(pending, None)
-            if batch is None:
+                chunk = next(pending, None)
+            if chunk is not None and chunk.device_events is not None:  # decoded on the GPU: device time
+                clock.add_events("DecodeTransformMs", *chunk.device_events)
+            with clock.device("HostToDeviceMs"):
+                ready = assembler.finish() if chunk is None else assembler.add(chunk)
+            for batch in ready:
+                logits = None
+                if batch.inputs is not None:
+                    with clock.device("InferenceMs"):
+                        logits = self.forward(batch.inputs)
+                scored.append(ScoredBatch(batch.keys, batch.failures, logits))
+            if chunk is None:
                 return scored
-            if batch.device_events is not None:  # decoded on the GPU: its time is device time
-                clock.add_events("DecodeTransformMs", *batch.device_events)
-            logits = None
-            if batch.keys:
-                with clock.device("HostToDeviceMs"):
-                    x = self.to_model_input(batch.pixels)
-                batch.release(self.copied_event())  # its staging slot may take the next batch
-                with clock.device("InferenceMs"):
-                    logits = self.forward(x)
-            scored.append(ScoredBatch(batch.keys, batch.failures, logits))
 
     def warm_up(self) -> None:
         """Run each batch bucket once (and nvJPEG), so cuDNN tuning, torch.compile and lazy

@@ -1,0 +1,229 @@
+#!/usr/bin/env python
+"""On a CUDA machine: the ceilings of each stage, then the handler end to end under several settings.
+
+Ceilings (each alone, median of CUDA-event or wall-clock timings):
+  model     the folded channels_last model's forward pass per batch size, in the chosen precision
+  nvjpeg    batched GPU JPEG decode of the photos (decode only, then decode + resize)
+  cpu       one core decoding and resizing one photo (libjpeg-turbo / Pillow, as a loader worker)
+End to end: handle() on a server-side batch of form-upload requests (JPEG bytes in, top-k labels
+out), for each handler setting in the sweep: images/s and the handler's own per-stage times.
+Needs torch only (no TorchServe, no Java); photos from scikit-image or $BENCH_PHOTOS.
+
+    python scripts/bench_gpu.py [--arch resnet50] [--size 640x480] [--images 512] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
+
+from bench_images import photo_jpegs, stock_input  # noqa: E402
+from direct_context import DirectContext, random_model_dir  # noqa: E402
+from handler.config import HandlerConfig  # noqa: E402
+from handler.dataset import LoaderItem  # noqa: E402
+from handler.gpu_decode import BatchedJpegDecoder, jpeg_job  # noqa: E402
+from handler.images import ImageTransform  # noqa: E402
+from handler.metrics import STAGE_METRICS  # noqa: E402
+from handler.model_loading import load_model  # noqa: E402
+from handler.optimize import fold_batchnorm  # noqa: E402
+from handler.service import ImageBatchHandler, autocast_dtype  # noqa: E402
+
+
+def cuda_ms(fn, repeats: int, warmup: int = 3) -> float:
+    """Median milliseconds of ``fn`` on the GPU (CUDA events around each call)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+@torch.inference_mode()
+def model_ceiling(arch: str, weights: Path, precision: str, batch_sizes: list[int], repeats: int) -> dict:
+    """Images/s of the forward pass alone, per batch size (input already on the GPU)."""
+    device = torch.device("cuda")
+    model = fold_batchnorm(load_model(arch, weights, 1000), torch.randn(2, 3, 224, 224))
+    model = model.to(device, memory_format=torch.channels_last)
+    dtype = autocast_dtype(precision, device)
+    out = {}
+    for size in batch_sizes:
+        x = torch.randn(size, 3, 224, 224, device=device).contiguous(memory_format=torch.channels_last)
+
+        def forward() -> None:
+            if dtype is None:
+                model(x)
+            else:
+                with torch.autocast("cuda", dtype=dtype):
+                    model(x)
+
+        ms = cuda_ms(forward, repeats)
+        out[str(size)] = {"ms": round(ms, 3), "images_per_s": round(size / ms * 1000, 1)}
+    return out
+
+
+def nvjpeg_ceiling(images: list[bytes], config: HandlerConfig, repeats: int) -> dict:
+    """Images/s of nvJPEG on one list: decode only, and decode + EXIF + resize as the handler does."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    device = torch.device("cuda")
+    data = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in images]
+    decode_ms = cuda_ms(lambda: decode_jpeg(data, mode=ImageReadMode.RGB, device=device), repeats)
+    decoder = BatchedJpegDecoder(config, device)
+    jobs = [jpeg_job(LoaderItem(i, b), config.max_image_pixels) for i, b in enumerate(images)]
+    assert all(jobs)
+    # Wall clock: the handler's host-side work per image (header check, copies) counts here.
+    torch.cuda.synchronize()
+    full = []
+    for _ in range(repeats + 2):
+        start = time.perf_counter()
+        decoder.decode(jobs)
+        torch.cuda.synchronize()
+        full.append((time.perf_counter() - start) * 1000)
+    full_ms = statistics.median(full[2:])
+    return {"images": len(images), "decode_ms": round(decode_ms, 3),
+            "decode_images_per_s": round(len(images) / decode_ms * 1000, 1),
+            "decode_resize_ms": round(full_ms, 3), "decode_resize_images_per_s": round(len(images) / full_ms * 1000, 1)}
+
+
+def cpu_ceiling(images: list[bytes], config: HandlerConfig) -> dict:
+    """One core's decode + resize per photo, as a loader worker does it."""
+    transform = ImageTransform(config)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for b in images[:8]:
+            transform(b)
+        start = time.perf_counter()
+        for b in images:
+            transform(b)
+        ms = (time.perf_counter() - start) * 1000 / len(images)
+    finally:
+        torch.set_num_threads(previous)
+    return {"ms_per_image": round(ms, 3), "images_per_s_per_core": round(1000 / ms, 1)}
+
+
+def form_rows(images: list[bytes], per_request: int) -> list[dict[str, Any]]:
+    """What TorchServe hands the handler for multipart form uploads: one dict of fields per request."""
+    return [{f"f{j}": bytearray(b) for j, b in enumerate(images[i : i + per_request])}
+            for i in range(0, len(images), per_request)]
+
+
+def end_to_end(model_dir: Path, arch: str, settings: dict, images: list[bytes], repeats: int) -> dict:
+    """handle() on ``images`` as one server-side batch: images/s and the handler's stage times."""
+    handler_settings = {"arch": arch, **settings}
+    context = DirectContext(str(model_dir), {"handler": handler_settings}, gpu_id=0)
+    handler = ImageBatchHandler()
+    started = time.perf_counter()
+    handler.initialize(context)
+    init_s = time.perf_counter() - started
+    try:
+        rows = form_rows(images, handler.config.max_images_per_request)
+        for _ in range(2):
+            handler.handle(rows, context)  # warm-up
+        seconds, stages = [], {name: [] for name in STAGE_METRICS}
+        for _ in range(repeats):
+            context.metrics.values.clear()
+            start = time.perf_counter()
+            bodies = handler.handle(rows, context)
+            seconds.append(time.perf_counter() - start)
+            for name in STAGE_METRICS:
+                stages[name].append(context.metrics.values[name][-1])
+        assert len(bodies) == len(rows) and not context.statuses, context.statuses
+        median = statistics.median(seconds)
+        result = {"images_per_s": round(len(images) / median, 1), "batch_ms": round(median * 1000, 2),
+                  "best_images_per_s": round(len(images) / min(seconds), 1), "initialize_s": round(init_s, 1)}
+        result.update({name: round(statistics.median(v), 2) for name, v in stages.items()})
+        result["gpu_decoded"] = handler.jpeg_decoder is not None
+        return result
+    finally:
+        handler.loader.close()
+
+
+def default_sweep(workers: int) -> dict[str, dict]:
+    common = {"precision": "fp16", "num_workers": workers, "cudnn_benchmark": True}
+    return {
+        "cpu-decode b64": {**common, "batch_size": 64, "batch_buckets": [64]},
+        "nvjpeg b64": {**common, "batch_size": 64, "batch_buckets": [64], "decode_device": "cuda"},
+        "cpu-decode b128": {**common, "batch_size": 128, "batch_buckets": [128]},
+        "nvjpeg b128": {**common, "batch_size": 128, "batch_buckets": [128], "decode_device": "cuda"},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", default="resnet50")
+    parser.add_argument("--size", default="640x480")
+    parser.add_argument("--images", type=int, default=512, help="images per handle() call (requests of 64)")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--precision", default="fp16", help="for the model ceiling")
+    parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2))
+    parser.add_argument("--sweep", type=json.loads, help='JSON {"name": {handler settings}, ...} instead of the default')
+    parser.add_argument("--skip-ceilings", action="store_true")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_gpu.py needs a CUDA GPU")
+
+    images = photo_jpegs(args.size, args.images)
+    result: dict[str, Any] = {
+        "arch": args.arch, "image_size": args.size, "images_per_call": args.images,
+        "machine": {"gpu": torch.cuda.get_device_name(0), "cpus": os.cpu_count(), "torch": torch.__version__,
+                    "platform": platform.platform()},
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = random_model_dir(Path(tmp) / args.arch, args.arch, calibration=stock_input(images[:16]))
+        sweep = args.sweep or default_sweep(args.workers)
+        result["end_to_end"] = {}
+        for name, settings in sweep.items():
+            try:
+                row = end_to_end(model_dir, args.arch, settings, images, args.repeats)
+            except Exception as exc:  # report and go on: one broken setting must not hide the rest
+                row = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+            row["settings"] = settings
+            result["end_to_end"][name] = row
+            print(f"e2e {name}: {json.dumps(row)}", flush=True)
+        if not args.skip_ceilings:
+            config = HandlerConfig(arch=args.arch)
+            result["ceilings"] = {
+                "model": model_ceiling(args.arch, model_dir / "weights.pt", args.precision, [32, 64, 128, 256],
+                                       args.repeats * 3),
+                "nvjpeg_64": nvjpeg_ceiling(images[:64], config, args.repeats * 3),
+                "cpu_core": cpu_ceiling(images[:64], config),
+            }
+            print(f"ceilings: {json.dumps(result['ceilings'])}", flush=True)
+
+    print(f"\n{args.arch}, {args.images} JPEGs of {args.size} per handle() call, {result['machine']['gpu']}, "
+          f"{result['machine']['cpus']} CPUs")
+    print("| setting | images/s | ms per call | decode wait ms | host->device ms | inference ms | postprocess ms |")
+    print("|---|---|---|---|---|---|---|")
+    for name, row in result["end_to_end"].items():
+        if "error" in row:
+            print(f"| {name} | error: {row['error'][:120]} |")
+            continue
+        print(f"| {name} | {row['images_per_s']} | {row['batch_ms']} | {row['DecodeTransformMs']} | "
+              f"{row['HostToDeviceMs']} | {row['InferenceMs']} | {row['PostprocessMs']} |")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
