@@ -31,7 +31,9 @@ class HandlerConfig:
         pad_value: ``letterbox`` fill, 0-255 on every channel.
         mean, std: per-channel normalization applied to pixels scaled to [0, 1].
         top_k: classes returned per image.
-        batch_size: images per DataLoader batch (and per model forward pass).
+        batch_size: images per model forward pass (decoded chunks are gathered up to it).
+        loader_batch_size: images per DataLoader batch, at most; 0 = batch_size. Smaller chunks
+            reach the model sooner (a GPU infers while the workers decode); each costs a round trip.
         num_workers: DataLoader worker processes (0 decodes in the handler process).
         pin_memory: pin host batches for fast, asynchronous copies to the GPU (CUDA only).
         mp_context: multiprocessing start method of the loader workers.
@@ -42,6 +44,9 @@ class HandlerConfig:
         decode_device: ``cpu`` (DataLoader workers) or ``cuda``: JPEGs are decoded in batches
             on the GPU with nvJPEG and resized there; other images, and JPEGs nvJPEG rejects,
             still take the CPU path. Ignored (with a warning) when the model runs on the CPU.
+        cpu_decode_share: with ``decode_device: cuda``, this fraction of the JPEGs still goes
+            to the DataLoader workers, which decode it while the GPU decodes the rest (otherwise
+            the CPU cores idle while nvJPEG and the model take turns on the GPU).
         jpeg_draft: let libjpeg downscale large JPEGs while decoding (DCT scaling).
         jpeg_draft_margin: DCT scaling stops at this many times the size the resize needs, so the
             antialiased resize still downscales after it (1.0: fastest, further from the stock
@@ -73,6 +78,7 @@ class HandlerConfig:
     std: tuple[float, float, float] = IMAGENET_STD
     top_k: int = 5
     batch_size: int = 16
+    loader_batch_size: int = 0
     num_workers: int = 2
     pin_memory: bool = True
     mp_context: str = "fork"
@@ -80,6 +86,7 @@ class HandlerConfig:
     max_images_per_request: int = 64
     max_image_pixels: int = 50_000_000
     decode_device: str = "cpu"
+    cpu_decode_share: float = 0.0
     jpeg_draft: bool = True
     jpeg_draft_margin: float = 1.5
     precision: str = "fp32"
@@ -90,6 +97,11 @@ class HandlerConfig:
     compile_mode: str = "default"
     intra_op_threads: int = 0
     keep_freed_memory: bool = True
+
+    @property
+    def loader_chunk(self) -> int:
+        """Images per DataLoader batch, at most."""
+        return self.loader_batch_size or self.batch_size
 
     def __post_init__(self) -> None:
         _positive("image_size", self.image_size)
@@ -127,6 +139,10 @@ class HandlerConfig:
             )
         if not self.jpeg_draft_margin >= 1.0:
             raise ValueError(f"handler.jpeg_draft_margin must be >= 1, got {self.jpeg_draft_margin}")
+        if self.loader_batch_size < 0:
+            raise ValueError(f"handler.loader_batch_size must be >= 0, got {self.loader_batch_size}")
+        if not 0.0 <= self.cpu_decode_share <= 1.0:
+            raise ValueError(f"handler.cpu_decode_share must be between 0 and 1, got {self.cpu_decode_share}")
         if self.inline_max_images < 0:
             raise ValueError(f"handler.inline_max_images must be >= 0, got {self.inline_max_images}")
         if self.intra_op_threads < 0:

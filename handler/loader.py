@@ -172,22 +172,27 @@ class PersistentImageLoader:
         _disarm_sigchld_handler()
 
     def iterate(self, items: Sequence[LoaderItem]) -> Iterator[DecodedBatch]:
-        """Decoded batches of ``items`` in order; rebuilds the loader if a worker died."""
+        """Decoded batches of ``items`` in order; rebuilds the loader if a worker died.
+
+        The first batches go to the workers at once, before anything is consumed: the caller
+        can do other work (decode on the GPU) while they decode.
+        """
         # DataLoader parallelism is per batch: split small requests so every worker gets a share.
         size = max(1, min(self.batch_size, -(-len(items) // max(1, self._num_workers))))
         batches = [list(items[i : i + size]) for i in range(0, len(items), size)]
         if len(items) <= self.inline_max_images:
             # A handful of images decode faster here than the round trip to a worker takes.
-            for batch in batches:
-                yield self._collate([self._dataset[item] for item in batch])
-            return
+            return (self._collate([self._dataset[item] for item in batch]) for batch in batches)
+        self._replace_dead_workers()
+        self._sampler.set_batches(batches)
+        return self._deliver(batches, iter(self._loader))
+
+    def _deliver(self, batches: list[list[LoaderItem]], iterator: Iterator[DecodedBatch]) -> Iterator[DecodedBatch]:
         delivered = 0
         rebuilds = 0
-        self._replace_dead_workers()
         while True:
-            self._sampler.set_batches(batches[delivered:])
             try:
-                for batch in self._loader:
+                for batch in iterator:
                     _disarm_sigchld_handler()
                     delivered += 1
                     if batch.slot is not None and self.ring is not None:
@@ -206,6 +211,8 @@ class PersistentImageLoader:
                 rebuilds += 1
                 log.warning("image loader failed (%s); rebuilding its workers", exc)
                 self._rebuild()
+                self._sampler.set_batches(batches[delivered:])
+                iterator = iter(self._loader)
 
     def _replace_dead_workers(self) -> None:
         """A worker killed between requests would stall the next one until a liveness timeout:

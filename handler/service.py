@@ -65,7 +65,7 @@ class ImageBatchHandler:
 
         self.loader = PersistentImageLoader(
             ImageBytesDataset(ImageTransform(cfg)),
-            batch_size=cfg.batch_size,
+            batch_size=cfg.loader_chunk,
             num_workers=cfg.num_workers,
             image_size=cfg.image_size,
             pin_memory=cfg.pin_memory and self.device.type == "cuda",
@@ -150,16 +150,22 @@ class ImageBatchHandler:
     def _decode_on_device(self, items: list[LoaderItem]) -> Iterator[DecodedBatch]:
         assert self.loader is not None and self.jpeg_decoder is not None
         jobs, rest = self.jpeg_decoder.split(items)
+        # The CPU's share goes out first: the workers decode it while nvJPEG decodes the rest.
+        on_gpu = len(jobs) - round(len(jobs) * self.config.cpu_decode_share)
+        rest.extend(job.item for job in jobs[on_gpu:])
+        cpu_batches = self.loader.iterate(sorted(rest, key=lambda item: item.key)) if rest else iter(())
+        rejected: list[LoaderItem] = []
         size = self.config.batch_size
-        for start in range(0, len(jobs), size):
-            chunk = jobs[start : start + size]
+        for start in range(0, on_gpu, size):
+            chunk = jobs[start : min(start + size, on_gpu)]
             batch = self.jpeg_decoder.decode(chunk)
             if batch is None:
-                rest.extend(job.item for job in chunk)
+                rejected.extend(job.item for job in chunk)
             else:
                 yield batch
-        if rest:
-            yield from self.loader.iterate(sorted(rest, key=lambda item: item.key))
+        yield from cpu_batches
+        if rejected:  # lists nvJPEG refused: the workers decode them and report per image
+            yield from self.loader.iterate(rejected)
 
     @torch.inference_mode()
     def inference(self, batches: Iterable[DecodedBatch], clock: StageClock) -> list[ScoredBatch[torch.Tensor]]:

@@ -51,6 +51,8 @@ def test_invalid_values_are_rejected_with_the_key(settings, message):
         pytest.param({"compile_mode": "fast"}, "compile_mode must be one of", id="bad-compile-mode"),
         pytest.param({"jpeg_draft_margin": 0.5}, "jpeg_draft_margin must be >= 1", id="draft-margin-below-1"),
         pytest.param({"jpeg_draft_margin": "2"}, "jpeg_draft_margin must be a number", id="draft-margin-string"),
+        pytest.param({"cpu_decode_share": 1.5}, "cpu_decode_share must be between 0 and 1", id="share-above-1"),
+        pytest.param({"loader_batch_size": -1}, "loader_batch_size must be >= 0", id="negative-loader-batch"),
     ],
 )
 def test_fast_path_settings_are_checked(settings, message):
@@ -61,3 +63,8 @@ def test_fast_path_settings_are_checked(settings, message):
 def test_buckets_and_benchmark_together_are_valid():
     config = HandlerConfig.from_mapping({"batch_buckets": [1, 4, 16], "cudnn_benchmark": True, "precision": "bf16"})
     assert config.batch_buckets == (1, 4, 16)
+
+
+def test_loader_chunks_default_to_the_model_batch():
+    assert HandlerConfig(batch_size=64).loader_chunk == 64
+    assert HandlerConfig(batch_size=64, loader_batch_size=16).loader_chunk == 16

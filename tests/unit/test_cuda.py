@@ -26,6 +26,8 @@ CONFIGS = {
     "fp32": {},
     "fp16-buckets-cudnn": {"precision": "fp16", "batch_buckets": [4, 8], "cudnn_benchmark": True},
     "bf16-nvjpeg": {"precision": "bf16", "decode_device": "cuda", "batch_buckets": [8]},
+    "fp16-nvjpeg-cpu-share": {"precision": "fp16", "decode_device": "cuda", "batch_buckets": [8],
+                              "cpu_decode_share": 0.5, "loader_batch_size": 2},
     "fp16-nvjpeg-compile": {"precision": "fp16", "decode_device": "cuda", "batch_buckets": [8], "compile": True},
 }
 

@@ -157,3 +157,24 @@ def test_same_sized_images_resized_together_equal_one_by_one(mode):
     for row, d in zip(batch.pixels, data):
         one = resize_to_input(decode_jpeg(torch.frombuffer(bytearray(d), dtype=torch.uint8)), config)
         assert torch.equal(row, one)
+
+
+@pytest.mark.parametrize("share", [0.5, 1.0])
+def test_a_cpu_share_of_the_jpegs_goes_to_the_workers_with_the_same_answers(model_dir, share, monkeypatch):
+    settings = {"arch": "shapes_cnn", "image_size": 64, "resize_size": 72, "top_k": 2, "batch_size": 4,
+                "num_workers": 2, "cpu_decode_share": share}
+    handler = ImageBatchHandler()
+    handler.initialize(FakeContext(str(model_dir), {"handler": settings}))
+    try:
+        rows = mixed_rows()
+        want, want_status = answer(handler, rows)
+        decoder = CountingDecoder(handler.config, torch.device("cpu"))
+        monkeypatch.setattr(handler, "jpeg_decoder", decoder)
+        got, got_status = answer(handler, rows)
+        assert decoder.decoded == 9 - round(9 * share)  # the rest took the CPU workers
+        assert got_status == want_status and got[2] == want[2]
+        for g_request, w_request in zip(got[:2], want[:2]):
+            for g, w in zip(g_request, w_request):
+                assert list(g) == list(w) and g == pytest.approx(w, abs=0.02)
+    finally:
+        handler.loader.close()

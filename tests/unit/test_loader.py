@@ -160,3 +160,11 @@ def test_start_forks_the_workers_even_when_small_batches_decode_inline():
         assert worker_pids(loader) == pids  # the request used the workers forked at start
     finally:
         loader.close()
+
+
+def test_iterate_hands_out_the_first_batches_before_anything_is_consumed(loader):
+    """So the handler can decode on the GPU while the workers decode their share."""
+    items = [LoaderItem(key, grey(10 * key)) for key in range(8)]
+    batches = loader.iterate(items)
+    assert loader.inbox._used >= sum(len(item.data) for item in items[:4])  # dispatched: bytes staged
+    assert [k for b in batches for k in b.keys] == list(range(8))
