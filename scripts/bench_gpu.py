@@ -159,12 +159,22 @@ def end_to_end(model_dir: Path, arch: str, settings: dict, images: list[bytes], 
 
 
 def default_sweep(workers: int) -> dict[str, dict]:
-    common = {"precision": "fp16", "num_workers": workers, "cudnn_benchmark": True}
+    """Where the JPEGs are decoded (CPU workers, nvJPEG, or split), how small the loader's
+    chunks are, and torch.compile, around one fp16 setting with fixed 64-image batches."""
+    base = {"precision": "fp16", "num_workers": workers, "cudnn_benchmark": True, "batch_size": 64,
+            "batch_buckets": [64]}
+    gpu = {**base, "decode_device": "cuda"}
     return {
-        "cpu-decode b64": {**common, "batch_size": 64, "batch_buckets": [64]},
-        "nvjpeg b64": {**common, "batch_size": 64, "batch_buckets": [64], "decode_device": "cuda"},
-        "cpu-decode b128": {**common, "batch_size": 128, "batch_buckets": [128]},
-        "nvjpeg b128": {**common, "batch_size": 128, "batch_buckets": [128], "decode_device": "cuda"},
+        "cpu decode, chunks 64": base,
+        "cpu decode, chunks 16": {**base, "loader_batch_size": 16},
+        "cpu decode, chunks 8": {**base, "loader_batch_size": 8},
+        "nvjpeg": gpu,
+        "nvjpeg + cpu 30%, chunks 16": {**gpu, "cpu_decode_share": 0.3, "loader_batch_size": 16},
+        "nvjpeg + cpu 45%, chunks 16": {**gpu, "cpu_decode_share": 0.45, "loader_batch_size": 16},
+        "nvjpeg + cpu 60%, chunks 16": {**gpu, "cpu_decode_share": 0.6, "loader_batch_size": 16},
+        "nvjpeg + cpu 45%, chunks 8": {**gpu, "cpu_decode_share": 0.45, "loader_batch_size": 8},
+        "nvjpeg + cpu 45%, chunks 16, compiled": {**gpu, "cpu_decode_share": 0.45, "loader_batch_size": 16,
+                                                  "compile": True},
     }
 
 
