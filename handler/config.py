@@ -63,7 +63,11 @@ class HandlerConfig:
         compile_mode: ``torch.compile`` mode: default, reduce-overhead, max-autotune or
             max-autotune-no-cudagraphs.
         intra_op_threads: torch threads of each TorchServe worker for the model; 0 shares the
-            machine's cores among the model's maxWorkers backend workers.
+            machine's cores among the model's maxWorkers backend workers (on a GPU: 2, since
+            the model runs there and the cores are the loader workers').
+        worker_nice: with the model on a GPU, the loader workers run at this lower priority
+            (``nice``), so that the handler thread that feeds the GPU never waits for a core.
+            On a CPU device they keep normal priority (decoding and the model share the cores).
         keep_freed_memory: have glibc serve blocks up to 32 MB from its heap and keep freed
             memory for the next batch, instead of mapping every batch's tensors fresh from the
             kernel (page faults); the worker's memory then stays at its peak.
@@ -96,6 +100,7 @@ class HandlerConfig:
     compile: bool = False
     compile_mode: str = "default"
     intra_op_threads: int = 0
+    worker_nice: int = 10
     keep_freed_memory: bool = True
 
     @property
@@ -145,6 +150,8 @@ class HandlerConfig:
             raise ValueError(f"handler.cpu_decode_share must be between 0 and 1, got {self.cpu_decode_share}")
         if self.inline_max_images < 0:
             raise ValueError(f"handler.inline_max_images must be >= 0, got {self.inline_max_images}")
+        if not 0 <= self.worker_nice <= 19:
+            raise ValueError(f"handler.worker_nice must be within 0..19, got {self.worker_nice}")
         if self.intra_op_threads < 0:
             raise ValueError(f"handler.intra_op_threads must be >= 0, got {self.intra_op_threads}")
         if self.num_workers < 0:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import logging
 import multiprocessing
+import os
 import signal
 import threading
 from typing import Iterator, Sequence
@@ -87,10 +88,12 @@ class InboxDataset(Dataset):
         return self.dataset[item]
 
 
-def _init_worker(_worker_id: int) -> None:
+def _init_worker(_worker_id: int, nice: int = 0) -> None:
     # One intra-op thread per worker: parallelism comes from the worker count, and the
     # handler process keeps its own threads for the model.
     torch.set_num_threads(1)
+    if nice:
+        os.nice(nice)
 
 
 def _disarm_sigchld_handler() -> None:
@@ -125,6 +128,7 @@ class PersistentImageLoader:
         mp_context: str,
         inline_max_images: int = 0,
         staging: bool = True,
+        worker_nice: int = 0,
     ) -> None:
         self.batch_size = batch_size
         self._dataset = dataset
@@ -142,6 +146,7 @@ class PersistentImageLoader:
         )
         self._pin_memory = pin_memory
         self._mp_context = mp_context
+        self._worker_init = functools.partial(_init_worker, nice=worker_nice)
         self._sampler = RequestBatchSampler(self.ring, self.inbox)
         self._loader = self._build()
         self.inline_max_images = inline_max_images
@@ -156,7 +161,7 @@ class PersistentImageLoader:
             pin_memory=self._pin_memory,
             persistent_workers=workers > 0,
             multiprocessing_context=multiprocessing.get_context(self._mp_context) if workers else None,
-            worker_init_fn=_init_worker if workers else None,
+            worker_init_fn=self._worker_init if workers else None,
             prefetch_factor=PREFETCH_PER_WORKER if workers else None,
         )
 

@@ -35,6 +35,9 @@ from handler.responses import Prediction, success_body
 
 log = logging.getLogger(__name__)
 
+# Torch threads of a handler whose model is on a GPU (host-side ops only: the rest is the GPU's).
+GPU_HOST_THREADS = 2
+
 
 class ImageBatchHandler:
     """Many images per request, many requests per batch; bad requests fail alone."""
@@ -61,7 +64,7 @@ class ImageBatchHandler:
         # Keep Pillow's decompression-bomb guard on, at our limit (the stock handler turns it off).
         Image.MAX_IMAGE_PIXELS = cfg.max_image_pixels
         self.device = select_device(properties.get("gpu_id"))
-        torch.set_num_threads(thread_budget(cfg.intra_op_threads, model_yaml.get("maxWorkers", 1)))
+        torch.set_num_threads(thread_budget(cfg.intra_op_threads, model_yaml.get("maxWorkers", 1), self.device))
 
         self.loader = PersistentImageLoader(
             ImageBytesDataset(ImageTransform(cfg)),
@@ -71,6 +74,7 @@ class ImageBatchHandler:
             pin_memory=cfg.pin_memory and self.device.type == "cuda",
             mp_context=cfg.mp_context,
             inline_max_images=cfg.inline_max_images,
+            worker_nice=cfg.worker_nice if self.device.type == "cuda" else 0,
         )
         # Fork the workers while this process is small and has no CUDA context.
         self.loader.start()
@@ -279,14 +283,17 @@ class ImageBatchHandler:
         return bodies, errors
 
 
-def thread_budget(configured: int, backend_workers: Any) -> int:
+def thread_budget(configured: int, backend_workers: Any, device: torch.device | None = None) -> int:
     """Intra-op threads for this worker: as configured, or the cores shared among the backend
     workers (several workers each using every core would oversubscribe the machine). The loader
-    workers run one thread each, and decoding and inference take turns, not overlap."""
+    workers run one thread each, and decoding and inference take turns, not overlap. With the
+    model on a GPU the handler's own CPU work is small: GPU_HOST_THREADS, and the cores are
+    left to the loader workers."""
     if configured > 0:
         return configured
     workers = backend_workers if isinstance(backend_workers, int) and backend_workers > 0 else 1
-    return max(1, (os.cpu_count() or 1) // workers)
+    share = max(1, (os.cpu_count() or 1) // workers)
+    return min(share, GPU_HOST_THREADS) if device is not None and device.type == "cuda" else share
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:

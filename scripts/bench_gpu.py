@@ -167,13 +167,14 @@ def default_sweep(workers: int) -> dict[str, dict]:
     return {
         "cpu decode, chunks 64": base,
         "cpu decode, chunks 16": {**base, "loader_batch_size": 16},
-        "cpu decode, chunks 8": {**base, "loader_batch_size": 8},
+        "cpu decode, chunks 16, workers not niced": {**base, "loader_batch_size": 16, "worker_nice": 0},
         "nvjpeg": gpu,
-        "nvjpeg + cpu 30%, chunks 16": {**gpu, "cpu_decode_share": 0.3, "loader_batch_size": 16},
-        "nvjpeg + cpu 45%, chunks 16": {**gpu, "cpu_decode_share": 0.45, "loader_batch_size": 16},
-        "nvjpeg + cpu 60%, chunks 16": {**gpu, "cpu_decode_share": 0.6, "loader_batch_size": 16},
-        "nvjpeg + cpu 45%, chunks 8": {**gpu, "cpu_decode_share": 0.45, "loader_batch_size": 8},
-        "nvjpeg + cpu 45%, chunks 16, compiled": {**gpu, "cpu_decode_share": 0.45, "loader_batch_size": 16,
+        "nvjpeg + cpu 20%, chunks 16": {**gpu, "cpu_decode_share": 0.2, "loader_batch_size": 16},
+        "nvjpeg + cpu 35%, chunks 16": {**gpu, "cpu_decode_share": 0.35, "loader_batch_size": 16},
+        "nvjpeg + cpu 50%, chunks 16": {**gpu, "cpu_decode_share": 0.5, "loader_batch_size": 16},
+        "nvjpeg + cpu 35%, chunks 16, workers not niced": {**gpu, "cpu_decode_share": 0.35, "loader_batch_size": 16,
+                                                           "worker_nice": 0},
+        "nvjpeg + cpu 35%, chunks 16, compiled": {**gpu, "cpu_decode_share": 0.35, "loader_batch_size": 16,
                                                   "compile": True},
     }
 

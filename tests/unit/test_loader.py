@@ -168,3 +168,21 @@ def test_iterate_hands_out_the_first_batches_before_anything_is_consumed(loader)
     batches = loader.iterate(items)
     assert loader.inbox._used >= sum(len(item.data) for item in items[:4])  # dispatched: bytes staged
     assert [k for b in batches for k in b.keys] == list(range(8))
+
+
+def test_workers_can_run_at_a_lower_priority_than_the_handler():
+    config = HandlerConfig(image_size=SIZE, resize_size=SIZE)
+    nice = PersistentImageLoader(ImageBytesDataset(ImageTransform(config)), batch_size=2, num_workers=2,
+                                 image_size=SIZE, pin_memory=False, mp_context="fork", worker_nice=5)
+    try:
+        nice.start()
+        own = os.getpriority(os.PRIO_PROCESS, 0)
+        deadline = time.monotonic() + 10  # a worker runs its init once it is scheduled
+        while True:
+            priorities = [os.getpriority(os.PRIO_PROCESS, pid) for pid in worker_pids(nice)]
+            if priorities == [min(19, own + 5)] * 2 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert priorities == [min(19, own + 5)] * 2
+    finally:
+        nice.close()

@@ -106,6 +106,9 @@ def test_thread_budget_shares_cores_among_backend_workers():
     assert thread_budget(0, 1) == cores
     assert thread_budget(0, cores * 4) == 1
     assert thread_budget(0, None) == cores
+    gpu = torch.device("cuda", 0)  # only its type is read: no GPU needed
+    assert thread_budget(0, 1, gpu) == min(cores, 2)  # the model runs on the GPU
+    assert thread_budget(3, 1, gpu) == 3
 
 
 def test_bucket_padding_and_bf16_keep_the_results(handler_and_context, tmp_path):
