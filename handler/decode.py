@@ -216,6 +216,11 @@ def decode_base64(item: Any) -> bytes:
     """Strict base64 (standard or URL-safe alphabet, optional data: URL prefix, line breaks allowed)."""
     if not isinstance(item, str):
         raise ValueError(f"expected a base64 string, got {type(item).__name__}")
+    if not item.startswith("data:"):
+        try:  # the common case, a plain standard-alphabet string: one pass, no normalizing copies
+            return binascii.a2b_base64(item, strict_mode=True)
+        except (binascii.Error, ValueError):
+            pass  # line breaks, URL-safe alphabet, missing padding -- or invalid: normalize and see
     text = item
     if text.startswith("data:"):
         _, sep, text = text.partition(",")

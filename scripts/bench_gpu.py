@@ -5,8 +5,9 @@ Ceilings (each alone, median of CUDA-event or wall-clock timings):
   model     the folded channels_last model's forward pass per batch size, in the chosen precision
   nvjpeg    batched GPU JPEG decode of the photos (decode only, then decode + resize)
   cpu       one core decoding and resizing one photo (libjpeg-turbo / Pillow, as a loader worker)
-End to end: handle() on a server-side batch of form-upload requests (JPEG bytes in, top-k labels
-out), for each handler setting in the sweep: images/s and the handler's own per-stage times.
+End to end: handle() on one server-side batch of requests (form uploads, or base64 JSON; JPEG
+bytes in, top-k labels out) for each handler setting of the sweep, every setting initialized once
+and timed in interleaved rounds: images/s and the handler's own per-stage times.
 Needs torch only (no TorchServe, no Java); photos from scikit-image or $BENCH_PHOTOS.
 
     python scripts/bench_gpu.py [--arch resnet50] [--size 640x480] [--images 512] [--json out.json]
@@ -32,6 +33,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
 from bench_images import photo_jpegs, stock_input  # noqa: E402
 from direct_context import DirectContext, random_model_dir  # noqa: E402
+from timing import json_request  # noqa: E402
 from handler.config import HandlerConfig  # noqa: E402
 from handler.dataset import LoaderItem  # noqa: E402
 from handler.gpu_decode import BatchedJpegDecoder, jpeg_job  # noqa: E402
@@ -127,55 +129,67 @@ def form_rows(images: list[bytes], per_request: int) -> list[dict[str, Any]]:
             for i in range(0, len(images), per_request)]
 
 
-def end_to_end(model_dir: Path, arch: str, settings: dict, images: list[bytes], repeats: int) -> dict:
-    """handle() on ``images`` as one server-side batch: images/s and the handler's stage times."""
-    handler_settings = {"arch": arch, **settings}
-    context = DirectContext(str(model_dir), {"handler": handler_settings}, gpu_id=0)
-    handler = ImageBatchHandler()
-    started = time.perf_counter()
-    handler.initialize(context)
-    init_s = time.perf_counter() - started
-    try:
-        rows = form_rows(images, handler.config.max_images_per_request)
+def request_rows(images: list[bytes], per_request: int, encoding: str) -> list[dict[str, Any]]:
+    if encoding == "json":  # {"images": [base64, ...]}: the handler decodes the base64
+        return [json_request(images[i : i + per_request]) for i in range(0, len(images), per_request)]
+    return form_rows(images, per_request)
+
+
+class Contender:
+    """One handler setting, initialized and warmed up, timed a call at a time."""
+
+    def __init__(self, name: str, model_dir: Path, arch: str, settings: dict, encoding: str,
+                 images: list[bytes]) -> None:
+        self.name, self.settings, self.encoding = name, settings, encoding
+        self.context = DirectContext(str(model_dir), {"handler": {"arch": arch, **settings}}, gpu_id=0)
+        self.handler = ImageBatchHandler()
+        started = time.perf_counter()
+        self.handler.initialize(self.context)
+        self.initialize_s = time.perf_counter() - started
+        self.rows = request_rows(images, self.handler.config.max_images_per_request, encoding)
+        self.images = len(images)
+        self.seconds: list[float] = []
+        self.stages: dict[str, list[float]] = {name: [] for name in STAGE_METRICS}
         for _ in range(2):
-            handler.handle(rows, context)  # warm-up
-        seconds, stages = [], {name: [] for name in STAGE_METRICS}
-        for _ in range(repeats):
-            context.metrics.values.clear()
-            start = time.perf_counter()
-            bodies = handler.handle(rows, context)
-            seconds.append(time.perf_counter() - start)
-            for name in STAGE_METRICS:
-                stages[name].append(context.metrics.values[name][-1])
-        assert len(bodies) == len(rows) and not context.statuses, context.statuses
-        median = statistics.median(seconds)
-        result = {"images_per_s": round(len(images) / median, 1), "batch_ms": round(median * 1000, 2),
-                  "best_images_per_s": round(len(images) / min(seconds), 1), "initialize_s": round(init_s, 1)}
-        result.update({name: round(statistics.median(v), 2) for name, v in stages.items()})
-        result["gpu_decoded"] = handler.jpeg_decoder is not None
+            self.handler.handle(self.rows, self.context)  # warm-up
+
+    def time_one(self) -> None:
+        self.context.metrics.values.clear()
+        start = time.perf_counter()
+        bodies = self.handler.handle(self.rows, self.context)
+        self.seconds.append(time.perf_counter() - start)
+        assert len(bodies) == len(self.rows) and not self.context.statuses, self.context.statuses
+        for name in STAGE_METRICS:
+            self.stages[name].append(self.context.metrics.values[name][-1])
+
+    def summary(self) -> dict:
+        median = statistics.median(self.seconds)
+        result = {"images_per_s": round(self.images / median, 1), "batch_ms": round(median * 1000, 2),
+                  "best_images_per_s": round(self.images / min(self.seconds), 1),
+                  "initialize_s": round(self.initialize_s, 1), "rounds": len(self.seconds)}
+        result.update({name: round(statistics.median(v), 2) for name, v in self.stages.items()})
+        result.update({"gpu_decoded": self.handler.jpeg_decoder is not None, "request_encoding": self.encoding,
+                       "settings": self.settings})
         return result
-    finally:
-        handler.loader.close()
+
+    def close(self) -> None:
+        assert self.handler.loader is not None
+        self.handler.loader.close()
 
 
-def default_sweep(workers: int) -> dict[str, dict]:
-    """Where the JPEGs are decoded (CPU workers, nvJPEG, or split), how small the loader's
-    chunks are, and torch.compile, around one fp16 setting with fixed 64-image batches."""
+def default_sweep(workers: int) -> dict[str, tuple[dict, str]]:
+    """Where the JPEGs are decoded (CPU workers, nvJPEG, or split between them) around one fp16
+    setting with fixed 64-image batches; form uploads, and the best guess also as base64 JSON."""
     base = {"precision": "fp16", "num_workers": workers, "cudnn_benchmark": True, "batch_size": 64,
-            "batch_buckets": [64]}
+            "batch_buckets": [64], "loader_batch_size": 16}
     gpu = {**base, "decode_device": "cuda"}
     return {
-        "cpu decode, chunks 64": base,
-        "cpu decode, chunks 16": {**base, "loader_batch_size": 16},
-        "cpu decode, chunks 16, workers not niced": {**base, "loader_batch_size": 16, "worker_nice": 0},
-        "nvjpeg": gpu,
-        "nvjpeg + cpu 20%, chunks 16": {**gpu, "cpu_decode_share": 0.2, "loader_batch_size": 16},
-        "nvjpeg + cpu 35%, chunks 16": {**gpu, "cpu_decode_share": 0.35, "loader_batch_size": 16},
-        "nvjpeg + cpu 50%, chunks 16": {**gpu, "cpu_decode_share": 0.5, "loader_batch_size": 16},
-        "nvjpeg + cpu 35%, chunks 16, workers not niced": {**gpu, "cpu_decode_share": 0.35, "loader_batch_size": 16,
-                                                           "worker_nice": 0},
-        "nvjpeg + cpu 35%, chunks 16, compiled": {**gpu, "cpu_decode_share": 0.35, "loader_batch_size": 16,
-                                                  "compile": True},
+        "cpu decode": (base, "form"),
+        "nvjpeg": (gpu, "form"),
+        "nvjpeg + cpu 25%": ({**gpu, "cpu_decode_share": 0.25}, "form"),
+        "nvjpeg + cpu 35%": ({**gpu, "cpu_decode_share": 0.35}, "form"),
+        "nvjpeg + cpu 45%": ({**gpu, "cpu_decode_share": 0.45}, "form"),
+        "nvjpeg + cpu 35%, base64 JSON": ({**gpu, "cpu_decode_share": 0.35}, "json"),
     }
 
 
@@ -184,10 +198,12 @@ def main() -> None:
     parser.add_argument("--arch", default="resnet50")
     parser.add_argument("--size", default="640x480")
     parser.add_argument("--images", type=int, default=512, help="images per handle() call (requests of 64)")
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--rounds", type=int, default=15, help="timed handle() calls per setting, interleaved")
+    parser.add_argument("--repeats", type=int, default=7, help="timings per ceiling measurement")
     parser.add_argument("--precision", default="fp16", help="for the model ceiling")
     parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2))
-    parser.add_argument("--sweep", type=json.loads, help='JSON {"name": {handler settings}, ...} instead of the default')
+    parser.add_argument("--sweep", type=json.loads,
+                        help='JSON {"name": [{handler settings}, "form"|"json"], ...} instead of the default')
     parser.add_argument("--skip-ceilings", action="store_true")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -203,15 +219,20 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = random_model_dir(Path(tmp) / args.arch, args.arch, calibration=stock_input(images[:16]))
         sweep = args.sweep or default_sweep(args.workers)
-        result["end_to_end"] = {}
-        for name, settings in sweep.items():
+        contenders = []
+        for name, (settings, encoding) in sweep.items():
             try:
-                row = end_to_end(model_dir, args.arch, settings, images, args.repeats)
+                contenders.append(Contender(name, model_dir, args.arch, settings, encoding, images))
             except Exception as exc:  # report and go on: one broken setting must not hide the rest
-                row = {"error": f"{type(exc).__name__}: {exc}"[:500]}
-            row["settings"] = settings
-            result["end_to_end"][name] = row
-            print(f"e2e {name}: {json.dumps(row)}", flush=True)
+                print(f"{name}: {type(exc).__name__}: {exc}"[:500], flush=True)
+        # Rounds interleave the settings, so drift on a shared machine hits them all alike.
+        for _ in range(args.rounds):
+            for contender in contenders:
+                contender.time_one()
+        result["end_to_end"] = {c.name: c.summary() for c in contenders}
+        for contender in contenders:
+            contender.close()
+            print(f"e2e {contender.name}: {json.dumps(result['end_to_end'][contender.name])}", flush=True)
         if not args.skip_ceilings:
             config = HandlerConfig(arch=args.arch)
             result["ceilings"] = {
@@ -224,13 +245,10 @@ def main() -> None:
 
     print(f"\n{args.arch}, {args.images} JPEGs of {args.size} per handle() call, {result['machine']['gpu']}, "
           f"{result['machine']['cpus']} CPUs")
-    print("| setting | images/s | ms per call | decode wait ms | host->device ms | inference ms | postprocess ms |")
+    print("| setting | images/s (median) | best | ms per call | decode wait ms | host->device ms | inference ms | postprocess ms |")
     print("|---|---|---|---|---|---|---|")
     for name, row in result["end_to_end"].items():
-        if "error" in row:
-            print(f"| {name} | error: {row['error'][:120]} |")
-            continue
-        print(f"| {name} | {row['images_per_s']} | {row['batch_ms']} | {row['DecodeTransformMs']} | "
+        print(f"| {name} | {row['images_per_s']} | {row['best_images_per_s']} | {row['batch_ms']} | {row['DecodeTransformMs']} | "
               f"{row['HostToDeviceMs']} | {row['InferenceMs']} | {row['PostprocessMs']} |")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
