@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -160,13 +161,17 @@ class ImageBatchHandler:
         cpu_batches = self.loader.iterate(sorted(rest, key=lambda item: item.key)) if rest else iter(())
         rejected: list[LoaderItem] = []
         size = self.config.batch_size
-        for start in range(0, on_gpu, size):
-            chunk = jobs[start : min(start + size, on_gpu)]
-            batch = self.jpeg_decoder.decode(chunk)
-            if batch is None:
-                rejected.extend(job.item for job in chunk)
-            else:
-                yield batch
+        chunks = [jobs[start : min(start + size, on_gpu)] for start in range(0, on_gpu, size)]
+        # nvJPEG blocks its caller until a list is decoded; a thread of its own decodes the
+        # lists ahead, so this thread keeps launching the model meanwhile (both release the GIL).
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="nvjpeg") as decoding:
+            futures = [decoding.submit(self.jpeg_decoder.decode, chunk) for chunk in chunks]
+            for chunk, future in zip(chunks, futures):
+                batch = future.result()
+                if batch is None:
+                    rejected.extend(job.item for job in chunk)
+                else:
+                    yield batch
         yield from cpu_batches
         if rejected:  # lists nvJPEG refused: the workers decode them and report per image
             yield from self.loader.iterate(rejected)
