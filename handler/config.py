@@ -44,6 +44,8 @@ class HandlerConfig:
         decode_device: ``cpu`` (DataLoader workers) or ``cuda``: JPEGs are decoded in batches
             on the GPU with nvJPEG and resized there; other images, and JPEGs nvJPEG rejects,
             still take the CPU path. Ignored (with a warning) when the model runs on the CPU.
+        decode_ahead: with ``decode_device: cuda``, a thread of its own decodes the nvJPEG lists
+            ahead while the handler thread runs the model (nvJPEG blocks its caller per list).
         cpu_decode_share: with ``decode_device: cuda``, this fraction of the JPEGs still goes
             to the DataLoader workers, which decode it while the GPU decodes the rest (otherwise
             the CPU cores idle while nvJPEG and the model take turns on the GPU).
@@ -91,6 +93,7 @@ class HandlerConfig:
     max_image_pixels: int = 50_000_000
     decode_device: str = "cpu"
     cpu_decode_share: float = 0.0
+    decode_ahead: bool = True
     jpeg_draft: bool = True
     jpeg_draft_margin: float = 1.5
     precision: str = "fp32"

@@ -165,8 +165,12 @@ class ImageBatchHandler:
         # nvJPEG blocks its caller until a list is decoded; a thread of its own decodes the
         # lists ahead, so this thread keeps launching the model meanwhile (both release the GIL).
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="nvjpeg") as decoding:
-            futures = [decoding.submit(self.jpeg_decoder.decode, chunk) for chunk in chunks]
-            for chunk, future in zip(chunks, futures):
+            decoder = self.jpeg_decoder
+            if self.config.decode_ahead:
+                results = [decoding.submit(decoder.decode, chunk) for chunk in chunks]
+            else:
+                results = [_Later(decoder.decode, chunk) for chunk in chunks]
+            for chunk, future in zip(chunks, results):
                 batch = future.result()
                 if batch is None:
                     rejected.extend(job.item for job in chunk)
@@ -316,3 +320,13 @@ def select_device(gpu_id: Any) -> torch.device:
     if gpu_id is not None and torch.cuda.is_available():
         return torch.device(f"cuda:{int(gpu_id)}")
     return torch.device("cpu")
+
+
+class _Later:
+    """A call made when its result is asked for (``decode_ahead: false``)."""
+
+    def __init__(self, fn: Any, *args: Any) -> None:
+        self._fn, self._args = fn, args
+
+    def result(self) -> Any:
+        return self._fn(*self._args)

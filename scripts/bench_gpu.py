@@ -185,11 +185,11 @@ def default_sweep(workers: int) -> dict[str, tuple[dict, str]]:
     gpu = {**base, "decode_device": "cuda"}
     return {
         "cpu decode": (base, "form"),
+        "nvjpeg, not decoded ahead": ({**gpu, "decode_ahead": False}, "form"),
         "nvjpeg": (gpu, "form"),
         "nvjpeg + cpu 25%": ({**gpu, "cpu_decode_share": 0.25}, "form"),
-        "nvjpeg + cpu 35%": ({**gpu, "cpu_decode_share": 0.35}, "form"),
-        "nvjpeg + cpu 45%": ({**gpu, "cpu_decode_share": 0.45}, "form"),
-        "nvjpeg + cpu 35%, base64 JSON": ({**gpu, "cpu_decode_share": 0.35}, "json"),
+        "nvjpeg + cpu 40%": ({**gpu, "cpu_decode_share": 0.4}, "form"),
+        "nvjpeg + cpu 25%, base64 JSON": ({**gpu, "cpu_decode_share": 0.25}, "json"),
     }
 
 
