@@ -178,8 +178,8 @@ class Contender:
 
 
 def default_sweep(workers: int) -> dict[str, tuple[dict, str]]:
-    """Where the JPEGs are decoded (CPU workers, nvJPEG, or split between them) around one fp16
-    setting with fixed 64-image batches; form uploads, and the best guess also as base64 JSON."""
+    """Where the JPEGs are decoded (CPU workers, nvJPEG ahead or not, or split between them)
+    around one fp16 setting with fixed 64-image batches (and 128); form uploads, and base64 JSON."""
     base = {"precision": "fp16", "num_workers": workers, "cudnn_benchmark": True, "batch_size": 64,
             "batch_buckets": [64], "loader_batch_size": 16}
     gpu = {**base, "decode_device": "cuda"}
@@ -187,9 +187,9 @@ def default_sweep(workers: int) -> dict[str, tuple[dict, str]]:
         "cpu decode": (base, "form"),
         "nvjpeg, not decoded ahead": ({**gpu, "decode_ahead": False}, "form"),
         "nvjpeg": (gpu, "form"),
+        "nvjpeg, batches of 128": ({**gpu, "batch_size": 128, "batch_buckets": [128]}, "form"),
         "nvjpeg + cpu 25%": ({**gpu, "cpu_decode_share": 0.25}, "form"),
-        "nvjpeg + cpu 40%": ({**gpu, "cpu_decode_share": 0.4}, "form"),
-        "nvjpeg + cpu 25%, base64 JSON": ({**gpu, "cpu_decode_share": 0.25}, "json"),
+        "nvjpeg, base64 JSON": (gpu, "json"),
     }
 
 
