@@ -13,8 +13,9 @@ from __future__ import annotations
 import io
 import logging
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from PIL import Image
@@ -93,6 +94,17 @@ class BatchedJpegDecoder:
         buffer = io.BytesIO()
         Image.new("RGB", (64, 48), (120, 60, 30)).save(buffer, format="JPEG")
         return self.decode([JpegJob(LoaderItem(0, buffer.getvalue()), 1)]) is not None
+
+    def decode_lists(self, lists: list[list[JpegJob]], ahead: bool = True) -> Iterator[DecodedBatch | None]:
+        """``decode`` of each list, in order. nvJPEG blocks its caller until a list is decoded;
+        with ``ahead`` a thread of its own decodes the lists ahead, so the caller's thread keeps
+        launching the model meanwhile (both release the GIL while they wait)."""
+        if not ahead:
+            yield from (self.decode(jobs) for jobs in lists)
+            return
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="nvjpeg") as decoding:
+            for future in [decoding.submit(self.decode, jobs) for jobs in lists]:
+                yield future.result()
 
     def decode(self, jobs: list[JpegJob]) -> DecodedBatch | None:
         """One batch of model-size uint8 images on the device; None if nvJPEG rejected the list

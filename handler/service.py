@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -162,20 +161,11 @@ class ImageBatchHandler:
         rejected: list[LoaderItem] = []
         size = self.config.batch_size
         chunks = [jobs[start : min(start + size, on_gpu)] for start in range(0, on_gpu, size)]
-        # nvJPEG blocks its caller until a list is decoded; a thread of its own decodes the
-        # lists ahead, so this thread keeps launching the model meanwhile (both release the GIL).
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="nvjpeg") as decoding:
-            decoder = self.jpeg_decoder
-            if self.config.decode_ahead:
-                results = [decoding.submit(decoder.decode, chunk) for chunk in chunks]
+        for chunk, batch in zip(chunks, self.jpeg_decoder.decode_lists(chunks, ahead=self.config.decode_ahead)):
+            if batch is None:
+                rejected.extend(job.item for job in chunk)
             else:
-                results = [_Later(decoder.decode, chunk) for chunk in chunks]
-            for chunk, future in zip(chunks, results):
-                batch = future.result()
-                if batch is None:
-                    rejected.extend(job.item for job in chunk)
-                else:
-                    yield batch
+                yield batch
         yield from cpu_batches
         if rejected:  # lists nvJPEG refused: the workers decode them and report per image
             yield from self.loader.iterate(rejected)
@@ -321,12 +311,3 @@ def select_device(gpu_id: Any) -> torch.device:
         return torch.device(f"cuda:{int(gpu_id)}")
     return torch.device("cpu")
 
-
-class _Later:
-    """A call made when its result is asked for (``decode_ahead: false``)."""
-
-    def __init__(self, fn: Any, *args: Any) -> None:
-        self._fn, self._args = fn, args
-
-    def result(self) -> Any:
-        return self._fn(*self._args)

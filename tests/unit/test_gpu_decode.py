@@ -1,5 +1,6 @@
 """The batched (nvJPEG) decode path, run with a CPU device: same code, libjpeg-turbo underneath."""
 
+import dataclasses
 import io
 import json
 
@@ -97,9 +98,11 @@ class CountingDecoder(BatchedJpegDecoder):
         return batch
 
 
-def test_batched_decode_answers_like_the_cpu_loader(handler, monkeypatch):
+@pytest.mark.parametrize("ahead", [True, False])
+def test_batched_decode_answers_like_the_cpu_loader(handler, monkeypatch, ahead):
     rows = mixed_rows()
     want, want_status = answer(handler, rows)
+    monkeypatch.setattr(handler, "config", dataclasses.replace(handler.config, decode_ahead=ahead))
     decoder = CountingDecoder(handler.config, torch.device("cpu"))
     monkeypatch.setattr(handler, "jpeg_decoder", decoder)
     got, got_status = answer(handler, rows)

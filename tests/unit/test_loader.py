@@ -19,12 +19,12 @@ def grey(value: int) -> bytes:
     return encode(Image.new("L", (20, 20), value))
 
 
-def make_loader(num_workers: int = 2, batch_size: int = 3) -> PersistentImageLoader:
+def make_loader(num_workers: int = 2, batch_size: int = 3, **options) -> PersistentImageLoader:
     config = HandlerConfig(image_size=SIZE, resize_size=SIZE)
     return PersistentImageLoader(
         ImageBytesDataset(ImageTransform(config)),
         batch_size=batch_size, num_workers=num_workers, image_size=SIZE,
-        pin_memory=False, mp_context="fork",
+        pin_memory=False, mp_context="fork", **options,
     )
 
 
@@ -149,9 +149,7 @@ def test_small_requests_are_split_across_all_workers(loader):
 
 
 def test_start_forks_the_workers_even_when_small_batches_decode_inline():
-    config = HandlerConfig(image_size=SIZE, resize_size=SIZE)
-    loader = PersistentImageLoader(ImageBytesDataset(ImageTransform(config)), batch_size=3, num_workers=2,
-                                   image_size=SIZE, pin_memory=False, mp_context="fork", inline_max_images=1)
+    loader = make_loader(inline_max_images=1)
     try:
         loader.start()
         pids = worker_pids(loader)
@@ -171,9 +169,7 @@ def test_iterate_hands_out_the_first_batches_before_anything_is_consumed(loader)
 
 
 def test_workers_can_run_at_a_lower_priority_than_the_handler():
-    config = HandlerConfig(image_size=SIZE, resize_size=SIZE)
-    nice = PersistentImageLoader(ImageBytesDataset(ImageTransform(config)), batch_size=2, num_workers=2,
-                                 image_size=SIZE, pin_memory=False, mp_context="fork", worker_nice=5)
+    nice = make_loader(batch_size=2, worker_nice=5)
     try:
         nice.start()
         own = os.getpriority(os.PRIO_PROCESS, 0)

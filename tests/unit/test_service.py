@@ -149,3 +149,13 @@ def test_initialize_forks_the_loader_workers_before_any_request(handler_and_cont
     handler, _ = handler_and_context
     iterator = handler.loader._loader._iterator
     assert iterator is not None and len(iterator._workers) == 2
+
+
+def test_the_handler_module_defines_exactly_one_class():
+    """TorchServe refuses a handler module with more than one class of its own."""
+    import inspect
+
+    import handler.service as module
+
+    own = [c for _, c in inspect.getmembers(module, inspect.isclass) if c.__module__ == module.__name__]
+    assert own == [ImageBatchHandler]
