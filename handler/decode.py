@@ -216,16 +216,15 @@ def decode_base64(item: Any) -> bytes:
     """Strict base64 (standard or URL-safe alphabet, optional data: URL prefix, line breaks allowed)."""
     if not isinstance(item, str):
         raise ValueError(f"expected a base64 string, got {type(item).__name__}")
-    if not item.startswith("data:"):
-        try:  # the common case, a plain standard-alphabet string: one pass, no normalizing copies
-            return binascii.a2b_base64(item, strict_mode=True)
-        except (binascii.Error, ValueError):
-            pass  # line breaks, URL-safe alphabet, missing padding -- or invalid: normalize and see
     text = item
     if text.startswith("data:"):
         _, sep, text = text.partition(",")
         if not sep:
             raise ValueError("data: URL without a comma before the payload")
+    try:  # the common case, a plain standard-alphabet string: one pass, no normalizing copies
+        return binascii.a2b_base64(text, strict_mode=True)
+    except (binascii.Error, ValueError):
+        pass  # line breaks, URL-safe alphabet, missing padding -- or invalid: normalize and see
     text = "".join(text.split())
     if "-" in text or "_" in text:
         text = text.replace("-", "+").replace("_", "/")

@@ -11,12 +11,13 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
+from handler.images import EXIF_ORIENTATION
+
 # Frame markers nvJPEG decodes: baseline, extended sequential and progressive Huffman.
 _HUFFMAN_FRAMES = {0xC0, 0xC1, 0xC2}
 # Every other start-of-frame (lossless, hierarchical, arithmetic-coded): left to Pillow.
 _OTHER_FRAMES = {0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 _STANDALONE = {0x01, *range(0xD0, 0xD8)}
-_ORIENTATION_TAG = 0x0112
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,7 @@ def _exif_orientation(tiff: bytes) -> int:
         (count,) = struct.unpack_from(order + "H", tiff, offset)
         for entry in range(offset + 2, offset + 2 + 12 * count, 12):
             tag, kind, _count = struct.unpack_from(order + "HHI", tiff, entry)
-            if tag == _ORIENTATION_TAG:
+            if tag == EXIF_ORIENTATION:
                 if kind == 3:  # SHORT
                     return struct.unpack_from(order + "H", tiff, entry + 8)[0]
                 if kind == 4:  # LONG

@@ -51,7 +51,8 @@ class StagingRing:
 
     def __init__(self, slots: int, capacity: int, image_size: int) -> None:
         self.capacity = capacity
-        self.pixels = torch.empty((slots, capacity, image_size, image_size, 3), dtype=torch.uint8).share_memory_()
+        self.pixels = shared_uint8(slots * capacity * image_size * image_size * 3).view(
+            slots, capacity, image_size, image_size, 3)
         self._free = list(range(slots))
         self._pending: set[int] = set()  # handed to a worker, not yet back
         self._events: list[Any] = [None] * slots
