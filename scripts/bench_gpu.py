@@ -33,7 +33,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
 from bench_images import photo_jpegs, stock_input  # noqa: E402
 from direct_context import DirectContext, random_model_dir  # noqa: E402
-from timing import json_request  # noqa: E402
+from timing import request_rows  # noqa: E402
 from handler.config import HandlerConfig  # noqa: E402
 from handler.dataset import LoaderItem  # noqa: E402
 from handler.gpu_decode import BatchedJpegDecoder, jpeg_job  # noqa: E402
@@ -121,18 +121,6 @@ def cpu_ceiling(images: list[bytes], config: HandlerConfig) -> dict:
     finally:
         torch.set_num_threads(previous)
     return {"ms_per_image": round(ms, 3), "images_per_s_per_core": round(1000 / ms, 1)}
-
-
-def form_rows(images: list[bytes], per_request: int) -> list[dict[str, Any]]:
-    """What TorchServe hands the handler for multipart form uploads: one dict of fields per request."""
-    return [{f"f{j}": bytearray(b) for j, b in enumerate(images[i : i + per_request])}
-            for i in range(0, len(images), per_request)]
-
-
-def request_rows(images: list[bytes], per_request: int, encoding: str) -> list[dict[str, Any]]:
-    if encoding == "json":  # {"images": [base64, ...]}: the handler decodes the base64
-        return [json_request(images[i : i + per_request]) for i in range(0, len(images), per_request)]
-    return form_rows(images, per_request)
 
 
 class Contender:

@@ -33,13 +33,23 @@ def json_request(images: list[bytes]) -> dict[str, Any]:
     return {"body": {"images": [base64.b64encode(b).decode() for b in images]}}
 
 
+def request_rows(images: list[bytes], per_request: int, encoding: str = "json") -> list[dict[str, Any]]:
+    """``images`` as TorchServe hands them to handle(): requests of up to ``per_request`` images,
+    each base64 JSON (``json``) or a multipart form upload, one field per image (``form``)."""
+    if encoding not in ("json", "form"):
+        raise ValueError(f"encoding must be json or form, got {encoding!r}")
+    chunks = [images[i : i + per_request] for i in range(0, len(images), per_request)]
+    if encoding == "json":
+        return [json_request(chunk) for chunk in chunks]
+    return [{f"f{j}": bytearray(b) for j, b in enumerate(chunk)} for chunk in chunks]
+
+
 def time_handle(handler: Any, context: Any, images: list[bytes], repeats: int,
                 per_request: int | None = None) -> dict[str, float]:
     """handle() on ``images`` (base64 JSON; one request, or one server-side batch of requests of
     ``per_request`` images each), after a warm-up call: the median seconds per call, and the
     median of each figure the handler published (its stage times)."""
-    step = per_request or len(images)
-    rows = [json_request(images[i : i + step]) for i in range(0, len(images), step)]
+    rows = request_rows(images, per_request or len(images))
     handler.handle(rows, context)  # warm-up
     seconds: list[float] = []
     published: dict[str, list[float]] = {}
