@@ -31,6 +31,22 @@ ensure_java() {
   exit 1
 }
 
+# torch's CUDA build takes ~5.6 GB in the venv; pip needs room beyond that while it unpacks.
+NEED_MB="${NEED_MB:-7000}"
+
+ensure_disk() {
+  # A full disk makes pip fail halfway with "OSError: [Errno 28]" and leaves a broken venv:
+  # say so up front. Only checked when torch still has to be installed.
+  "$VENV/bin/python" -c "import torch" 2>/dev/null && return 0
+  local free_mb
+  free_mb="$(df -Pm "$ROOT" | awk 'NR == 2 {print $4}')"
+  if [[ -n "$free_mb" && "$free_mb" -lt "$NEED_MB" ]]; then
+    echo "setup: only ${free_mb} MB free under $ROOT; installing torch needs about ${NEED_MB} MB." >&2
+    echo "setup: free some disk space (or set NEED_MB=0 to try anyway), then run again." >&2
+    exit 1
+  fi
+}
+
 ensure_venv() {
   if [[ ! -x "$VENV/bin/python" ]]; then
     echo "setup: creating $VENV" >&2
@@ -43,9 +59,11 @@ ensure_venv() {
   if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
     return 0
   fi
+  ensure_disk
   echo "setup: installing requirements (torch is large; first run takes minutes)" >&2
-  "$VENV/bin/python" -m pip install --quiet --upgrade pip
-  "$VENV/bin/python" -m pip install --quiet -r "$ROOT/requirements.txt"
+  # --no-cache-dir: a cached copy of the wheels would cost gigabytes more on a fresh machine.
+  "$VENV/bin/python" -m pip install --quiet --no-cache-dir --upgrade pip
+  "$VENV/bin/python" -m pip install --quiet --no-cache-dir -r "$ROOT/requirements.txt"
   echo "$want" >"$stamp"
 }
 
