@@ -8,13 +8,15 @@ A row is one request as TorchServe hands it to ``handle``:
     KServe v1 (/v1/models/M:predict)               {"body": {"instances": [{"b64"|"data": b64} | b64, ...]}}
     KServe v2 / Open Inference Protocol            {"body": {"inputs": [{"name", "shape", "datatype": "BYTES",
       (/v2/models/M/infer)                                              "data": [b64, ...]}, ...]}}
-Text bodies arrive as ``str`` and are rejected: they are not images.
+Text bodies arrive as ``str`` and are rejected (they are not images), unless they hold JSON: a JSON
+body sent with another Content-Type (bytes or text) is read as if it had been sent as JSON.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import json
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -50,7 +52,13 @@ JSON_SHAPE_HELP = (
 def parse_request(row: Mapping[str, Any], max_images: int) -> ParsedRequest:
     """Extract a request's images; raise RequestError (4xx) if it carries none or too many."""
     if not row:
-        raise BadRequest("empty_request", "the request has no body; send one or more images")
+        # TorchServe also hands over an empty row for a url-encoded body without "=": JSON sent
+        # by curl -d without its Content-Type, most likely.
+        raise BadRequest(
+            "empty_request",
+            "the request has no body the server can read; send one or more images (JSON needs "
+            "Content-Type: application/json: curl -d sends application/x-www-form-urlencoded)",
+        )
     if "body" in row and len(row) == 1:
         parsed = _parse_body(row["body"])
     else:
@@ -68,6 +76,12 @@ def parse_request(row: Mapping[str, Any], max_images: int) -> ParsedRequest:
 
 
 def _parse_body(body: Any) -> ParsedRequest:
+    if isinstance(body, (str, bytes, bytearray)):
+        # JSON sent without "Content-Type: application/json" (curl -d, a client's default
+        # octet-stream) reaches us unparsed, as text or bytes: read it as JSON all the same.
+        parsed_json = _json_or_none(body)
+        if parsed_json is not None:
+            return _parse_json(parsed_json)
     if isinstance(body, (bytes, bytearray)):
         if body.startswith(b"--"):  # no image format starts so; a multipart body always does
             return _parse_multipart_body(body)
@@ -81,12 +95,34 @@ def _parse_body(body: Any) -> ParsedRequest:
     )
 
 
+def _json_or_none(body: str | bytes | bytearray) -> Any:
+    """``body`` parsed as JSON if it is a JSON object or array, else None. Only a body whose first
+    non-blank character is ``{`` or ``[`` is tried (no common image format starts so), so image
+    bytes cost one look at their first bytes."""
+    head = body[:64].lstrip()
+    opener = head[:1]
+    if opener not in ("{", "[", b"{", b"["):
+        return None
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError too
+        return None
+
+
 def _parse_multipart(row: Mapping[str, Any]) -> ParsedRequest:
     # A single JSON part is treated like a JSON body, so clients may also post JSON as a form field.
     if len(row) == 1:
         (value,) = row.values()
         if isinstance(value, (dict, list)):
             return _parse_json(value)
+    if any(str(name).lstrip()[:1] in ("{", "[") for name in row):
+        # TorchServe's frontend split a url-encoded body into fields ("+" read as a space, the
+        # first "=" as a separator): the JSON cannot be trusted back together.
+        raise BadRequest(
+            "form_encoded_json",
+            "the body looks like JSON sent as application/x-www-form-urlencoded (curl -d's default), "
+            "which corrupts base64; send it with Content-Type: application/json",
+        )
     images: list[RawImage] = []
     problems: list[ImageProblem] = []
     for index, (name, value) in enumerate(row.items()):
@@ -178,10 +214,7 @@ def _parse_json(body: Any) -> ParsedRequest:
 def _parse_kserve_v1(instances: Any) -> ParsedRequest:
     if not isinstance(instances, list):
         raise BadRequest("invalid_json", f'"instances" must be a list; {JSON_SHAPE_HELP}')
-    payloads = [
-        (item.get("b64", item.get("data")) if isinstance(item, dict) else item) for item in instances
-    ]
-    return ParsedRequest(_decode_base64_list(payloads, "instances"), as_list=True, protocol="kserve_v1")
+    return ParsedRequest(_decode_base64_list(instances, "instances"), as_list=True, protocol="kserve_v1")
 
 
 def _parse_kserve_v2(inputs: Any, request_id: Any) -> ParsedRequest:
@@ -200,9 +233,13 @@ def _parse_kserve_v2(inputs: Any, request_id: Any) -> ParsedRequest:
 
 
 def _decode_base64_list(items: list[Any], field: str) -> list[RawImage]:
+    """Each item a base64 string, or KServe v1's ``{"b64": ...}`` / ``{"data": ...}`` wrapping one
+    (accepted in every list: clients mix the two styles)."""
     images: list[RawImage] = []
     problems: list[ImageProblem] = []
     for index, item in enumerate(items):
+        if isinstance(item, dict):
+            item = item.get("b64", item.get("data"))
         try:
             images.append(RawImage(index, field, decode_base64(item)))
         except ValueError as exc:

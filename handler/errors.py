@@ -13,6 +13,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 
+# Field names longer than this are shortened in error bodies.
+MAX_FIELD_CHARS = 100
+
+
 @dataclass(frozen=True)
 class ImageProblem:
     """What is wrong with one image of a request."""
@@ -25,6 +29,10 @@ class ImageProblem:
     def as_json(self) -> dict[str, Any]:
         body = asdict(self)
         del body["status"]
+        if body["field"] is not None and len(body["field"]) > MAX_FIELD_CHARS:
+            # A field name is client text (a mangled upload can make it a whole image's base64):
+            # enough of it to recognise, not an echo of the payload.
+            body["field"] = body["field"][:MAX_FIELD_CHARS] + "..."
         return body
 
 

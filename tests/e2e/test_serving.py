@@ -111,6 +111,29 @@ def test_json_base64_list(server):
     same_results(response.json(), alone(server, images))
 
 
+@pytest.mark.parametrize("content_type", ["application/octet-stream", "text/plain"])
+def test_json_sent_with_another_content_type_is_still_read_as_json(server, content_type):
+    images = labelled_images(3, seed=42, fmt="JPEG")
+    payload = json.dumps({"images": [base64.b64encode(data).decode() for _, data in images]})
+    response = server.predict(data=payload.encode(), headers={"Content-Type": content_type})
+    assert response.status_code == 200, response.text
+    same_results(response.json(), alone(server, images))
+
+
+@pytest.mark.parametrize(("payload", "code"), [
+    # TorchServe splits a url-encoded body at its first "=" into a field name and value ...
+    pytest.param('{"images": ["YWI="]}', "form_encoded_json", id="with-an-equals-sign"),
+    # ... and hands over no field at all when there is none.
+    pytest.param('{"images": ["YWJj"]}', "empty_request", id="without-an-equals-sign"),
+])
+def test_json_sent_as_a_urlencoded_form_gets_a_400_that_names_the_fix(server, payload, code):
+    # curl -d's default Content-Type; "+" in base64 would arrive as a space.
+    response = server.predict(data=payload.encode(), headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert response.status_code == 400, response.text
+    body = response.json()
+    assert body["error"] == code and "application/json" in body["message"], body
+
+
 def test_json_data_single_image(server):
     label, image = labelled_images(1, seed=45)[0]
     response = server.predict(json={"data": base64.b64encode(image).decode()})

@@ -41,6 +41,41 @@ def test_json_data_is_one_image():
 
 
 @pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param(bytearray(b'{"images": ["eA==", "eXo="]}'), id="octet-stream-bytes"),
+        pytest.param(' \n{"images": ["eA==", "eXo="]}', id="text-plain-with-leading-blanks"),
+    ],
+)
+def test_json_sent_without_its_content_type_is_read_as_json(body):
+    parsed = parse_request({"body": body}, max_images=4)
+    assert [i.data for i in parsed.images] == [b"x", b"yz"] and parsed.as_list is True
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param(b"{" + bytes(range(256)) * 4, id="starts-like-json-but-binary"),
+        pytest.param(b"[not json at all", id="starts-with-bracket"),
+    ],
+)
+def test_bytes_that_only_look_like_json_stay_an_image(body):
+    parsed = parse_request({"body": bytearray(body)}, max_images=4)
+    assert [i.data for i in parsed.images] == [body] and parsed.as_list is False
+
+
+def test_json_text_that_is_not_an_object_is_a_400_that_says_so():
+    with pytest.raises(RequestError) as caught:
+        parse_request({"body": "[1, 2]"}, max_images=4)
+    assert (caught.value.status, caught.value.code) == (400, "invalid_json")
+
+
+def test_images_list_items_may_be_wrapped_like_kserve_v1():
+    parsed = parse_request({"body": {"images": [{"b64": b64(b"a")}, b64(b"b"), {"data": b64(b"c")}]}}, max_images=4)
+    assert [i.data for i in parsed.images] == [b"a", b"b", b"c"]
+
+
+@pytest.mark.parametrize(
     "text",
     [
         pytest.param("data:image/png;base64," + b64(PNG), id="data-url"),
@@ -67,6 +102,7 @@ def test_base64_variants_are_accepted(text):
         pytest.param({"body": bytearray()}, 400, "empty_image", id="zero-byte-body"),
         pytest.param({"a": bytearray(b"x"), "b": bytearray()}, 400, "empty_image", id="zero-byte-field"),
         pytest.param({"a": bytearray(b"x"), "b": "text"}, 400, "invalid_field", id="text-field"),
+        pytest.param({'{"images": ["YWI': bytearray(b'="]}')}, 400, "form_encoded_json", id="json-as-urlencoded-form"),
         pytest.param({"body": {"images": [b64(b"x")] * 5}}, 413, "too_many_images", id="too-many"),
     ],
 )
@@ -159,3 +195,11 @@ def test_a_broken_multipart_body_is_a_400_that_says_so(body):
     with pytest.raises(RequestError) as error:
         parse_request({"body": bytearray(body)}, max_images=4)
     assert error.value.status == 400 and error.value.code == "invalid_multipart", error.value
+
+
+def test_a_long_field_name_is_shortened_in_the_error_body():
+    name = "x" * 5000
+    with pytest.raises(RequestError) as caught:
+        parse_request({name: bytearray(), "b": bytearray(b"1")}, max_images=4)
+    (problem,) = caught.value.as_json()["images"]
+    assert problem["field"].startswith("xxx") and len(problem["field"]) < 120
