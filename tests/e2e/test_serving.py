@@ -111,7 +111,8 @@ def test_json_base64_list(server):
     same_results(response.json(), alone(server, images))
 
 
-@pytest.mark.parametrize("content_type", ["application/octet-stream", "text/plain"])
+@pytest.mark.parametrize("content_type", ["application/json; charset=utf-8", "application/octet-stream",
+                                          "text/plain"])
 def test_json_sent_with_another_content_type_is_still_read_as_json(server, content_type):
     images = labelled_images(3, seed=42, fmt="JPEG")
     payload = json.dumps({"images": [base64.b64encode(data).decode() for _, data in images]})
