@@ -57,7 +57,7 @@ def apply_orientation(pixels: torch.Tensor, orientation: int) -> torch.Tensor:
 
 
 def jpeg_job(item: LoaderItem, max_pixels: int) -> JpegJob | None:
-    """A job when ``item`` is a JPEG nvJPEG can take (Huffman-coded, greyscale or colour, with
+    """A job when ``item`` is a JPEG nvJPEG can take (8-bit Huffman-coded, greyscale or colour, with
     an end-of-image marker, within the pixel limit); None sends it down the CPU path, which
     gives the precise per-image error for anything odd."""
     data = item.data

@@ -57,7 +57,9 @@ def read_jpeg_header(data: bytes) -> JpegHeader | None:
         if marker in _HUFFMAN_FRAMES:
             if frame is not None or len(segment) < 6:
                 return None
-            _precision, height, width, components = struct.unpack_from(">BHHB", segment)
+            precision, height, width, components = struct.unpack_from(">BHHB", segment)
+            if precision != 8:  # 12-bit JPEGs: not for nvJPEG's 8-bit output; Pillow says why
+                return None
             frame = (width, height, components)
         elif marker == 0xE1 and orientation is None and segment.startswith(b"Exif\x00\x00"):
             orientation = _exif_orientation(segment[6:])  # Pillow reads the first Exif block

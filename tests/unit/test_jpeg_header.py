@@ -91,3 +91,11 @@ def test_arithmetic_and_lossless_frames_go_to_the_cpu():
     for marker in (0xC3, 0xC9):
         data[sof + 1] = marker
         assert read_jpeg_header(bytes(data)) is None
+
+
+def test_a_12_bit_frame_goes_to_the_cpu():
+    data = bytearray(encode(photo(), "JPEG"))
+    sof = data.index(b"\xff\xc0")
+    assert read_jpeg_header(bytes(data)) is not None
+    data[sof + 4] = 12  # sample precision
+    assert read_jpeg_header(bytes(data)) is None
