@@ -30,7 +30,7 @@ class JpegHeader:
 
 def read_jpeg_header(data: bytes) -> JpegHeader | None:
     """The frame's size and components and the EXIF orientation, or None for anything that is
-    not a well-formed Huffman-coded JPEG header."""
+    not a well-formed 8-bit Huffman-coded JPEG header."""
     if not data.startswith(b"\xff\xd8"):
         return None
     position, end = 2, len(data)
