@@ -310,4 +310,3 @@ def select_device(gpu_id: Any) -> torch.device:
     if gpu_id is not None and torch.cuda.is_available():
         return torch.device(f"cuda:{int(gpu_id)}")
     return torch.device("cpu")
-

@@ -234,7 +234,7 @@ def main() -> None:
     print(f"\n{args.arch}, {args.images} JPEGs of {args.size} per handle() call, {result['machine']['gpu']}, "
           f"{result['machine']['cpus']} CPUs")
     print("| setting | images/s (median) | best | ms per call | decode wait ms | host->device ms | inference ms | postprocess ms |")
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for name, row in result["end_to_end"].items():
         print(f"| {name} | {row['images_per_s']} | {row['best_images_per_s']} | {row['batch_ms']} | {row['DecodeTransformMs']} | "
               f"{row['HostToDeviceMs']} | {row['InferenceMs']} | {row['PostprocessMs']} |")
