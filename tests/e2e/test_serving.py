@@ -27,6 +27,11 @@ def labelled_images(count: int, seed: int, fmt: str = "PNG") -> list[tuple[str, 
             for i in range(count)]
 
 
+def images_json(images: list[tuple[str, bytes]]) -> dict[str, list[str]]:
+    """The JSON request body {"images": [base64, ...]} for these labelled images."""
+    return {"images": [base64.b64encode(data).decode() for _, data in images]}
+
+
 def alone(server, images: list[tuple[str, bytes]]) -> list[dict[str, float]]:
     """Each image's result when sent alone as a raw body: the reference for routing checks."""
     results = []
@@ -105,7 +110,7 @@ def test_multipart_mixed_body_gives_the_same_answers_as_form_data(server, tmp_pa
 
 def test_json_base64_list(server):
     images = labelled_images(4, seed=40, fmt="JPEG")
-    payload = {"images": [base64.b64encode(data).decode() for _, data in images]}
+    payload = images_json(images)
     response = server.predict(json=payload)
     assert response.status_code == 200, response.text
     same_results(response.json(), alone(server, images))
@@ -115,7 +120,7 @@ def test_json_base64_list(server):
                                           "text/plain"])
 def test_json_sent_with_another_content_type_is_still_read_as_json(server, content_type):
     images = labelled_images(3, seed=42, fmt="JPEG")
-    payload = json.dumps({"images": [base64.b64encode(data).decode() for _, data in images]})
+    payload = json.dumps(images_json(images))
     response = server.predict(data=payload.encode(), headers={"Content-Type": content_type})
     assert response.status_code == 200, response.text
     same_results(response.json(), alone(server, images))
@@ -145,7 +150,7 @@ def test_json_data_single_image(server):
 
 def test_forty_images_in_one_request_are_chunked_and_ordered(server):
     images = labelled_images(40, seed=50, fmt="JPEG")
-    payload = {"images": [base64.b64encode(data).decode() for _, data in images]}
+    payload = images_json(images)
     response = server.predict(json=payload)
     assert response.status_code == 200, response.text
     body = response.json()
@@ -160,7 +165,7 @@ def test_concurrent_requests_each_get_their_own_results(server):
     requests_images = [imgs[i % len(imgs):] + imgs[: i % len(imgs)] for i, imgs in enumerate(requests_images)]
 
     def send(images):
-        payload = {"images": [base64.b64encode(data).decode() for _, data in images]}
+        payload = images_json(images)
         return server.predict(json=payload)
 
     references = [alone(server, imgs) for imgs in requests_images]
@@ -189,7 +194,7 @@ def test_demo_model_is_sure_of_clear_shapes(server):
     # Shapes a third of the image or more, PNG: at least 95% right and the right label first.
     images = [(LABELS[i % 3], shape_image(LABELS[i % 3], seed=88_000 + i, size_range=(0.35, 0.9)))
               for i in range(60)]
-    payload = {"images": [base64.b64encode(data).decode() for _, data in images]}
+    payload = images_json(images)
     response = server.predict(json=payload)
     assert response.status_code == 200, response.text
     predicted = [top(r) for r in response.json()]
