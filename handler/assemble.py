@@ -11,26 +11,19 @@ a whole batch by itself, with nothing waiting, goes through without the extra co
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 
 from handler.dataset import DecodedBatch
 
-
-@dataclass
-class ModelBatch:
-    """Normalized model input for ``keys`` (None when the chunks held no good image), and the
-    failures that arrived with them."""
-
-    keys: list[int]
-    inputs: torch.Tensor | None
-    failures: dict[int, tuple[int, str]] = field(default_factory=dict)
+# A model batch: the keys of its images and their normalized input on the device.
+ModelBatch = tuple[list[int], torch.Tensor]
 
 
 class BatchAssembler:
-    """Gathers decoded chunks into model batches of at most ``size`` images, in arrival order."""
+    """Gathers decoded chunks into model batches of at most ``size`` images, in arrival order.
+    The chunks' failures are not its concern: the caller reads them off each chunk."""
 
     def __init__(self, size: int, device: torch.device, normalize: Callable[[torch.Tensor], torch.Tensor],
                  copied_event: Callable[[], Any]) -> None:
@@ -40,11 +33,9 @@ class BatchAssembler:
         self._copied_event = copied_event
         self._buffer: torch.Tensor | None = None
         self._keys: list[int] = []
-        self._failures: dict[int, tuple[int, str]] = {}
 
     def add(self, chunk: DecodedBatch) -> list[ModelBatch]:
         """Take ``chunk`` (its slot is released here); the batches it completed."""
-        self._failures.update(chunk.failures)
         pixels = chunk.pixels
         if pixels is None or not chunk.keys:
             chunk.release()
@@ -52,7 +43,7 @@ class BatchAssembler:
         if not self._keys and len(chunk.keys) == self.size:
             inputs = self._normalize(pixels)
             chunk.release(self._copied_event())
-            return [ModelBatch(list(chunk.keys), inputs, self._take_failures())]
+            return [(list(chunk.keys), inputs)]
         ready: list[ModelBatch] = []
         buffer = self._buffer_for(pixels)
         start = 0
@@ -69,25 +60,16 @@ class BatchAssembler:
         return ready
 
     def finish(self) -> list[ModelBatch]:
-        """The partial batch still waiting, and failures no batch has carried yet."""
-        if self._keys:
-            return [self._flush()]
-        if self._failures:
-            return [ModelBatch([], None, self._take_failures())]
-        return []
+        """The partial batch still waiting, if any."""
+        return [self._flush()] if self._keys else []
 
     def _flush(self) -> ModelBatch:
         assert self._buffer is not None
         # Normalizing writes a new tensor, so the buffer may take the next chunk at once (on
         # CUDA the copies into it are ordered after this on the same stream).
         inputs = self._normalize(self._buffer[: len(self._keys)])
-        batch = ModelBatch(self._keys, inputs, self._take_failures())
-        self._keys = []
-        return batch
-
-    def _take_failures(self) -> dict[int, tuple[int, str]]:
-        failures, self._failures = self._failures, {}
-        return failures
+        keys, self._keys = self._keys, []
+        return keys, inputs
 
     def _buffer_for(self, pixels: torch.Tensor) -> torch.Tensor:
         shape = (self.size, *pixels.shape[1:])

@@ -13,28 +13,29 @@ from typing import Any, Callable
 import torch
 from torch.utils.data import Dataset, get_worker_info
 
+from handler.errors import ImageError
 from handler.images import ImageDecodeError
 from handler.staging import shared_uint8
 
 
 @dataclass(frozen=True)
 class LoaderItem:
-    """One image to decode; ``key`` is its position in the flattened server-side batch."""
+    """One image to decode; ``key`` is its position in the flattened server-side batch. ``data``
+    is the encoded image, or a uint8 (3, H, W) tensor that only needs resizing."""
 
     key: int
-    data: bytes
+    data: bytes | torch.Tensor
     slot: int | None = None  # the staging ring slot its batch is written to, if any
     span: tuple[int, int] | None = None  # where in the inbox ``data`` is, when it travels there
 
 
 @dataclass(frozen=True)
 class DecodedImage:
-    """A worker's result for one item: pixels, or why there are none."""
+    """A worker's result for one item: pixels, or the ImageError that says why there are none."""
 
     key: int
     pixels: torch.Tensor | None
-    error: str | None = None
-    status: int = 400
+    error: ImageError | None = None
     slot: int | None = None
 
 
@@ -48,7 +49,7 @@ class DecodedBatch:
 
     keys: list[int]
     pixels: torch.Tensor | None
-    failures: dict[int, tuple[int, str]] = field(default_factory=dict)
+    failures: dict[int, ImageError] = field(default_factory=dict)
     slot: int | None = None
     # CUDA events around work done on the device to make this batch (nvJPEG decode + resize).
     device_events: tuple[Any, Any] | None = field(default=None, repr=False, compare=False)
@@ -61,6 +62,10 @@ class DecodedBatch:
             return self
         pinned = self.pixels.pin_memory(device) if device else self.pixels.pin_memory()
         return DecodedBatch(self.keys, pinned, self.failures)
+
+    def attach(self, pixels: torch.Tensor, release: Callable[[Any], None]) -> None:
+        """The pixels this batch's worker wrote into a staging slot, and how to give it back."""
+        self.pixels, self._release = pixels, release
 
     def release(self, event: Any = None) -> None:
         """The pixels are consumed (on CUDA: once ``event`` completes); their slot may be reused."""
@@ -79,10 +84,10 @@ class ImageBytesDataset(Dataset):
         try:
             return DecodedImage(item.key, self.transform(item.data), slot=item.slot)
         except ImageDecodeError as exc:
-            return DecodedImage(item.key, None, exc.reason, exc.status, item.slot)
+            return DecodedImage(item.key, None, ImageError(exc.code, exc.reason), item.slot)
         except Exception as exc:  # a bug or an exotic codec failure must not take down the batch
-            return DecodedImage(item.key, None, f"image could not be processed ({type(exc).__name__})",
-                                slot=item.slot)
+            reason = f"image could not be processed ({type(exc).__name__})"
+            return DecodedImage(item.key, None, ImageError("invalid_image", reason), item.slot)
 
 
 def collate_decoded(results: list[DecodedImage], image_size: int, ring: torch.Tensor | None = None) -> DecodedBatch:
@@ -95,7 +100,7 @@ def collate_decoded(results: list[DecodedImage], image_size: int, ring: torch.Te
     torch's default_collate does), which saves the copy pickling would make.
     """
     good = [r for r in results if r.pixels is not None]
-    failures = {r.key: (r.status, r.error or "unknown error") for r in results if r.pixels is None}
+    failures = {r.key: r.error or ImageError("invalid_image", "unknown error") for r in results if r.pixels is None}
     slot = results[0].slot if results else None
     shape = (len(good), image_size, image_size, 3)
     if ring is not None and slot is not None:

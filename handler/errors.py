@@ -1,85 +1,95 @@
-"""Errors a request can fail with; each carries the HTTP status it maps to.
+"""Failures, one typed record each, and the one place that maps them to HTTP statuses.
 
-    RequestError (4xx for one request; other requests in the batch are unaffected)
-    ├── BadRequest        400  malformed body, undecodable image, empty input
-    └── PayloadTooLarge   413  too many images, or an image above the pixel limit
+    ImageError     one image that could not be classified (returned per image, never raised)
+    RequestError   a request that cannot be served as sent (raised by the wire formats; the
+                   client must change it); lists the ImageErrors behind it, if any
 
-ImageProblem describes one bad image inside a request; a RequestError lists them.
+Both carry a failure ``code`` (``invalid_image``, ``image_too_large``, ``invalid_base64``, ...).
+The HTTP status is derived from the code here, at the edge: the decoder and the pipeline say
+what went wrong, never which status that is.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
-
 
 # Field names longer than this are shortened in error bodies.
 MAX_FIELD_CHARS = 100
 
+# Failure codes that mean "the request asks for more than the limits allow"; every other code
+# is a 400 (the body or an image in it cannot be read).
+PAYLOAD_TOO_LARGE = frozenset({"image_too_large", "too_many_images"})
+
+
+def http_status(code: str) -> int:
+    """The HTTP status a failure ``code`` is answered with."""
+    return 413 if code in PAYLOAD_TOO_LARGE else 400
+
 
 @dataclass(frozen=True)
-class ImageProblem:
-    """What is wrong with one image of a request."""
+class ImageError:
+    """Why one image has no result.
 
-    index: int
-    field: str | None
+    Attributes:
+        code: the failure kind, e.g. ``invalid_image`` or ``image_too_large``.
+        reason: what is wrong, for a person (never holds image bytes).
+        index: the image's position in its request (or in the list given to ``classify``).
+        field: the name the client gave the image (a multipart field, ``"images"``, ...), if any.
+    """
+
+    code: str
     reason: str
-    status: int = 400
+    index: int | None = None
+    field: str | None = None
+
+    @property
+    def status(self) -> int:
+        """The HTTP status of this failure (400, or 413 for an image above the pixel limit)."""
+        return http_status(self.code)
+
+    def at(self, index: int, field: str | None) -> "ImageError":
+        """This failure, placed at ``index`` / ``field`` of its request."""
+        return replace(self, index=index, field=field)
 
     def as_json(self) -> dict[str, Any]:
-        body = asdict(self)
-        del body["status"]
-        if body["field"] is not None and len(body["field"]) > MAX_FIELD_CHARS:
+        name = self.field
+        if name is not None and len(name) > MAX_FIELD_CHARS:
             # A field name is client text (a mangled upload can make it a whole image's base64):
             # enough of it to recognise, not an echo of the payload.
-            body["field"] = body["field"][:MAX_FIELD_CHARS] + "..."
-        return body
+            name = name[:MAX_FIELD_CHARS] + "..."
+        return {"index": self.index, "field": name, "reason": self.reason}
 
 
 @dataclass
 class RequestError(Exception):
-    """A request that cannot be served as sent; the client must change it."""
+    """A request that cannot be served as sent; other requests of its batch are unaffected."""
 
     code: str
     message: str
-    images: list[ImageProblem] = field(default_factory=list)
-    status: int = 400
+    images: list[ImageError] = field(default_factory=list)
+
+    @property
+    def status(self) -> int:
+        return http_status(self.code)
 
     def __str__(self) -> str:
         return f"{self.status} {self.code}: {self.message}"
 
     def as_json(self) -> dict[str, Any]:
-        return {
-            "error": self.code,
-            "message": self.message,
-            "images": [p.as_json() for p in self.images],
-        }
+        return {"error": self.code, "message": self.message, "images": [p.as_json() for p in self.images]}
 
 
-class BadRequest(RequestError):
-    """400: the body or an image in it cannot be read."""
-
-    def __init__(self, code: str, message: str, images: list[ImageProblem] | None = None):
-        super().__init__(code, message, images or [], 400)
-
-
-class PayloadTooLarge(RequestError):
-    """413: the request asks for more work than the configured limits allow."""
-
-    def __init__(self, code: str, message: str, images: list[ImageProblem] | None = None):
-        super().__init__(code, message, images or [], 413)
-
-
-def error_for_images(problems: list[ImageProblem]) -> RequestError:
+def error_for_images(problems: list[ImageError]) -> RequestError:
     """One RequestError summarising the bad images of a request (413 if any image is too large)."""
-    if any(p.status == 413 for p in problems):
-        return PayloadTooLarge(
+    if any(p.code == "image_too_large" for p in problems):
+        return RequestError(
             "image_too_large",
             "an image has more pixels than the server accepts; send a smaller image",
             problems,
         )
     count = len(problems)
-    return BadRequest(
+    return RequestError(
         "invalid_image",
         f"{count} image{'s' if count != 1 else ''} could not be decoded; "
         "send JPEG, PNG, WebP, GIF, BMP or TIFF data",

@@ -81,7 +81,8 @@ class BatchedJpegDecoder:
         jobs: list[JpegJob] = []
         rest: list[LoaderItem] = []
         for item in items:
-            job = jpeg_job(item, self.config.max_image_pixels)
+            # Pixels that arrived decoded (a PIL image, a tensor) only need the CPU's resize.
+            job = jpeg_job(item, self.config.max_image_pixels) if isinstance(item.data, bytes) else None
             if job is None:
                 rest.append(item)
             else:

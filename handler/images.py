@@ -18,6 +18,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2 import functional as TF
 
 from handler.config import HandlerConfig
+from handler.errors import http_status
 
 
 # center_crop resizes the whole image first unless its longer side would exceed this many times
@@ -28,12 +29,17 @@ EXIF_ORIENTATION = 0x0112
 
 
 class ImageDecodeError(Exception):
-    """An image that cannot be turned into model input; ``status`` is its HTTP status."""
+    """An image that cannot be turned into model input: its failure ``code`` (``invalid_image``,
+    ``image_too_large``, ...) and a ``reason`` for a person."""
 
-    def __init__(self, reason: str, status: int = 400):
+    def __init__(self, reason: str, code: str = "invalid_image"):
         super().__init__(reason)
         self.reason = reason
-        self.status = status
+        self.code = code
+
+    @property
+    def status(self) -> int:
+        return http_status(self.code)
 
 
 @dataclass(frozen=True)
@@ -42,7 +48,9 @@ class ImageTransform:
 
     config: HandlerConfig
 
-    def __call__(self, data: bytes) -> torch.Tensor:
+    def __call__(self, data: bytes | torch.Tensor) -> torch.Tensor:
+        if isinstance(data, torch.Tensor):  # already decoded (inputs.loader_data checked it)
+            return resize_to_input(data, self.config)
         image = open_image(data, self.config.max_image_pixels)
         pixels = None
         if image.format == "JPEG":
@@ -90,17 +98,22 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError:
-        raise ImageDecodeError(f"image has more than {max_pixels} pixels", 413) from None
+        raise ImageDecodeError(f"image has more than {max_pixels} pixels", "image_too_large") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise ImageDecodeError(_describe_unreadable(exc)) from None
     width, height = image.size
-    if width * height > max_pixels:
-        raise ImageDecodeError(
-            f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}", 413
-        )
+    check_pixel_count(width, height, max_pixels)
     if width < 1 or height < 1:
         raise ImageDecodeError(f"image has no pixels ({width}x{height})")
     return image
+
+
+def check_pixel_count(width: int, height: int, max_pixels: int) -> None:
+    """Raise ``image_too_large`` for more than ``max_pixels`` pixels (decompression bombs)."""
+    if width * height > max_pixels:
+        raise ImageDecodeError(
+            f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}", "image_too_large"
+        )
 
 
 def to_rgb_tensor(image: Image.Image) -> torch.Tensor:

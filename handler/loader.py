@@ -5,8 +5,8 @@ slower than a plain loop. Here the DataLoader is built once with ``persistent_wo
 each request swaps the batches in a ``RequestBatchSampler`` and iterates the loader again, which
 resets the same workers to a new epoch. The items the sampler yields carry the request's images,
 so the workers need no other state from the handler. Both ways use shared memory allocated
-before the workers fork: the image bytes go out through an ``Inbox``, the decoded batches come
-back through a ``StagingRing`` of slots (either falls back to pickling when full).
+before the workers fork (``transport.SharedStaging``): the image bytes go out through an inbox,
+the decoded batches come back through a staging ring of slots.
 """
 
 from __future__ import annotations
@@ -15,16 +15,14 @@ import functools
 import logging
 import multiprocessing
 import os
-import signal
-import threading
 from typing import Iterator, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from handler.dataset import DecodedBatch, DecodedImage, ImageBytesDataset, LoaderItem, collate_decoded
-from handler.inbox import Inbox
-from handler.staging import StagingRing
+from handler.supervisor import WorkerSupervisor, disarm_sigchld_handler
+from handler.transport import SharedStaging
 
 log = logging.getLogger(__name__)
 
@@ -40,52 +38,40 @@ class RequestBatchSampler(Sampler[list[LoaderItem]]):
     """Yields the batches of the current request; replaced before every epoch.
 
     Runs in the handler process, as the DataLoader dispatches each batch: that is when a batch
-    is given a staging ring slot (if one is free) for its worker to write into, and its images
-    are copied into the inbox (where they fit).
+    is staged (a ring slot for its pixels, its bytes into the inbox).
     """
 
-    def __init__(self, ring: StagingRing | None = None, inbox: Inbox | None = None) -> None:
+    def __init__(self, staging: SharedStaging | None = None) -> None:
         self._batches: list[list[LoaderItem]] = []
-        self._ring = ring
-        self._inbox = inbox
+        self._staging = staging
 
     def set_batches(self, batches: list[list[LoaderItem]]) -> None:
         self._batches = batches
 
     def __iter__(self) -> Iterator[list[LoaderItem]]:
-        ring, inbox = self._ring, self._inbox
-        if ring is None and inbox is None:
+        staging = self._staging
+        if staging is None:
             yield from self._batches
             return
         # The DataLoader asks for the first batch only after draining the previous epoch, so
         # no worker still writes a slot, or reads the inbox, of an abandoned request now.
-        if ring is not None:
-            ring.reclaim_pending()
-        if inbox is not None:
-            inbox.reset()
+        staging.new_epoch()
         for batch in self._batches:
-            slot = ring.acquire() if ring is not None and len(batch) <= ring.capacity else None
-            yield [self._staged(item, slot) for item in batch]
-
-    def _staged(self, item: LoaderItem, slot: int | None) -> LoaderItem:
-        span = self._inbox.put(item.data) if self._inbox is not None else None
-        return LoaderItem(item.key, b"" if span else item.data, slot, span)
+            yield staging.stage(batch)
 
     def __len__(self) -> int:
         return len(self._batches)
 
 
-class InboxDataset(Dataset):
+class StagedDataset(Dataset):
     """Gives ``dataset`` each item with its bytes, reading them from the inbox where the sampler
     put them."""
 
-    def __init__(self, dataset: ImageBytesDataset, inbox: Inbox) -> None:
-        self.dataset, self.inbox = dataset, inbox
+    def __init__(self, dataset: ImageBytesDataset, staging: SharedStaging) -> None:
+        self.dataset, self.staging = dataset, staging
 
     def __getitem__(self, item: LoaderItem) -> DecodedImage:  # type: ignore[override]
-        if item.span is not None:
-            item = LoaderItem(item.key, self.inbox.read(item.span), item.slot)
-        return self.dataset[item]
+        return self.dataset[self.staging.unstage(item)]
 
 
 def _init_worker(_worker_id: int, nice: int = 0) -> None:
@@ -94,24 +80,6 @@ def _init_worker(_worker_id: int, nice: int = 0) -> None:
     torch.set_num_threads(1)
     if nice:
         os.nice(nice)
-
-
-def _disarm_sigchld_handler() -> None:
-    """Undo the SIGCHLD handler DataLoader installs once per process.
-
-    That handler raises RuntimeError in the main thread wherever it happens to be when a worker
-    dies -- in a TorchServe worker that is usually the socket read between requests, which would
-    kill the whole backend worker. Dead loader workers are detected in ``iterate`` instead.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        return
-    from torch.utils.data._utils import signal_handling
-
-    if signal_handling._SIGCHLD_handler_set and signal.getsignal(signal.SIGCHLD) not in (
-        signal.SIG_DFL,
-        None,
-    ):
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
 
 
 class PersistentImageLoader:
@@ -131,30 +99,30 @@ class PersistentImageLoader:
         worker_nice: int = 0,
     ) -> None:
         self.batch_size = batch_size
+        self.inline_max_images = inline_max_images
         self._dataset = dataset
         self._num_workers = num_workers
         # Allocated before the workers fork, so they share its pages with this process.
-        self.ring = (
-            StagingRing.create(PREFETCH_PER_WORKER * num_workers + 2, batch_size, image_size)
+        self.staging = (
+            SharedStaging.create(PREFETCH_PER_WORKER * num_workers + 2, batch_size, image_size)
             if staging and num_workers
             else None
         )
-        self.inbox = Inbox.create() if staging and num_workers else None
+        ring = self.staging.ring if self.staging else None
         self._collate = functools.partial(collate_decoded, image_size=image_size)
         self._worker_collate = functools.partial(
-            collate_decoded, image_size=image_size, ring=self.ring.pixels if self.ring else None
+            collate_decoded, image_size=image_size, ring=ring.pixels if ring else None
         )
         self._pin_memory = pin_memory
         self._mp_context = mp_context
         self._worker_init = functools.partial(_init_worker, nice=worker_nice)
-        self._sampler = RequestBatchSampler(self.ring, self.inbox)
-        self._loader = self._build()
-        self.inline_max_images = inline_max_images
+        self._sampler = RequestBatchSampler(self.staging)
+        self.workers = WorkerSupervisor(self._build)
 
     def _build(self) -> DataLoader:
         workers = self._num_workers
         return DataLoader(
-            self._dataset if self.inbox is None else InboxDataset(self._dataset, self.inbox),
+            self._dataset if self.staging is None else StagedDataset(self._dataset, self.staging),
             batch_sampler=self._sampler,
             num_workers=workers,
             collate_fn=self._worker_collate,
@@ -172,9 +140,9 @@ class PersistentImageLoader:
         """
         if self._num_workers:
             self._sampler.set_batches([])
-            for _ in self._loader:
+            for _ in self.workers.loader:
                 pass
-        _disarm_sigchld_handler()
+        disarm_sigchld_handler()
 
     def iterate(self, items: Sequence[LoaderItem]) -> Iterator[DecodedBatch]:
         """Decoded batches of ``items`` in order; rebuilds the loader if a worker died.
@@ -190,7 +158,7 @@ class PersistentImageLoader:
             return (self._collate([self._dataset[item] for item in batch]) for batch in batches)
         self._replace_dead_workers()
         self._sampler.set_batches(batches)
-        return self._deliver(batches, iter(self._loader))
+        return self._deliver(batches, iter(self.workers.loader))
 
     def _deliver(self, batches: list[list[LoaderItem]], iterator: Iterator[DecodedBatch]) -> Iterator[DecodedBatch]:
         delivered = 0
@@ -198,57 +166,40 @@ class PersistentImageLoader:
         while True:
             try:
                 for batch in iterator:
-                    _disarm_sigchld_handler()
+                    disarm_sigchld_handler()
                     delivered += 1
-                    if batch.slot is not None and self.ring is not None:
-                        batch.pixels, batch._release = self.ring.attach(batch.slot, len(batch.keys), batch)
-                    yield batch
+                    yield self.staging.deliver(batch) if self.staging is not None else batch
                 return
             except Exception as exc:
                 # A worker that died mid-request: torch checks worker liveness every 5 s while it
                 # waits ("DataLoader worker (pid N) exited unexpectedly"); a worker killed while
                 # writing can also leave a torn message that fails to unpickle. Either way a dead
-                # worker is the cause: rebuild and resume. A worker that hangs is bounded by
-                # TorchServe's responseTimeout, which restarts the whole backend worker.
-                died = "DataLoader worker" in str(exc) or self._dead_workers()
+                # worker is the cause: rebuild and resume. A worker that hangs is bounded by the
+                # server's own timeout (TorchServe's responseTimeout restarts the backend worker).
+                died = "DataLoader worker" in str(exc) or self.workers.dead_workers()
                 if rebuilds >= MAX_REBUILDS_PER_RUN or not died:
                     raise
                 rebuilds += 1
                 log.warning("image loader failed (%s); rebuilding its workers", exc)
-                self._rebuild()
+                self.workers.restart()
                 self._sampler.set_batches(batches[delivered:])
-                iterator = iter(self._loader)
+                iterator = iter(self.workers.loader)
 
     def _replace_dead_workers(self) -> None:
         """A worker killed between requests would stall the next one until a liveness timeout:
         check first and rebuild."""
-        dead = self._dead_workers()
+        dead = self.workers.dead_workers()
         if dead:
             log.warning("image loader workers %s died; rebuilding the loader", dead)
-            self._rebuild()
-
-    def _dead_workers(self) -> list[int]:
-        iterator = getattr(self._loader, "_iterator", None)
-        workers = getattr(iterator, "_workers", None) or []
-        return [w.pid for w in workers if not w.is_alive()]
-
-    def _rebuild(self) -> None:
-        self._stop_workers()
-        self._loader = self._build()
-
-    def _stop_workers(self) -> None:
-        iterator = getattr(self._loader, "_iterator", None)
-        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
-            iterator._shutdown_workers()
-        self._loader._iterator = None
+            self.workers.restart()
 
     def pin_staging(self) -> None:
         """Page-lock the staging ring (call once CUDA is initialized)."""
-        if self.ring is not None:
-            self.ring.pin()
+        if self.staging is not None:
+            self.staging.pin()
 
     def close(self) -> None:
-        """Stop the worker processes and unpin the staging ring."""
-        self._stop_workers()
-        if self.ring is not None:
-            self.ring.close()
+        """Stop the worker processes and free the shared memory (idempotent)."""
+        self.workers.stop()
+        if self.staging is not None:
+            self.staging.close()

@@ -1,4 +1,5 @@
-"""Per-stage timings and counts, published as TorchServe custom metrics (declared in metrics.yaml).
+"""Per-stage timings of one batch (servers publish them: TorchServe's custom metrics are declared
+in metrics.yaml).
 
 GPU work is asynchronous, so device stages on CUDA are timed with CUDA events recorded on the
 stream around the work: each figure is the time the GPU really spent, and taking it does not
@@ -14,7 +15,7 @@ from typing import Any, Iterator
 
 import torch
 
-# Prometheus names: ts_<name> with labels ModelName, Level, Hostname.
+# Stage names (TorchServe's Prometheus names are ts_<name>).
 STAGE_METRICS = ("DecodeTransformMs", "HostToDeviceMs", "InferenceMs", "PostprocessMs")
 
 
@@ -62,24 +63,3 @@ class StageClock:
             self.ms[name] += start.elapsed_time(end)
         self._pending.clear()
 
-
-def publish(metrics: Any, clock: StageClock, *, images: int, requests: int, bad_images: int,
-            rejected: int) -> None:
-    """Send one batch's figures to TorchServe's metrics cache (a no-op without one)."""
-    clock.resolve()
-    if metrics is None:
-        return
-    try:
-        from ts.metrics.metric_type_enum import MetricTypes
-
-        gauge = {"metric_type": MetricTypes.GAUGE}
-    except ImportError:  # driven directly, without TorchServe (benchmarks, a GPU machine with torch only)
-        gauge = {}
-    # idx=0 tags the figures with the model (Level=Model); fresh dimension lists each call,
-    # since TorchServe appends its default dimensions to the list it is given.
-    for name, value in clock.ms.items():
-        metrics.add_time(name, round(value, 3), idx=0, unit="ms", dimensions=[])
-    for name, value in (("ImagesPerBatch", images), ("RequestsPerBatch", requests)):
-        metrics.add_metric(name, value, "count", idx=0, dimensions=[], **gauge)
-    metrics.add_counter("BadImages", bad_images, idx=0, dimensions=[])
-    metrics.add_counter("RejectedRequests", rejected, idx=0, dimensions=[])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import warnings
 from pathlib import Path
@@ -16,12 +17,17 @@ def load_labels(path: Path) -> list[str]:
     """``index_to_name.json`` ({"0": "circle", ...}) -> labels ordered by class index."""
     if not path.is_file():
         raise FileNotFoundError(f"{path.name} is missing from the model archive; add it with --labels")
-    mapping = json.loads(path.read_text())
+    return parse_labels(path.read_text(), path.name)
+
+
+def parse_labels(text: str, name: str = "index_to_name.json") -> list[str]:
+    """The labels of an ``index_to_name.json`` text, ordered by class index."""
+    mapping = json.loads(text)
     if not isinstance(mapping, dict) or not mapping:
-        raise ValueError(f"{path.name} must be a non-empty JSON object {{\"0\": \"label\", ...}}")
+        raise ValueError(f"{name} must be a non-empty JSON object {{\"0\": \"label\", ...}}")
     indices = sorted(int(k) for k in mapping)
     if indices != list(range(len(indices))):
-        raise ValueError(f"{path.name} keys must be 0..{len(indices) - 1}, got {indices}")
+        raise ValueError(f"{name} keys must be 0..{len(indices) - 1}, got {indices}")
     return [str(mapping[str(i)]) for i in indices]
 
 
@@ -29,19 +35,22 @@ def load_labels(path: Path) -> list[str]:
 SERIALIZED_FORMATS = ("torchscript", "torch_export")
 
 
-def load_model(arch: str, weights: Path, num_classes: int) -> nn.Module:
+def load_model(arch: str, weights: Path | bytes, num_classes: int) -> nn.Module:
     """The model in eval mode: a TorchScript file, a ``torch.export`` program (.pt2), or ``arch``
-    built and given a state_dict (weights only, never arbitrary pickles)."""
+    built and given a state_dict (weights only, never arbitrary pickles). ``weights`` is a file,
+    or its bytes (read from an archive)."""
+    source = io.BytesIO(weights) if isinstance(weights, bytes) else str(weights)
+    name = "the archive's weights" if isinstance(weights, bytes) else weights.name
     if arch == "torchscript":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # torch 2.14 deprecates TorchScript
-            return torch.jit.load(str(weights), map_location="cpu").eval()
+            return torch.jit.load(source, map_location="cpu").eval()
     if arch == "torch_export":
         # An exported program is already specialised to inference; its module() refuses .eval().
         # Export it with a dynamic batch dimension: requests are split into batches of any size.
-        return torch.export.load(str(weights)).module()
+        return torch.export.load(source).module()
     model = build_model(arch, num_classes)
-    state = torch.load(weights, map_location="cpu", weights_only=True)
+    state = torch.load(source, map_location="cpu", weights_only=True)
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     # Checkpoints saved from DataParallel/DDP prefix every key with "module.".
@@ -50,7 +59,7 @@ def load_model(arch: str, weights: Path, num_classes: int) -> nn.Module:
         model.load_state_dict(state)
     except RuntimeError as exc:
         raise ValueError(
-            f"weights in {weights.name} do not fit architecture {arch!r} with {num_classes} classes: "
+            f"weights in {name} do not fit architecture {arch!r} with {num_classes} classes: "
             f"{str(exc)[:500]}"
         ) from None
     return model.eval()

@@ -5,9 +5,10 @@ Ceilings (each alone, median of CUDA-event or wall-clock timings):
   model     the folded channels_last model's forward pass per batch size, in the chosen precision
   nvjpeg    batched GPU JPEG decode of the photos (decode only, then decode + resize)
   cpu       one core decoding and resizing one photo (libjpeg-turbo / Pillow, as a loader worker)
-End to end: handle() on one server-side batch of requests (form uploads, or base64 JSON; JPEG
-bytes in, top-k labels out) for each handler setting of the sweep, every setting initialized once
-and timed in interleaved rounds: images/s and the handler's own per-stage times.
+End to end: classify_requests on one server-side batch of requests (form uploads, or base64 JSON
+parsed as a server does; JPEG bytes in, top-k labels out) for each handler setting of the sweep,
+every setting initialized once and timed in interleaved rounds: images/s and the classifier's own
+per-stage times.
 Needs torch only (no TorchServe, no Java); photos from scikit-image or $BENCH_PHOTOS.
 
     python scripts/bench_gpu.py [--arch resnet50] [--size 640x480] [--images 512] [--json out.json]
@@ -32,8 +33,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
 from bench_images import photo_jpegs, stock_input  # noqa: E402
-from direct_context import DirectContext, random_model_dir  # noqa: E402
-from timing import request_rows  # noqa: E402
+from model_dirs import random_model_dir  # noqa: E402
+from timing import request_batch  # noqa: E402
 from handler.config import HandlerConfig  # noqa: E402
 from handler.dataset import LoaderItem  # noqa: E402
 from handler.gpu_decode import BatchedJpegDecoder, jpeg_job  # noqa: E402
@@ -41,7 +42,9 @@ from handler.images import ImageTransform  # noqa: E402
 from handler.metrics import STAGE_METRICS  # noqa: E402
 from handler.model_loading import load_model  # noqa: E402
 from handler.optimize import fold_batchnorm  # noqa: E402
-from handler.service import ImageBatchHandler, autocast_dtype  # noqa: E402
+from handler.classifier import ImageClassifier, read_model  # noqa: E402
+from handler.devices import autocast_dtype  # noqa: E402
+from handler.process import configure_process  # noqa: E402
 
 
 def cuda_ms(fn, repeats: int, warmup: int = 3) -> float:
@@ -124,31 +127,32 @@ def cpu_ceiling(images: list[bytes], config: HandlerConfig) -> dict:
 
 
 class Contender:
-    """One handler setting, initialized and warmed up, timed a call at a time."""
+    """One setting of the classifier, initialized and warmed up, timed a call at a time."""
 
     def __init__(self, name: str, model_dir: Path, arch: str, settings: dict, encoding: str,
                  images: list[bytes]) -> None:
         self.name, self.settings, self.encoding = name, settings, encoding
-        self.context = DirectContext(str(model_dir), {"handler": {"arch": arch, **settings}}, gpu_id=0)
-        self.handler = ImageBatchHandler()
+        spec = read_model(model_dir, {"arch": arch, **settings})
+        device = torch.device("cuda:0")
+        configure_process(spec.config, device=device)
         started = time.perf_counter()
-        self.handler.initialize(self.context)
+        self.classifier = ImageClassifier(spec, device=device)
         self.initialize_s = time.perf_counter() - started
-        self.rows = request_rows(images, self.handler.config.max_images_per_request, encoding)
+        self.batch = request_batch(images, spec.config.max_images_per_request, encoding)
         self.images = len(images)
         self.seconds: list[float] = []
         self.stages: dict[str, list[float]] = {name: [] for name in STAGE_METRICS}
         for _ in range(2):
-            self.handler.handle(self.rows, self.context)  # warm-up
+            self.classifier.classify_requests(self.batch())  # warm-up
 
     def time_one(self) -> None:
-        self.context.metrics.values.clear()
         start = time.perf_counter()
-        bodies = self.handler.handle(self.rows, self.context)
+        result = self.classifier.classify_requests(self.batch())
         self.seconds.append(time.perf_counter() - start)
-        assert len(bodies) == len(self.rows) and not self.context.statuses, self.context.statuses
+        failed = [r for r in result.results if not isinstance(r, list)]
+        assert not failed, failed
         for name in STAGE_METRICS:
-            self.stages[name].append(self.context.metrics.values[name][-1])
+            self.stages[name].append(result.timings[name])
 
     def summary(self) -> dict:
         median = statistics.median(self.seconds)
@@ -156,13 +160,13 @@ class Contender:
                   "best_images_per_s": round(self.images / min(self.seconds), 1),
                   "initialize_s": round(self.initialize_s, 1), "rounds": len(self.seconds)}
         result.update({name: round(statistics.median(v), 2) for name, v in self.stages.items()})
-        result.update({"gpu_decoded": self.handler.jpeg_decoder is not None, "request_encoding": self.encoding,
+        result.update({"gpu_decoded": self.classifier.pipeline.jpeg_decoder is not None,
+                       "request_encoding": self.encoding,
                        "settings": self.settings})
         return result
 
     def close(self) -> None:
-        assert self.handler.loader is not None
-        self.handler.loader.close()
+        self.classifier.close()
 
 
 def default_sweep(workers: int) -> dict[str, tuple[dict, str]]:
@@ -185,8 +189,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="resnet50")
     parser.add_argument("--size", default="640x480")
-    parser.add_argument("--images", type=int, default=512, help="images per handle() call (requests of 64)")
-    parser.add_argument("--rounds", type=int, default=15, help="timed handle() calls per setting, interleaved")
+    parser.add_argument("--images", type=int, default=512, help="images per server-side batch (requests of 64)")
+    parser.add_argument("--rounds", type=int, default=15, help="timed batches per setting, interleaved")
     parser.add_argument("--repeats", type=int, default=7, help="timings per ceiling measurement")
     parser.add_argument("--precision", default="fp16", help="for the model ceiling")
     parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2))
@@ -231,7 +235,7 @@ def main() -> None:
             }
             print(f"ceilings: {json.dumps(result['ceilings'])}", flush=True)
 
-    print(f"\n{args.arch}, {args.images} JPEGs of {args.size} per handle() call, {result['machine']['gpu']}, "
+    print(f"\n{args.arch}, {args.images} JPEGs of {args.size} per batch, {result['machine']['gpu']}, "
           f"{result['machine']['cpus']} CPUs")
     print("| setting | images/s (median) | best | ms per call | decode wait ms | host->device ms | inference ms | postprocess ms |")
     print("|---|---|---|---|---|---|---|---|")

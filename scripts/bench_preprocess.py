@@ -33,24 +33,24 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
 from bench_images import photo_jpegs, stock_input, stock_transform  # noqa: E402
-from direct_context import DirectContext, random_model_dir  # noqa: E402
-from handler.batching import flatten  # noqa: E402
+from handler.classifier import ImageClassifier, read_model  # noqa: E402
 from handler.config import IMAGENET_STD  # noqa: E402
-from handler.decode import ParsedRequest, RawImage  # noqa: E402
+from handler.dataset import LoaderItem  # noqa: E402
 from handler.metrics import STAGE_METRICS  # noqa: E402
-from handler.service import ImageBatchHandler  # noqa: E402
-from timing import timed_ms, time_handle  # noqa: E402
+from handler.process import configure_process  # noqa: E402
+from model_dirs import random_model_dir  # noqa: E402
+from timing import timed_ms, time_requests  # noqa: E402
 
 
 def stock_preprocess() -> Callable[[list[bytes]], torch.Tensor]:
     """TorchServe's own ImageClassifier.preprocess on one row per image (its contract); where
     torchserve is not installed, the same serial loop over the same transform."""
     try:
-        from ts.torch_handler.image_classifier import ImageClassifier
+        from ts.torch_handler.image_classifier import ImageClassifier as StockClassifier
     except ImportError:
         print("torchserve is not installed: 'stock' is its image_classifier pipeline re-created", flush=True)
         return stock_input
-    stock = ImageClassifier()
+    stock = StockClassifier()
     stock.device = torch.device("cpu")
     return lambda images: stock.preprocess([{"body": bytearray(b)} for b in images])
 
@@ -113,25 +113,22 @@ def _serve_blog(conn) -> None:
         conn.send([timed_ms(lambda: run(images)) for _ in range(repeats)])
 
 
-def ours_preprocess(handler: ImageBatchHandler) -> Callable[[list[bytes]], list[torch.Tensor]]:
-    """What the handler does before its forward pass: decoded batches as the loader delivers
+def ours_preprocess(classifier: ImageClassifier) -> Callable[[list[bytes]], list[torch.Tensor]]:
+    """What the classifier does before its forward pass: decoded batches as the loader delivers
     them, each turned into normalized model input on the device (no concatenation: the model
     runs batch by batch)."""
+    pipeline = classifier.pipeline
 
     def run(images: list[bytes]) -> list[torch.Tensor]:
         inputs = []
-        for batch in handler.preprocess(flatten([_parsed(images)])):
-            inputs.append(handler.to_model_input(batch.pixels))
-            batch.release(handler.copied_event())
-        if handler.device.type == "cuda":
+        for batch in pipeline.decode([LoaderItem(i, b) for i, b in enumerate(images)]):
+            inputs.append(pipeline.to_model_input(batch.pixels))
+            batch.release(pipeline.copied_event())
+        if classifier.device.type == "cuda":
             torch.cuda.synchronize()
         return inputs
 
     return run
-
-
-def _parsed(images: list[bytes]) -> ParsedRequest:
-    return ParsedRequest([RawImage(i, None, b) for i, b in enumerate(images)], as_list=True)
 
 
 def pixel_difference(stock: torch.Tensor, ours: torch.Tensor) -> dict[str, float]:
@@ -142,29 +139,28 @@ def pixel_difference(stock: torch.Tensor, ours: torch.Tensor) -> dict[str, float
             "p99_abs_px_diff_vs_stock": round(float(diff.flatten().kthvalue(int(diff.numel() * 0.99)).values), 2)}
 
 
-def build_handler(arch: str, workdir: Path, settings: dict) -> tuple[ImageBatchHandler, DirectContext]:
+def build_classifier(arch: str, workdir: Path, settings: dict) -> ImageClassifier:
+    """Ours, set up as a server worker would be (process settings first), on the GPU if any."""
     model_dir = random_model_dir(workdir / arch, arch, calibration=stock_input(photo_jpegs("640x480", 16)))
-    handler_settings = {"arch": arch, "batch_size": 16, "num_workers": 2, **settings}
-    context = DirectContext(str(model_dir), {"handler": handler_settings},
-                            gpu_id=0 if torch.cuda.is_available() else None)
-    handler = ImageBatchHandler()
-    handler.initialize(context)
-    return handler, context
+    spec = read_model(model_dir, {"arch": arch, "batch_size": 16, "num_workers": 2, **settings})
+    device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    configure_process(spec.config, device=device)
+    return ImageClassifier(spec, device=device)
 
 
 @torch.inference_mode()
-def output_agreement(handler: ImageBatchHandler, context: DirectContext, size: str, count: int = 32) -> dict:
+def output_agreement(classifier: ImageClassifier, size: str, count: int = 32) -> dict:
     """The stock pipeline (its preprocessing, the plain eager model) against ours (our
     preprocessing, our folded/compiled model, our precision) on ``count`` photos of ``size``:
     top-1 agreement and the largest difference of any class probability."""
     from handler.model_loading import load_model
 
     images = photo_jpegs(size, count)
-    stock_model = load_model(handler.config.arch, Path(context.model_dir) / "weights.pt", len(handler.labels))
+    stock_model = load_model(classifier.config.arch, classifier.spec.weights, len(classifier.labels))
     stock_input_of = stock_preprocess()
     stock = stock_model(stock_input_of(images)).softmax(dim=1)
-    inputs = ours_preprocess(handler)(images)
-    ours = torch.cat([handler.forward(x).float().softmax(dim=1).cpu() for x in inputs])
+    inputs = ours_preprocess(classifier)(images)
+    ours = torch.cat([classifier.pipeline.forward(x).float().softmax(dim=1).cpu() for x in inputs])
     # For scale: how much the same model moves when the same photos are only re-encoded
     # (JPEG quality 95 instead of 90) -- an invisible change.
     reencoded = stock_model(stock_input_of(photo_jpegs(size, count, quality=95))).softmax(dim=1)
@@ -175,10 +171,11 @@ def output_agreement(handler: ImageBatchHandler, context: DirectContext, size: s
             "reencode_q95_max_prob_diff": round(float((stock - reencoded).abs().max()), 5)}
 
 
-def end_to_end(handler: ImageBatchHandler, context: DirectContext, images: list[bytes], repeats: int) -> dict:
-    """handle() on ``images``: per-stage ms (from the handler's own clock) and images/s."""
+def end_to_end(classifier: ImageClassifier, images: list[bytes], repeats: int) -> dict:
+    """``images`` as base64 JSON requests through classify_requests, as a server's batch:
+    per-stage ms (from the classifier's own clock) and images/s."""
     # More images than one request may carry go as one server-side batch of full requests.
-    timed = time_handle(handler, context, images, repeats, per_request=handler.config.max_images_per_request)
+    timed = time_requests(classifier, images, repeats, per_request=classifier.config.max_images_per_request)
     result = {"images_per_s": round(len(images) / timed["seconds"], 1), "batch_ms": round(timed["seconds"] * 1000, 2)}
     result.update({name: round(timed[name], 2) for name in STAGE_METRICS})
     return result
@@ -202,8 +199,8 @@ def main() -> None:
     blog = BlogRunner()
     with tempfile.TemporaryDirectory() as tmp:
         settings = {key: json.loads(value) for key, value in (item.split("=", 1) for item in args.set)}
-        handler, context = build_handler(args.arch, Path(tmp), settings)
-        methods = {"stock": stock_preprocess(), "ours": ours_preprocess(handler)}
+        classifier = build_classifier(args.arch, Path(tmp), settings)
+        methods = {"stock": stock_preprocess(), "ours": ours_preprocess(classifier)}
         rows = []
         for size in args.sizes:
             pool = photo_jpegs(size, max(args.counts))
@@ -225,10 +222,10 @@ def main() -> None:
                 row["speedup_vs_blog"] = round(row["blog_ms"] / row["ours_ms"], 2)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-        agreement = {size: output_agreement(handler, context, size) for size in args.sizes}
-        e2e = {size: end_to_end(handler, context, photo_jpegs(size, args.e2e_images), args.repeats)
+        agreement = {size: output_agreement(classifier, size) for size in args.sizes}
+        e2e = {size: end_to_end(classifier, photo_jpegs(size, args.e2e_images), args.repeats)
                for size in args.sizes}
-        handler.loader.close()
+        classifier.close()
     blog.close()
 
     print("\n| image size | images/request | stock ms | blog (per-request DataLoader) ms | ours ms | ours vs stock | ours vs blog |")
@@ -239,15 +236,15 @@ def main() -> None:
     print(f"\nOutputs, stock pipeline vs ours ({args.arch}, calibrated random weights, 32 photos):")
     for size, figures in agreement.items():
         print(f"  {size}: {json.dumps(figures)}")
-    per_request = handler.config.max_images_per_request
+    per_request = classifier.config.max_images_per_request
     shape = (f"one {args.e2e_images}-image request" if args.e2e_images <= per_request
              else f"{args.e2e_images} images in requests of up to {per_request}, one server-side batch")
-    print(f"\nEnd to end through handle() ({args.arch}, {shape}, device {handler.device}, "
+    print(f"\nEnd to end through classify_requests, base64 JSON ({args.arch}, {shape}, device {classifier.device}, "
           f"settings {json.dumps(settings)}):")
     for size, figures in e2e.items():
         print(f"  {size}: {json.dumps(figures)}")
     result = {
-        "arch": args.arch, "device": str(handler.device), "settings": settings, "preprocess": rows,
+        "arch": args.arch, "device": str(classifier.device), "settings": settings, "preprocess": rows,
         "output_agreement": agreement, "end_to_end": {"images_per_request": args.e2e_images, "sizes": e2e},
         "machine": {"cpus": torch.get_num_threads(), "platform": platform.platform(),
                     "torch": torch.__version__,

@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
 from bench_images import photo_jpegs, stock_input  # noqa: E402
-from direct_context import random_model_dir  # noqa: E402
+from model_dirs import random_model_dir  # noqa: E402
 from client import multipart_mixed  # noqa: E402
 from ts_server import Server, start_server  # noqa: E402
 from timing import latency_summary  # noqa: E402

@@ -15,34 +15,15 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as futures
-import glob
 import json
 import os
-import sys
-import threading
 from pathlib import Path
 from typing import Any
 
 import requests
 from urllib3 import encode_multipart_formdata
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
-
-
-def expand(paths: list[str]) -> list[Path]:
-    """Files, folders (searched recursively for image files) and globs, in a stable order."""
-    found: list[Path] = []
-    for item in paths:
-        matches = [Path(m) for m in sorted(glob.glob(item, recursive=True))] or [Path(item)]
-        for path in matches:
-            if path.is_dir():
-                found += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-            elif path.is_file():
-                found.append(path)
-            else:
-                raise SystemExit(f"client: no such file or folder: {item}")
-    return found
-
+from image_files import Progress, error_line, expand, finish, result_line, write_lines
 
 def read_token(args: argparse.Namespace) -> str:
     if args.token:
@@ -54,23 +35,6 @@ def read_token(args: argparse.Namespace) -> str:
     except (OSError, KeyError, ValueError) as exc:
         raise SystemExit(f"client: no token: pass --token, set TS_INFERENCE_KEY or point --key-file at "
                          f"TorchServe's key_file.json ({exc})")
-
-
-class Progress:
-    """A one-line progress bar on stderr."""
-
-    def __init__(self, total: int):
-        self.total, self.done, self.failed = total, 0, 0
-        self._lock = threading.Lock()
-
-    def add(self, done: int, failed: int) -> None:
-        with self._lock:
-            self.done += done
-            self.failed += failed
-            filled = int(30 * self.done / max(self.total, 1))
-            sys.stderr.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {self.done}/{self.total} images, "
-                             f"{self.failed} failed")
-            sys.stderr.flush()
 
 
 def multipart_mixed(files: list[tuple[str, tuple[str, bytes, str]]]) -> tuple[bytes, str]:
@@ -92,7 +56,7 @@ def classify(session: requests.Session, url: str, paths: list[Path], form_data: 
             try:
                 files.append((f"f{i}", (paths[i].name, paths[i].read_bytes(), "application/octet-stream")))
             except OSError as exc:
-                results[i] = {"path": str(paths[i]), "error": "unreadable", "reason": str(exc)}
+                results[i] = error_line(paths[i], "unreadable", str(exc))
         pending = [i for i in pending if i not in results]
         if not pending:
             break
@@ -105,12 +69,12 @@ def classify(session: requests.Session, url: str, paths: list[Path], form_data: 
             body = response.json()
         except (requests.RequestException, ValueError) as exc:
             for i in pending:
-                results[i] = {"path": str(paths[i]), "error": "request_failed", "reason": str(exc)}
+                results[i] = error_line(paths[i], "request_failed", str(exc))
             break
         if response.status_code == 200:
             predictions = body if len(pending) > 1 else [body]
             for i, scores in zip(pending, predictions):
-                results[i] = {"path": str(paths[i]), "label": next(iter(scores)), "scores": scores}
+                results[i] = result_line(paths[i], scores)
             break
         named = body.get("images", []) if isinstance(body, dict) else []
         bad = {pending[p["index"]]: p.get("reason", "") for p in named if 0 <= p.get("index", -1) < len(pending)}
@@ -119,7 +83,7 @@ def classify(session: requests.Session, url: str, paths: list[Path], form_data: 
         if not bad:  # the whole request was refused: every image gets the server's message
             bad = {i: message for i in pending}
         for i, reason in bad.items():
-            results[i] = {"path": str(paths[i]), "error": error, "reason": reason or message}
+            results[i] = error_line(paths[i], error, reason or message)
         pending = [i for i in pending if i not in results]
     return [results[i] for i in range(len(paths))]
 
@@ -140,7 +104,7 @@ def main() -> None:
     if args.batch < 1 or args.concurrency < 1:
         parser.error("--batch and --concurrency must be at least 1")
 
-    paths = expand(args.paths)
+    paths = expand(args.paths, "client")
     session = requests.Session()
     session.headers["Authorization"] = f"Bearer {read_token(args)}"
     url = f"{args.url.rstrip('/')}/predictions/{args.model}"
@@ -149,16 +113,8 @@ def main() -> None:
     failed = 0
     with args.out.open("w") as out, futures.ThreadPoolExecutor(args.concurrency) as pool:
         for lines in pool.map(lambda chunk: classify(session, url, chunk, args.form_data), chunks):
-            bad = sum("error" in line for line in lines)
-            failed += bad
-            progress.add(len(lines), bad)
-            for line in lines:
-                out.write(json.dumps(line) + "\n")
-    sys.stderr.write(f"\n{len(paths) - failed} classified, {failed} failed; wrote {args.out}\n")
-    for line in (json.loads(x) for x in args.out.read_text().splitlines()):
-        if "error" in line:
-            sys.stderr.write(f"  {line['path']}: {line['error']}: {line['reason']}\n")
-    sys.exit(1 if failed else 0)
+            failed += write_lines(out, lines, progress)
+    finish(len(paths), failed, args.out)
 
 
 if __name__ == "__main__":

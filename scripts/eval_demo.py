@@ -1,6 +1,6 @@
 #!/usr/bin/env python
-"""Accuracy of the committed demo model on freshly drawn shapes, through the real handler
-(decode, letterbox, model), by slice of the range it is specified for.
+"""Accuracy of the committed demo model on freshly drawn shapes, through the real pipeline
+(ImageClassifier: decode, letterbox, model), by slice of the range it is specified for.
 
     .venv/bin/python scripts/eval_demo.py [--per-class 50]
 """
@@ -8,20 +8,15 @@
 from __future__ import annotations
 
 import argparse
-import base64
-import json
 import sys
 from collections import Counter
 from pathlib import Path
-
-import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts"), str(ROOT / "tests")]
 
 import shapes  # noqa: E402
-from direct_context import DirectContext  # noqa: E402
-from handler.service import ImageBatchHandler  # noqa: E402
+from handler.classifier import ImageClassifier  # noqa: E402
 from helpers import shape_image  # noqa: E402
 
 SLICES = {
@@ -36,28 +31,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--per-class", type=int, default=50)
     args = parser.parse_args()
-    model_dir = ROOT / "models" / "shapes"
-    config = yaml.safe_load((model_dir / "model-config.yaml").read_text())
-    context = DirectContext(str(model_dir), config, serialized_file="shapes_cnn.pt")
-    handler = ImageBatchHandler()
-    handler.initialize(context)
-    try:
+    with ImageClassifier.load(ROOT / "models" / "shapes") as classifier:
         for seed, (name, options) in enumerate(SLICES.items()):
             right, total, confusions = 0, 0, Counter()
             for label in shapes.CLASSES:
                 images = [shape_image(label, 500_000 * (seed + 1) + i, **options) for i in range(args.per_class)]
-                for start in range(0, len(images), 50):
-                    chunk = images[start : start + 50]
-                    row = {"body": {"images": [base64.b64encode(b).decode() for b in chunk]}}
-                    for result in json.loads(handler.handle([row], context)[0]):
-                        predicted = next(iter(result))
-                        total += 1
-                        right += predicted == label
-                        if predicted != label:
-                            confusions[f"{label}->{predicted}"] += 1
+                for result in classifier.classify(images):
+                    predicted = next(iter(result))
+                    total += 1
+                    right += predicted == label
+                    if predicted != label:
+                        confusions[f"{label}->{predicted}"] += 1
             print(f"{name}: {right}/{total} = {right / total:.1%}  {dict(confusions)}", flush=True)
-    finally:
-        handler.loader.close()
 
 
 if __name__ == "__main__":

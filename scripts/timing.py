@@ -1,8 +1,9 @@
-"""Timing helpers shared by the benchmark scripts: percentiles, a stopwatch, and handle() timing."""
+"""Timing helpers shared by the benchmark scripts: percentiles, a stopwatch, and classifier timing."""
 
 from __future__ import annotations
 
 import base64
+import json
 import statistics
 import time
 from typing import Any, Callable
@@ -28,40 +29,42 @@ def timed_ms(fn: Callable[[], object]) -> float:
     return (time.perf_counter() - start) * 1000
 
 
-def json_request(images: list[bytes]) -> dict[str, Any]:
-    """One TorchServe request row carrying ``images`` as base64 JSON."""
-    return {"body": {"images": [base64.b64encode(b).decode() for b in images]}}
+def json_body(images: list[bytes]) -> bytes:
+    """A request body carrying ``images`` as base64 JSON (``{"images": [...]}``)."""
+    return json.dumps({"images": [base64.b64encode(b).decode() for b in images]}).encode()
 
 
-def request_rows(images: list[bytes], per_request: int, encoding: str = "json") -> list[dict[str, Any]]:
-    """``images`` as TorchServe hands them to handle(): requests of up to ``per_request`` images,
-    each base64 JSON (``json``) or a multipart form upload, one field per image (``form``)."""
+def request_batch(images: list[bytes], per_request: int, encoding: str = "json") -> Callable[[], list[list[Any]]]:
+    """A function that makes one server-side batch of ``images`` in requests of up to
+    ``per_request`` images, as a server would hand them to ``classify_requests``: parsed from
+    base64 JSON bodies each time (``json``, the parse is part of the work), or the image bytes
+    as a multipart upload delivers them (``form``)."""
     if encoding not in ("json", "form"):
         raise ValueError(f"encoding must be json or form, got {encoding!r}")
     chunks = [images[i : i + per_request] for i in range(0, len(images), per_request)]
-    if encoding == "json":
-        return [json_request(chunk) for chunk in chunks]
-    return [{f"f{j}": bytearray(b) for j, b in enumerate(chunk)} for chunk in chunks]
+    if encoding == "form":
+        return lambda: chunks
+    from handler.protocols import parse_body
+
+    bodies = [json_body(chunk) for chunk in chunks]
+    return lambda: [parse_body(body).images for body in bodies]
 
 
-def time_handle(handler: Any, context: Any, images: list[bytes], repeats: int,
-                per_request: int | None = None) -> dict[str, float]:
-    """handle() on ``images`` (base64 JSON; one request, or one server-side batch of requests of
+def time_requests(classifier: Any, images: list[bytes], repeats: int, per_request: int | None = None,
+                  encoding: str = "json") -> dict[str, float]:
+    """``classify_requests`` on ``images`` (one request, or one server-side batch of requests of
     ``per_request`` images each), after a warm-up call: the median seconds per call, and the
-    median of each figure the handler published (its stage times)."""
-    rows = request_rows(images, per_request or len(images))
-    handler.handle(rows, context)  # warm-up
+    median of each stage time the classifier reported."""
+    make = request_batch(images, per_request or len(images), encoding)
+    classifier.classify_requests(make())  # warm-up
     seconds: list[float] = []
-    published: dict[str, list[float]] = {}
-    metrics = getattr(context, "metrics", None)
+    stages: dict[str, list[float]] = {}
     for _ in range(repeats):
-        if metrics is not None:
-            metrics.values.clear()
         start = time.perf_counter()
-        handler.handle(rows, context)
+        result = classifier.classify_requests(make())
         seconds.append(time.perf_counter() - start)
-        for name, values in (metrics.values.items() if metrics is not None else ()):
-            published.setdefault(name, []).append(values[-1])
-    result = {"seconds": statistics.median(seconds)}
-    result.update({name: statistics.median(values) for name, values in published.items()})
-    return result
+        for name, value in result.timings.items():
+            stages.setdefault(name, []).append(value)
+    out = {"seconds": statistics.median(seconds)}
+    out.update({name: statistics.median(values) for name, values in stages.items()})
+    return out

@@ -28,9 +28,11 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
-from direct_context import DirectContext, random_model_dir  # noqa: E402
-from handler.service import ImageBatchHandler  # noqa: E402
-from timing import json_request  # noqa: E402
+from handler.classifier import ImageClassifier, read_model  # noqa: E402
+from handler.devices import resolve_device  # noqa: E402
+from handler.process import configure_process  # noqa: E402
+from model_dirs import random_model_dir  # noqa: E402
+from timing import request_batch  # noqa: E402
 
 
 def load_images(folder: Path | None, count: int, size: str) -> list[bytes]:
@@ -46,22 +48,20 @@ def load_images(folder: Path | None, count: int, size: str) -> list[bytes]:
 
 def _backend_worker(model_dir: str, settings: dict[str, Any], images: list[bytes], seconds: float,
                     start: Any, results: Any) -> None:
-    """One stand-in TorchServe backend worker: initialize, wait for the others, then serve."""
-    context = DirectContext(model_dir, settings)
-    handler = ImageBatchHandler()
-    handler.initialize(context)
-    try:
-        row = json_request(images)
-        handler.handle([row], context)  # warm-up
+    """One stand-in backend worker: set up as TorchServe's would, wait for the others, then serve
+    base64 JSON requests (parsed each time, as a server does)."""
+    spec = read_model(model_dir, model_yaml=settings)
+    device = resolve_device("auto")
+    configure_process(spec.config, device=device, backend_workers=settings.get("maxWorkers", 1))
+    with ImageClassifier(spec, device=device) as classifier:
+        batch = request_batch(images, len(images))
+        classifier.classify_requests(batch())  # warm-up
         start.wait()
         done, began = 0, time.perf_counter()
         while time.perf_counter() - began < seconds:
-            handler.handle([row], context)
+            classifier.classify_requests(batch())
             done += len(images)
         results.put(done)
-    finally:
-        assert handler.loader is not None
-        handler.loader.close()
 
 
 def measure(model_dir: Path, model_config: dict[str, Any], images: list[bytes], seconds: float,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,5 +43,56 @@ def write_model_dir(directory: Path, model: Any, labels: list[str]) -> Path:
     return directory
 
 
-# The handler's stand-in context lives in scripts/ so that benchmarks can use it too.
-from direct_context import DirectContext as FakeContext  # noqa: E402,F401
+class RecordingMetrics:
+    """Records what the handler sends to TorchServe's metrics cache."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, list[float]] = {}
+
+    def _record(self, name: str, value: float) -> None:
+        self.values.setdefault(name, []).append(value)
+
+    def add_time(self, name, value, idx=None, unit="ms", dimensions=None, **_):
+        assert unit == "ms"
+        self._record(name, value)
+
+    def add_metric(self, name, value, unit, idx=None, dimensions=None, **_):
+        self._record(name, value)
+
+    def add_counter(self, name, value, idx=None, dimensions=None):
+        self._record(name, value)
+
+
+@dataclass
+class FakeContext:
+    """The parts of ts.context.Context the handler uses; records statuses and content types."""
+
+    model_dir: str
+    model_yaml_config: dict[str, Any]
+    serialized_file: str = "weights.pt"
+    gpu_id: int | None = None
+    statuses: dict[int, tuple[int, str]] = field(default_factory=dict)
+    content_types: dict[int, str] = field(default_factory=dict)
+    headers: dict[int, dict[str, str]] = field(default_factory=dict)
+    request_headers: list[dict[str, str]] = field(default_factory=list)
+    metrics: RecordingMetrics = field(default_factory=RecordingMetrics)
+
+    @property
+    def system_properties(self) -> dict[str, Any]:
+        return {"model_dir": self.model_dir, "gpu_id": self.gpu_id, "batch_size": 8}
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        return {"model": {"serializedFile": self.serialized_file}}
+
+    def set_response_status(self, code: int = 200, phrase: str = "", idx: int = 0) -> None:
+        self.statuses[idx] = (code, phrase)
+
+    def set_response_content_type(self, idx: int, value: str) -> None:
+        self.content_types[idx] = value
+
+    def set_response_header(self, idx: int, key: str, value: str) -> None:
+        self.headers.setdefault(idx, {})[key] = value
+
+    def get_all_request_header(self, idx: int) -> dict[str, str]:
+        return self.request_headers[idx] if idx < len(self.request_headers) else {"Host": "localhost"}

@@ -8,9 +8,8 @@ from handler.dataset import DecodedBatch
 def chunk(keys: list[int], failures: dict | None = None, releases: list | None = None) -> DecodedBatch:
     """A decoded chunk whose pixel rows encode their keys (every pixel = key)."""
     pixels = torch.stack([torch.full((3, 4, 4), k, dtype=torch.uint8) for k in keys]) if keys else None
-    batch = DecodedBatch(list(keys), pixels, dict(failures or {}))
-    if releases is not None:
-        batch._release = lambda event: releases.append(tuple(keys))
+    batch = DecodedBatch(list(keys), None, dict(failures or {}))
+    batch.attach(pixels, lambda event: releases.append(tuple(keys)) if releases is not None else None)
     return batch
 
 
@@ -26,19 +25,24 @@ def run(size: int, chunks: list[DecodedBatch]) -> list:
 
 
 def rows(batch) -> list[int]:
-    return [int(x[0, 0, 0]) for x in batch.inputs]
+    _, inputs = batch
+    return [int(x[0, 0, 0]) for x in inputs]
+
+
+def keys_of(out) -> list[list[int]]:
+    return [keys for keys, _ in out]
 
 
 def test_small_chunks_are_gathered_into_full_batches_in_order():
     out = run(8, [chunk([0, 1, 2]), chunk([3, 4, 5]), chunk([6, 7, 8]), chunk([9, 10])])
-    assert [b.keys for b in out] == [[0, 1, 2, 3, 4, 5, 6, 7], [8, 9, 10]]
-    assert [rows(b) for b in out] == [b.keys for b in out]  # each key's own pixels
+    assert keys_of(out) == [[0, 1, 2, 3, 4, 5, 6, 7], [8, 9, 10]]
+    assert [rows(b) for b in out] == keys_of(out)  # each key's own pixels
 
 
 def test_a_chunk_is_split_across_batches_and_no_batch_exceeds_the_size():
     out = run(4, [chunk([0, 1, 2]), chunk([3, 4, 5, 6, 7, 8, 9]), chunk([10])])
-    assert [b.keys for b in out] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10]]
-    assert [rows(b) for b in out] == [b.keys for b in out]
+    assert keys_of(out) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10]]
+    assert [rows(b) for b in out] == keys_of(out)
 
 
 def test_a_full_chunk_with_nothing_waiting_passes_without_a_copy():
@@ -57,12 +61,12 @@ def test_every_chunk_is_released_once_and_buffer_reuse_keeps_earlier_batches():
     assert [k for b in out for k in rows(b)] == list(range(30))  # later copies did not overwrite
 
 
-def test_failures_travel_with_the_next_batch_and_are_never_lost():
-    out = run(4, [chunk([0], {1: (400, "bad")}), chunk([], {2: (400, "worse")}), chunk([3, 4, 5])])
-    assert [b.keys for b in out] == [[0, 3, 4, 5]]
-    assert out[0].failures == {1: (400, "bad"), 2: (400, "worse")}
-    only_bad = run(4, [chunk([], {0: (400, "bad")})])
-    assert len(only_bad) == 1 and only_bad[0].inputs is None and only_bad[0].failures == {0: (400, "bad")}
+def test_chunks_without_good_images_complete_no_batch_and_are_released():
+    releases: list = []
+    out = run(4, [chunk([0], releases=releases), chunk([], {2: "worse"}, releases=releases), chunk([3, 4, 5])])
+    assert keys_of(out) == [[0, 3, 4, 5]]
+    assert sorted(releases) == [(), (0,)]
+    assert run(4, [chunk([], {0: "bad"})]) == []
     assert run(4, []) == []
 
 
@@ -76,6 +80,6 @@ def test_any_chunking_gives_every_key_exactly_once(size):
         chunks.append(chunk(keys[start : start + n]))
         start += n
     out = run(size, chunks)
-    assert all(len(b.keys) <= size for b in out)
-    assert [k for b in out for k in b.keys] == keys
+    assert all(len(k) <= size for k in keys_of(out))
+    assert [k for ks in keys_of(out) for k in ks] == keys
     assert [k for b in out for k in rows(b)] == keys

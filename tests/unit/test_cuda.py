@@ -84,7 +84,7 @@ def cpu_answers(model_dir):
     try:
         bodies, statuses, _ = answer(handler, mixed_rows())
     finally:
-        handler.loader.close()
+        handler.classifier.close()
     return bodies, statuses
 
 
@@ -93,9 +93,9 @@ def test_cuda_answers_like_the_cpu(model_dir, cpu_answers, name):
     want, want_statuses = cpu_answers
     handler = start(model_dir, gpu=True, **CONFIGS[name])
     try:
-        assert handler.device.type == "cuda"
+        assert handler.classifier.device.type == "cuda"
         if "decode_device" in CONFIGS[name]:
-            assert handler.jpeg_decoder is not None, "nvJPEG did not warm up"
+            assert handler.classifier.pipeline.jpeg_decoder is not None, "nvJPEG did not warm up"
         for _ in range(2):  # the second round reuses staging slots, buffers and cuDNN plans
             got, statuses, context = answer(handler, mixed_rows())
             assert statuses == want_statuses and set(statuses) == {2}
@@ -109,20 +109,20 @@ def test_cuda_answers_like_the_cpu(model_dir, cpu_answers, name):
         assert stages["InferenceMs"][-1] > 0 and stages["HostToDeviceMs"][-1] > 0
         assert stages["ImagesPerBatch"][-1] == 27
     finally:
-        handler.loader.close()
+        handler.classifier.close()
 
 
 def test_staging_ring_is_page_locked_and_every_slot_comes_back(model_dir):
     handler = start(model_dir, gpu=True)
     try:
-        ring = handler.loader.ring
+        ring = handler.classifier.pipeline.loader.staging.ring
         assert ring is not None and ring._pinned
         slots = ring.free_slots()
         answer(handler, mixed_rows())
         torch.cuda.synchronize()
         assert ring.free_slots() == slots
     finally:
-        handler.loader.close()
+        handler.classifier.close()
 
 
 def test_back_to_back_requests_never_see_each_others_pixels(model_dir):
@@ -140,4 +140,4 @@ def test_back_to_back_requests_never_see_each_others_pixels(model_dir):
             for g, w in zip(got, want[which][0]):
                 assert list(g) == list(w) and g == pytest.approx(w, abs=1e-4), round_
     finally:
-        handler.loader.close()
+        handler.classifier.close()

@@ -1,6 +1,7 @@
 import gc
 from collections import namedtuple
 
+import torch
 from PIL import Image
 
 from handler.config import HandlerConfig
@@ -8,6 +9,7 @@ from handler.dataset import ImageBytesDataset, LoaderItem
 from handler.images import ImageTransform
 from handler.inbox import MIN_INBOX_BYTES, Inbox
 from handler.loader import PersistentImageLoader, RequestBatchSampler
+from handler.transport import SharedStaging
 from helpers import encode
 
 SIZE = 8
@@ -42,13 +44,17 @@ def test_the_inbox_shrinks_to_dev_shm_or_is_skipped(monkeypatch, caplog):
 
 def test_the_sampler_moves_bytes_into_the_inbox_and_sends_the_rest_as_they_are():
     inbox = Inbox(10)
-    sampler = RequestBatchSampler(inbox=inbox)
+    sampler = RequestBatchSampler(SharedStaging(inbox, None))
     sampler.set_batches([[LoaderItem(0, b"12345"), LoaderItem(1, b"678")], [LoaderItem(2, b"abcdef")]])
     assert len(sampler) == 2
     first, second = list(sampler)
     assert [(i.data, i.span) for i in first] == [(b"", (0, 5)), (b"", (5, 3))]
     assert [(i.data, i.span) for i in second] == [(b"abcdef", None)]  # did not fit
     assert inbox.read(first[1].span) == b"678"
+    tensor = torch.zeros(3, 2, 2, dtype=torch.uint8)  # decoded pixels are never copied into the inbox
+    sampler.set_batches([[LoaderItem(3, tensor)]])
+    (only,) = list(sampler)
+    assert only[0].span is None and only[0].data is tensor
 
 
 def colour_png(i: int) -> bytes:
@@ -64,9 +70,9 @@ def test_workers_decode_from_the_inbox_and_from_pickles_alike_request_after_requ
     loader = PersistentImageLoader(ImageBytesDataset(ImageTransform(config)), batch_size=2, num_workers=2,
                                    image_size=SIZE, pin_memory=False, mp_context="fork")
     try:
-        assert loader.inbox is not None
+        assert loader.staging.inbox is not None
         items = [LoaderItem(i, colour_png(i)) for i in range(12)]
-        loader.inbox.capacity = sum(len(i.data) for i in items[:5])  # the rest overflow
+        loader.staging.inbox.capacity = sum(len(i.data) for i in items[:5])  # the rest overflow
         abandoned = loader.iterate(items)
         next(abandoned)
         abandoned.close()  # its workers may still be reading when the next request comes
@@ -74,8 +80,8 @@ def test_workers_decode_from_the_inbox_and_from_pickles_alike_request_after_requ
         for _ in range(2):
             means = [p.float().mean(dim=(1, 2)).tolist() for b in loader.iterate(items) for p in b.pixels]
             assert means == [expected(i) for i in range(12)]
-            assert loader.inbox._used == loader.inbox.capacity
+            assert loader.staging.inbox._used == loader.staging.inbox.capacity
         list(loader.iterate(items[:2]))
-        assert loader.inbox._used == len(items[0].data) + len(items[1].data)  # emptied per request
+        assert loader.staging.inbox._used == len(items[0].data) + len(items[1].data)  # emptied per request
     finally:
         loader.close()

@@ -29,7 +29,7 @@ def make_loader(num_workers: int = 2, batch_size: int = 3, **options) -> Persist
 
 
 def worker_pids(loader: PersistentImageLoader) -> list[int]:
-    return [w.pid for w in loader._loader._iterator._workers]
+    return loader.workers.worker_pids()
 
 
 @pytest.fixture
@@ -87,7 +87,7 @@ def test_bad_images_are_reported_by_key_without_losing_the_rest(loader):
     keys, pixels, failures = merged(list(loader.iterate(items)))
     assert keys == [0, 2]
     assert pixels.shape == (2, 3, SIZE, SIZE)
-    assert set(failures) == {1} and failures[1][0] == 400
+    assert set(failures) == {1} and failures[1].status == 400 and failures[1].code == "invalid_image"
 
 
 def test_all_bad_batch_has_an_empty_tensor(loader):
@@ -136,7 +136,7 @@ def test_small_batches_decode_inline_with_the_same_result(loader):
         items = [LoaderItem(0, grey(40)), LoaderItem(1, b"bad")]
         got = merged(list(inline.iterate(items)))
         want = merged(list(loader.iterate(items)))
-        assert inline._loader._iterator is None  # no worker was involved
+        assert not inline.workers.has_workers()  # no worker was involved
         assert got[0] == want[0] == [0] and torch.equal(got[1], want[1])
         assert got[2] == want[2] and set(got[2]) == {1}
     finally:
@@ -164,7 +164,7 @@ def test_iterate_hands_out_the_first_batches_before_anything_is_consumed(loader)
     """So the handler can decode on the GPU while the workers decode their share."""
     items = [LoaderItem(key, grey(10 * key)) for key in range(8)]
     batches = loader.iterate(items)
-    assert loader.inbox._used >= sum(len(item.data) for item in items[:4])  # dispatched: bytes staged
+    assert loader.staging.inbox._used >= sum(len(item.data) for item in items[:4])  # dispatched: bytes staged
     assert [k for b in batches for k in b.keys] == list(range(8))
 
 

@@ -1,5 +1,3 @@
-import json
-
 import pytest
 import torch
 import torchvision
@@ -7,8 +5,8 @@ from torch import nn
 
 from handler.architectures import ShapesNet
 from handler.optimize import fold_batchnorm
-from handler.service import ImageBatchHandler
-from helpers import FakeContext, shape_image, write_model_dir
+from handler.classifier import ImageClassifier, read_model
+from helpers import shape_image, write_model_dir
 
 EXAMPLE = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
 
@@ -86,13 +84,9 @@ def model_dir(tmp_path_factory):
 def answers(model_dir, settings: dict) -> list[dict]:
     base = {"arch": "shapes_cnn", "image_size": 64, "resize_mode": "letterbox", "top_k": 3, "batch_size": 4,
             "num_workers": 0}
-    handler = ImageBatchHandler()
-    handler.initialize(FakeContext(str(model_dir), {"handler": {**base, **settings}}))
-    images = {f"f{i}": bytearray(shape_image(("circle", "square", "triangle")[i % 3], seed=i)) for i in range(6)}
-    try:
-        return json.loads(handler.handle([images], FakeContext(str(model_dir), {}))[0])
-    finally:
-        handler.loader.close()
+    images = [shape_image(("circle", "square", "triangle")[i % 3], seed=i) for i in range(6)]
+    with ImageClassifier(read_model(model_dir, {**base, **settings}), device="cpu") as classifier:
+        return classifier.classify(images)
 
 
 def assert_same_answers(got: list[dict], want: list[dict]) -> None:
@@ -116,7 +110,7 @@ def test_a_failed_compile_falls_back_to_eager(model_dir, monkeypatch, caplog):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             raise RuntimeError("inductor: no C++ compiler found")
 
-    monkeypatch.setattr("handler.service.compile_model", lambda model, mode: FailsToCompile(model))
+    monkeypatch.setattr("handler.pipeline.compile_model", lambda model, mode: FailsToCompile(model))
     plain = answers(model_dir, {})
     assert_same_answers(answers(model_dir, {"compile": True, "batch_buckets": [4]}), plain)
     assert "torch.compile failed" in caplog.text

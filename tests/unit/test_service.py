@@ -20,7 +20,7 @@ def handler_and_context(tmp_path_factory):
     handler = ImageBatchHandler()
     handler.initialize(context)
     yield handler, context
-    handler.loader.close()
+    handler.classifier.close()
 
 
 def fresh_context(context: FakeContext) -> FakeContext:
@@ -98,7 +98,7 @@ def test_stage_times_and_counts_are_published(handler_and_context):
 
 
 def test_thread_budget_shares_cores_among_backend_workers():
-    from handler.service import thread_budget
+    from handler.devices import thread_budget
     import os
 
     cores = os.cpu_count() or 1
@@ -128,27 +128,27 @@ def test_bucket_padding_and_bf16_keep_the_results(handler_and_context, tmp_path)
         bf16_handler.initialize(FakeContext(base.model_dir, {"handler": {**settings, "precision": "bf16"}}))
         low = json.loads(bf16_handler.handle([{f"f{i}": img for i, img in enumerate(images)}],
                                              fresh_context(base))[0])
-        bf16_handler.loader.close()
+        bf16_handler.classifier.close()
         assert [next(iter(r)) for r in low] == [next(iter(r)) for r in plain]
     finally:
-        padded_handler.loader.close()
+        padded_handler.classifier.close()
 
 
 def test_model_input_is_normalized_like_torchvision(handler_and_context):
     handler, _ = handler_and_context
     pixels = torch.randint(0, 256, (3, 3, 8, 8), dtype=torch.uint8)
-    mean = torch.tensor(handler.config.mean).view(1, 3, 1, 1)
-    std = torch.tensor(handler.config.std).view(1, 3, 1, 1)
+    mean = torch.tensor(handler.classifier.config.mean).view(1, 3, 1, 1)
+    std = torch.tensor(handler.classifier.config.std).view(1, 3, 1, 1)
     expected = (pixels.float() / 255 - mean) / std
-    got = handler.to_model_input(pixels)
+    got = handler.classifier.pipeline.to_model_input(pixels)
     assert got.is_contiguous(memory_format=torch.channels_last)
     assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
 
 
 def test_initialize_forks_the_loader_workers_before_any_request(handler_and_context):
     handler, _ = handler_and_context
-    iterator = handler.loader._loader._iterator
-    assert iterator is not None and len(iterator._workers) == 2
+    pids = handler.classifier.pipeline.loader.workers.worker_pids()
+    assert len(pids) == 2 and all(pids)
 
 
 def test_the_handler_module_defines_exactly_one_class():

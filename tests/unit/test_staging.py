@@ -75,7 +75,7 @@ def expected(i: int) -> list[float]:
 def test_holding_more_batches_than_slots_keeps_every_pixel():
     loader = make_loader()
     try:
-        assert loader.ring is not None and loader.ring.free_slots() == 6
+        assert loader.staging.ring is not None and loader.staging.ring.free_slots() == 6
         items = [LoaderItem(i, colour_jpeg(i)) for i in range(30)]  # 15 batches, all held at once
         for _ in range(2):  # the second time round, the slots of the first are back
             batches = list(loader.iterate(items))
@@ -84,7 +84,7 @@ def test_holding_more_batches_than_slots_keeps_every_pixel():
             assert means == [expected(i) for i in range(30)]
             del batches
             gc.collect()
-            assert loader.ring.free_slots() == 6
+            assert loader.staging.ring.free_slots() == 6
     finally:
         loader.close()
 
@@ -100,7 +100,7 @@ def test_an_abandoned_request_leaves_the_next_one_intact():
         means = [p.float().mean(dim=(1, 2)).tolist() for b in loader.iterate(items) for p in b.pixels]
         assert means == [expected(i) for i in range(20)]
         gc.collect()
-        assert loader.ring.free_slots() == 6  # the abandoned request's slots came back too
+        assert loader.staging.ring.free_slots() == 6  # the abandoned request's slots came back too
     finally:
         loader.close()
 

@@ -1,61 +1,12 @@
-"""A small stand-in for TorchServe's Context, to drive the handler without TorchServe (unit tests,
-benchmarks, GPU machines without Java)."""
+"""Model directories for benchmarks and tests: a torchvision architecture with random weights,
+optionally calibrated on real photos so that its answers vary from photo to photo."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
-
-
-class RecordingMetrics:
-    """Records what the handler sends to TorchServe's metrics cache."""
-
-    def __init__(self) -> None:
-        self.values: dict[str, list[float]] = {}
-
-    def _record(self, name: str, value: float) -> None:
-        self.values.setdefault(name, []).append(value)
-
-    def add_time(self, name, value, idx=None, unit="ms", dimensions=None, **_):
-        assert unit == "ms"
-        self._record(name, value)
-
-    def add_metric(self, name, value, unit, idx=None, dimensions=None, **_):
-        self._record(name, value)
-
-    def add_counter(self, name, value, idx=None, dimensions=None):
-        self._record(name, value)
-
-
-@dataclass
-class DirectContext:
-    """The parts of ts.context.Context the handler uses; records statuses and content types."""
-
-    model_dir: str
-    model_yaml_config: dict[str, Any]
-    serialized_file: str = "weights.pt"
-    gpu_id: int | None = None
-    statuses: dict[int, tuple[int, str]] = field(default_factory=dict)
-    content_types: dict[int, str] = field(default_factory=dict)
-    metrics: RecordingMetrics = field(default_factory=RecordingMetrics)
-
-    @property
-    def system_properties(self) -> dict[str, Any]:
-        return {"model_dir": self.model_dir, "gpu_id": self.gpu_id, "batch_size": 8}
-
-    @property
-    def manifest(self) -> dict[str, Any]:
-        return {"model": {"serializedFile": self.serialized_file}}
-
-    def set_response_status(self, code: int = 200, phrase: str = "", idx: int = 0) -> None:
-        self.statuses[idx] = (code, phrase)
-
-    def set_response_content_type(self, idx: int, value: str) -> None:
-        self.content_types[idx] = value
 
 
 def random_model_dir(directory: Path, arch: str, num_classes: int = 1000, seed: int = 0,

@@ -2,8 +2,11 @@ import base64
 
 import pytest
 
-from handler.decode import decode_base64, parse_request
 from handler.errors import RequestError
+from handler.protocols import ParsedRequest, PlainJson, decode_base64
+from handler.protocols.kserve_v1 import Predictions
+from handler.protocols.kserve_v2 import InferResponse
+from handler.torchserve_io import parse_row
 
 PNG = b"\x89PNG fake but non-empty"
 
@@ -12,32 +15,49 @@ def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
+def parse_request(row, max_images: int) -> ParsedRequest:
+    """parse_row, with the RequestError it returns raised."""
+    parsed = parse_row(row, max_images)
+    if isinstance(parsed, RequestError):
+        raise parsed
+    return parsed
+
+
+def described(parsed: ParsedRequest) -> list[tuple[int, str | None, bytes]]:
+    return [(i, image.field, image.data) for i, image in enumerate(parsed.images)]
+
+
+def as_list(parsed: ParsedRequest) -> bool:
+    assert isinstance(parsed.encoder, PlainJson), parsed.encoder
+    return parsed.encoder.as_list
+
+
 def test_raw_body_is_one_image_answered_as_object():
     parsed = parse_request({"body": bytearray(PNG)}, max_images=4)
-    assert [(i.index, i.field, i.data) for i in parsed.images] == [(0, None, PNG)]
-    assert parsed.as_list is False
+    assert described(parsed) == [(0, None, PNG)]
+    assert as_list(parsed) is False
 
 
 def test_multipart_fields_keep_their_order_and_names():
     row = {"b": bytearray(b"2"), "a": bytearray(b"1"), "c": bytearray(b"3")}
     parsed = parse_request(row, max_images=4)
-    assert [(i.index, i.field, i.data) for i in parsed.images] == [(0, "b", b"2"), (1, "a", b"1"), (2, "c", b"3")]
-    assert parsed.as_list is True
+    assert described(parsed) == [(0, "b", b"2"), (1, "a", b"1"), (2, "c", b"3")]
+    assert as_list(parsed) is True
 
 
 def test_single_multipart_file_is_answered_as_object():
-    assert parse_request({"data": bytearray(PNG)}, max_images=4).as_list is False
+    assert as_list(parse_request({"data": bytearray(PNG)}, max_images=4)) is False
 
 
 def test_json_images_list():
     parsed = parse_request({"body": {"images": [b64(b"x"), b64(b"yz")]}}, max_images=4)
     assert [i.data for i in parsed.images] == [b"x", b"yz"]
-    assert parsed.as_list is True
+    assert as_list(parsed) is True
 
 
 def test_json_data_is_one_image():
     parsed = parse_request({"body": {"data": b64(PNG)}}, max_images=4)
-    assert [i.data for i in parsed.images] == [PNG] and parsed.as_list is False
+    assert [i.data for i in parsed.images] == [PNG] and as_list(parsed) is False
 
 
 @pytest.mark.parametrize(
@@ -49,7 +69,7 @@ def test_json_data_is_one_image():
 )
 def test_json_sent_without_its_content_type_is_read_as_json(body):
     parsed = parse_request({"body": body}, max_images=4)
-    assert [i.data for i in parsed.images] == [b"x", b"yz"] and parsed.as_list is True
+    assert [i.data for i in parsed.images] == [b"x", b"yz"] and as_list(parsed) is True
 
 
 @pytest.mark.parametrize(
@@ -61,7 +81,7 @@ def test_json_sent_without_its_content_type_is_read_as_json(body):
 )
 def test_bytes_that_only_look_like_json_stay_an_image(body):
     parsed = parse_request({"body": bytearray(body)}, max_images=4)
-    assert [i.data for i in parsed.images] == [body] and parsed.as_list is False
+    assert [i.data for i in parsed.images] == [body] and as_list(parsed) is False
 
 
 def test_json_text_that_is_not_an_object_is_a_400_that_says_so():
@@ -124,7 +144,7 @@ def test_kserve_v1_instances_in_every_form():
     row = {"body": {"instances": [{"b64": b64(b"a")}, {"data": b64(b"b")}, b64(b"c")]}}
     parsed = parse_request(row, max_images=8)
     assert [i.data for i in parsed.images] == [b"a", b"b", b"c"]
-    assert parsed.protocol == "kserve_v1" and parsed.as_list
+    assert parsed.encoder == Predictions()
 
 
 def test_kserve_v2_reads_every_element_of_every_input():
@@ -133,8 +153,8 @@ def test_kserve_v2_reads_every_element_of_every_input():
         {"name": "y", "shape": [1], "datatype": "BYTES", "data": [b64(b"c")]},
     ]}}
     parsed = parse_request(row, max_images=8)
-    assert [(i.index, i.field, i.data) for i in parsed.images] == [(0, "x", b"a"), (1, "x", b"b"), (2, "y", b"c")]
-    assert parsed.protocol == "kserve_v2" and parsed.request_id == "r1"
+    assert described(parsed) == [(0, "x", b"a"), (1, "x", b"b"), (2, "y", b"c")]
+    assert parsed.encoder == InferResponse("r1")
 
 
 @pytest.mark.parametrize(
@@ -167,13 +187,13 @@ def test_a_multipart_mixed_body_is_split_into_named_images_in_order():
     # Image bytes that hold CRLF and dashes, even the boundary without its leading CRLF.
     tricky = b"\xff\xd8\r\n--b0undar\r\n--b0undary-ish"
     parsed = parse_request({"body": bytearray(mixed_body([("z", tricky), ("a", PNG), (None, b"3")]))}, 4)
-    assert [(i.index, i.field, i.data) for i in parsed.images] == [(0, "z", tricky), (1, "a", PNG), (2, None, b"3")]
-    assert parsed.as_list is True
+    assert described(parsed) == [(0, "z", tricky), (1, "a", PNG), (2, None, b"3")]
+    assert as_list(parsed) is True
 
 
 def test_a_multipart_mixed_body_with_one_part_is_answered_as_object():
     parsed = parse_request({"body": bytearray(mixed_body([("only", PNG)]))}, max_images=4)
-    assert [i.data for i in parsed.images] == [PNG] and parsed.as_list is False
+    assert [i.data for i in parsed.images] == [PNG] and as_list(parsed) is False
 
 
 def test_multipart_mixed_is_matched_against_the_limits_like_any_request():

@@ -1,0 +1,213 @@
+"""The pipeline: loader items in, model outputs per image out.
+
+    decode     the persistent multi-worker DataLoader (and, with ``decode_device: cuda``,
+               nvJPEG lists on the GPU), lazily: batches as the workers finish them
+    infer      chunks gathered into full batches on the device, normalized, run through the
+               model (BatchNorm folded, channels_last, optional buckets / compile / autocast)
+    top_k      softmax and the k best labels per image
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import torch
+
+from handler.assemble import BatchAssembler
+from handler.config import HandlerConfig
+from handler.dataset import DecodedBatch, ImageBytesDataset, LoaderItem
+from handler.devices import autocast_dtype
+from handler.errors import ImageError
+from handler.gpu_decode import BatchedJpegDecoder
+from handler.images import ImageTransform
+from handler.loader import PersistentImageLoader
+from handler.metrics import StageClock
+from handler.model_loading import load_model
+from handler.normalize import Normalizer
+from handler.optimize import compile_model, fold_batchnorm
+from handler.postprocess import top_k_labels
+
+log = logging.getLogger(__name__)
+
+Prediction = dict[str, float]
+
+
+@dataclass
+class Scores:
+    """What the model made of a run's images: raw outputs per batch, failures by key."""
+
+    outputs: list[tuple[list[int], torch.Tensor]] = field(default_factory=list)
+    failures: dict[int, ImageError] = field(default_factory=dict)
+
+
+class Pipeline:
+    """Decodes, batches and infers; owns the loader workers and the model."""
+
+    def __init__(self, config: HandlerConfig, labels: list[str], weights: Path, device: torch.device) -> None:
+        self.config, self.labels, self.device = config, labels, device
+        self.loader = PersistentImageLoader(
+            ImageBytesDataset(ImageTransform(config)),
+            batch_size=config.loader_chunk,
+            num_workers=config.num_workers,
+            image_size=config.image_size,
+            pin_memory=config.pin_memory and device.type == "cuda",
+            mp_context=config.mp_context,
+            inline_max_images=config.inline_max_images,
+            worker_nice=config.worker_nice if device.type == "cuda" else 0,
+        )
+        try:
+            # Fork the workers while this process is small and has no CUDA context.
+            self.loader.start()
+            self.model = self._prepare_model(weights)
+            self.jpeg_decoder = self._prepare_device()
+            self.warm_up()
+        except BaseException:
+            self.loader.close()
+            raise
+
+    def _prepare_model(self, weights: Path) -> torch.nn.Module:
+        """Load, fold BatchNorm, move to the device in channels_last, optionally compile."""
+        cfg = self.config
+        model = load_model(cfg.arch, weights, len(self.labels))
+        if cfg.fuse_batchnorm:
+            example = torch.randn(2, 3, cfg.image_size, cfg.image_size, generator=torch.Generator().manual_seed(0))
+            model = fold_batchnorm(model, example)
+        model = model.to(self.device, memory_format=torch.channels_last)
+        return compile_model(model, cfg.compile_mode) if cfg.compile else model
+
+    def _prepare_device(self) -> BatchedJpegDecoder | None:
+        """Normalization constants on the device; on CUDA the pinned staging ring, cuDNN
+        autotuning and the nvJPEG decoder."""
+        cfg = self.config
+        self._normalize = Normalizer(cfg.mean, cfg.std, self.device)
+        self._autocast_dtype = autocast_dtype(cfg.precision, self.device)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
+            if cfg.pin_memory:
+                self.loader.pin_staging()
+        if cfg.decode_device != "cuda":
+            return None
+        if self.device.type != "cuda":
+            log.warning("decode_device cuda needs the model on a GPU; decoding on the CPU")
+            return None
+        return BatchedJpegDecoder(cfg, self.device)
+
+    # ---- decode ---------------------------------------------------------------------------
+
+    def decode(self, items: list[LoaderItem]) -> Iterator[DecodedBatch]:
+        """Decoded, resized uint8 batches of ``items``, yielded as they are ready, so the model
+        can run on the first while the workers still decode the next. The first batches are
+        dispatched to the workers at once."""
+        if self.jpeg_decoder is None:
+            return self.loader.iterate(items)
+        return self._decode_on_device(items)
+
+    def _decode_on_device(self, items: list[LoaderItem]) -> Iterator[DecodedBatch]:
+        assert self.jpeg_decoder is not None
+        jobs, rest = self.jpeg_decoder.split(items)
+        # The CPU's share goes out first: the workers decode it while nvJPEG decodes the rest.
+        on_gpu = len(jobs) - round(len(jobs) * self.config.cpu_decode_share)
+        rest.extend(job.item for job in jobs[on_gpu:])
+        cpu_batches = self.loader.iterate(sorted(rest, key=lambda item: item.key)) if rest else iter(())
+        rejected: list[LoaderItem] = []
+        size = self.config.batch_size
+        chunks = [jobs[start : min(start + size, on_gpu)] for start in range(0, on_gpu, size)]
+        for chunk, batch in zip(chunks, self.jpeg_decoder.decode_lists(chunks, ahead=self.config.decode_ahead)):
+            if batch is None:
+                rejected.extend(job.item for job in chunk)
+            else:
+                yield batch
+        yield from cpu_batches
+        if rejected:  # lists nvJPEG refused: the workers decode them and report per image
+            yield from self.loader.iterate(rejected)
+
+    # ---- infer ----------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def infer(self, batches: Iterable[DecodedBatch], clock: StageClock) -> Scores:
+        """The model's outputs for the decoded images, in batches of ``batch_size`` (chunks
+        gathered on the device), each run as soon as it is complete."""
+        assembler = BatchAssembler(self.config.batch_size, self.device, self.to_model_input, self.copied_event)
+        scores = Scores()
+        pending = iter(batches)
+        while True:
+            with clock.host("DecodeTransformMs"):  # waiting for the loader workers
+                chunk = next(pending, None)
+            if chunk is not None:
+                scores.failures.update(chunk.failures)
+                if chunk.device_events is not None:  # decoded on the GPU: device time
+                    clock.add_events("DecodeTransformMs", *chunk.device_events)
+            with clock.device("HostToDeviceMs"):
+                ready = assembler.finish() if chunk is None else assembler.add(chunk)
+            for keys, inputs in ready:
+                with clock.device("InferenceMs"):
+                    scores.outputs.append((keys, self.forward(inputs)))
+            if chunk is None:
+                return scores
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The model on ``x`` padded to its batch bucket, in the configured precision."""
+        count = x.shape[0]
+        bucket = next((b for b in self.config.batch_buckets if b >= count), count)
+        if bucket > count:
+            x = torch.cat([x, x.new_zeros((bucket - count, *x.shape[1:]))]).contiguous(
+                memory_format=torch.channels_last
+            )
+        if self._autocast_dtype is None:
+            return self.model(x)[:count]
+        with torch.autocast(self.device.type, dtype=self._autocast_dtype):
+            return self.model(x)[:count].float()
+
+    def to_model_input(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 NCHW (pinned on CUDA) -> normalized float on the device, channels_last."""
+        return self._normalize(pixels)
+
+    def copied_event(self) -> Any:
+        """On CUDA, an event that completes once the work enqueued so far (the copy) is done."""
+        if self.device.type != "cuda":
+            return None
+        event = torch.cuda.Event()
+        event.record()
+        return event
+
+    def top_k(self, scores: Scores) -> dict[int, Prediction]:
+        """Top-k ``{label: score}`` per good image, by key."""
+        predictions: dict[int, Prediction] = {}
+        for keys, outputs in scores.outputs:
+            predictions.update(zip(keys, top_k_labels(outputs, self.labels, self.config.top_k)))
+        return predictions
+
+    # ---- start-up and shutdown ------------------------------------------------------------
+
+    def warm_up(self) -> None:
+        """Run each batch bucket once (and nvJPEG), so cuDNN tuning, torch.compile and lazy
+        initialization happen here, not in the first requests. A compile that fails falls back
+        to eager."""
+        if self.jpeg_decoder is not None and not self.jpeg_decoder.warm_up():  # nvJPEG sets up on first use
+            log.warning("batched GPU JPEG decode does not work here; decoding every image on the CPU")
+            self.jpeg_decoder = None
+        try:
+            self._run_buckets()
+        except Exception as exc:
+            eager = getattr(self.model, "_orig_mod", None)  # set by torch.compile
+            if eager is None:
+                raise
+            log.error("torch.compile failed (%s: %s); serving the eager model", type(exc).__name__, str(exc)[:300])
+            self.model = eager
+            self._run_buckets()
+
+    @torch.inference_mode()
+    def _run_buckets(self) -> None:
+        size = self.config.image_size
+        for bucket in self.config.batch_buckets:
+            pixels = torch.zeros((bucket, 3, size, size), dtype=torch.uint8)
+            self.forward(self.to_model_input(pixels))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def close(self) -> None:
+        """Stop the loader workers and free their shared memory."""
+        self.loader.close()

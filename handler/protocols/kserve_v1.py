@@ -1,0 +1,30 @@
+"""KServe v1 (``POST /v1/models/<m>:predict``): ``{"instances": [{"b64": ...} | b64, ...]}`` ->
+``{"predictions": [...]}``."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from handler.errors import RequestError
+from handler.protocols.common import JSON_SHAPE_HELP, ParsedRequest, Prediction, Reply, decode_base64_list
+
+
+@dataclass(frozen=True)
+class Predictions:
+    """The v1 envelope: one prediction per instance, in order."""
+
+    def encode(self, results: list[Prediction], model_name: str | None) -> Reply:
+        return Reply(json.dumps({"predictions": results}))
+
+
+def parse(body: dict[str, Any]) -> ParsedRequest:
+    instances = body["instances"]
+    if not isinstance(instances, list):
+        raise RequestError("invalid_json", f'"instances" must be a list; {JSON_SHAPE_HELP}')
+    return ParsedRequest(decode_base64_list(instances, "instances"), Predictions())
+
+
+def matches(body: dict[str, Any]) -> bool:
+    return "instances" in body

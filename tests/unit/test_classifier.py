@@ -1,0 +1,169 @@
+"""The core API (handler.classifier) on the committed demo model, with no TorchServe involved."""
+
+import io
+import json
+import subprocess
+import sys
+import threading
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from handler.classifier import ClassifierClosed, ImageClassifier, ImageError, ImageInput, RequestError, read_model
+from helpers import encode, shape_image
+from ts_server import ROOT
+
+DEMO = ROOT / "models" / "shapes"
+LABELS = ["circle", "square", "triangle"]
+
+
+@pytest.fixture(scope="module")
+def classifier():
+    with ImageClassifier.load(DEMO, device="cpu", overrides={"batch_size": 4, "max_image_pixels": 1_000_000}) as clf:
+        yield clf
+
+
+def same(got: dict, want: dict) -> None:
+    assert list(got) == list(want) and got == pytest.approx(want, abs=1e-5), (got, want)
+
+
+def test_every_kind_of_input_gives_the_same_answer_in_order(classifier, tmp_path):
+    png = shape_image("triangle", seed=3)
+    pil = Image.open(io.BytesIO(png))
+    pixels = torch.from_numpy(np.array(pil.convert("RGB"))).permute(2, 0, 1)  # uint8 CHW, contiguous
+    path = tmp_path / "t.png"
+    path.write_bytes(png)
+    (want,) = classifier.classify([png])
+    assert next(iter(want)) == "triangle" and len(want) == 3  # the demo's top_k
+    got = classifier.classify([bytearray(png), str(path), path, pil, pixels, pixels[:1], ImageInput(png, "x")])
+    assert len(got) == 7
+    for result in got[:5] + got[6:]:
+        same(result, want)
+    assert set(got[5]) == set(LABELS)  # one grey channel is accepted too
+
+
+def test_bad_items_are_returned_as_image_errors_and_the_others_are_unaffected(classifier, tmp_path):
+    good = [shape_image(LABELS[i], seed=10 + i, fmt="JPEG") for i in range(3)]
+    alone = [classifier.classify([g])[0] for g in good]
+    items = [good[0], b"not an image", tmp_path / "missing.png", good[1], torch.zeros(2, 2),
+             encode(Image.new("L", (1200, 1000))), good[2], 42]
+    got = classifier.classify(items)
+    errors = {i: r for i, r in enumerate(got) if isinstance(r, ImageError)}
+    assert {i: (e.code, e.status) for i, e in errors.items()} == {
+        1: ("invalid_image", 400), 2: ("unreadable_file", 400), 4: ("invalid_tensor", 400),
+        5: ("image_too_large", 413), 7: ("unsupported_input", 400)}
+    assert all(e.index == i and e.reason for i, e in errors.items())
+    assert "missing.png" in errors[2].reason
+    for result, want in zip([got[0], got[3], got[6]], alone):
+        same(result, want)
+
+
+def test_requests_are_answered_each_with_its_results_or_one_error(classifier):
+    images = [shape_image(LABELS[i % 3], seed=20 + i) for i in range(9)]
+    alone = classifier.classify(images)
+    batch = classifier.classify_requests([
+        images[:3],
+        [ImageInput(images[3], "a"), ImageInput(b"junk", "b")],
+        images[4:9],  # more than batch_size: runs in several forward passes
+        [encode(Image.new("RGB", (1100, 1000))), b"junk"],
+    ])
+    first, second, third, fourth = batch.results
+    for got, want in zip(first + third, alone[:3] + alone[4:]):
+        same(got, want)
+    assert isinstance(second, RequestError) and second.status == 400 and second.code == "invalid_image"
+    assert second.as_json()["images"] == [{"index": 1, "field": "b", "reason": "not a recognised image format"}]
+    assert isinstance(fourth, RequestError) and fourth.status == 413 and len(fourth.images) == 2
+    assert (batch.images, batch.bad_images) == (12, 3)
+    assert set(batch.timings) == {"DecodeTransformMs", "HostToDeviceMs", "InferenceMs", "PostprocessMs"}
+    assert batch.timings["InferenceMs"] > 0
+
+
+def test_calls_from_several_threads_are_serialized_and_each_gets_its_own_answers(classifier):
+    images = [shape_image(LABELS[i % 3], seed=40 + i) for i in range(12)]
+    want = classifier.classify(images)
+    answers: dict[int, list] = {}
+
+    def run(n: int) -> None:
+        mine = images[n:] + images[:n]  # a different order per thread
+        answers[n] = classifier.classify(mine)
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert sorted(answers) == list(range(6))
+    for n, got in answers.items():
+        for g, w in zip(got, want[n:] + want[:n]):
+            same(g, w)
+
+
+def test_close_stops_the_workers_is_idempotent_and_later_use_is_a_clear_error():
+    clf = ImageClassifier.load(DEMO, device="cpu")
+    pids = clf.pipeline.loader.workers.worker_pids()
+    assert len(pids) == 2 and all(pids)
+    with clf:
+        clf.classify([shape_image("circle", seed=1)])
+    assert clf.closed
+    clf.close()  # again: nothing happens
+    with pytest.raises(ClassifierClosed, match="closed"):
+        clf.classify([shape_image("circle", seed=1)])
+    with pytest.raises(ClassifierClosed):
+        clf.classify_requests([[b"x"]])
+
+
+def test_a_mar_and_a_directory_holding_one_are_read_as_the_model(tmp_path, classifier):
+    mar = tmp_path / "demo.mar"
+    manifest = {"model": {"modelName": "demo", "serializedFile": "shapes_cnn.pt", "configFile": "model-config.yaml"}}
+    with zipfile.ZipFile(mar, "w") as archive:
+        archive.writestr("MAR-INF/MANIFEST.json", json.dumps(manifest))
+        for name in ("shapes_cnn.pt", "index_to_name.json", "model-config.yaml"):
+            archive.write(DEMO / name, name)
+    image = shape_image("square", seed=5)
+    for path in (mar, tmp_path):  # KServe's storage initializer mounts a directory with the .mar in it
+        spec = read_model(path, {"batch_size": 4, "max_image_pixels": 1_000_000})
+        assert spec.name == "demo" and spec.labels == LABELS and spec.config.image_size == 128
+        with ImageClassifier(spec, device="cpu") as clf:
+            same(clf.classify([image])[0], classifier.classify([image])[0])
+
+
+def test_model_files_and_overrides_are_validated(tmp_path):
+    with pytest.raises(ValueError, match="'batch'"):
+        read_model(DEMO, {"batch": 3})
+    with pytest.raises(ValueError, match="top_k must be > 0"):
+        read_model(DEMO, {"top_k": 0})
+    for name in ("index_to_name.json", "model-config.yaml", "shapes_cnn.pt"):
+        (tmp_path / name).write_bytes((DEMO / name).read_bytes())
+    (tmp_path / "other.pth").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="exactly one weights file"):
+        read_model(tmp_path)
+    with pytest.raises(FileNotFoundError, match="neither a model directory nor a .mar"):
+        read_model(tmp_path / "nothing-here")
+    spec = read_model(tmp_path, weights=tmp_path / "shapes_cnn.pt", model_yaml={"handler": {"arch": "shapes_cnn"}})
+    assert spec.config.image_size == 224  # the given model_yaml, not the file's
+
+
+def test_asking_for_cuda_without_it_is_an_error_not_a_silent_cpu():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        ImageClassifier.load(DEMO, device="cuda")
+
+
+def test_the_core_never_imports_torchserve(tmp_path):
+    script = f"""
+import sys
+sys.path.insert(0, {str(ROOT)!r})
+from handler.classifier import ImageClassifier
+from handler import protocols, process
+with ImageClassifier.load({str(DEMO)!r}, device="cpu", overrides={{"num_workers": 1}}) as clf:
+    print(clf.classify([open({str(DEMO / 'index_to_name.json')!r}, 'rb').read()])[0].code)
+print(sorted(m for m in sys.modules if m == "ts" or m.startswith("ts.")))
+"""
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split() == ["invalid_image", "[]"], run.stdout
