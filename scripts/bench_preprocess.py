@@ -32,11 +32,12 @@ from torch.utils.data import DataLoader, Dataset
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
+from agreement import output_agreement, stock_pipeline  # noqa: E402
 from bench_images import photo_jpegs, stock_input, stock_transform  # noqa: E402
 from handler.classifier import ImageClassifier, read_model  # noqa: E402
-from handler.config import IMAGENET_STD  # noqa: E402
 from handler.dataset import LoaderItem  # noqa: E402
 from handler.metrics import STAGE_METRICS  # noqa: E402
+from handler.model_loading import load_model  # noqa: E402
 from handler.process import configure_process  # noqa: E402
 from model_dirs import random_model_dir  # noqa: E402
 from timing import timed_ms, time_requests  # noqa: E402
@@ -131,44 +132,25 @@ def ours_preprocess(classifier: ImageClassifier) -> Callable[[list[bytes]], list
     return run
 
 
-def pixel_difference(stock: torch.Tensor, ours: torch.Tensor) -> dict[str, float]:
+def pixel_difference(stock: torch.Tensor, ours: torch.Tensor, std: tuple[float, ...]) -> dict[str, float]:
     """How far our model input is from the stock pipeline's, in 0-255 pixel units."""
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255
+    std = torch.tensor(std).view(1, 3, 1, 1) * 255
     diff = ((stock.float().cpu() - ours.float().cpu()) * std).abs()
     return {"mean_abs_px_diff_vs_stock": round(float(diff.mean()), 3),
             "p99_abs_px_diff_vs_stock": round(float(diff.flatten().kthvalue(int(diff.numel() * 0.99)).values), 2)}
 
 
-def build_classifier(arch: str, workdir: Path, settings: dict) -> ImageClassifier:
-    """Ours, set up as a server worker would be (process settings first), on the GPU if any."""
-    model_dir = random_model_dir(workdir / arch, arch, calibration=stock_input(photo_jpegs("640x480", 16)))
-    spec = read_model(model_dir, {"arch": arch, "batch_size": 16, "num_workers": 2, **settings})
+def build_classifier(arch: str, workdir: Path, settings: dict, model: Path | None = None) -> ImageClassifier:
+    """Ours, set up as a server worker would be (process settings first), on the GPU if any:
+    ``model`` (a directory or .mar) with its own settings, or ``arch`` with calibrated random weights."""
+    if model is not None:
+        spec = read_model(model, settings)
+    else:
+        model_dir = random_model_dir(workdir / arch, arch, calibration=stock_input(photo_jpegs("640x480", 16)))
+        spec = read_model(model_dir, {"arch": arch, "batch_size": 16, "num_workers": 2, **settings})
     device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
     configure_process(spec.config, device=device)
     return ImageClassifier(spec, device=device)
-
-
-@torch.inference_mode()
-def output_agreement(classifier: ImageClassifier, size: str, count: int = 32) -> dict:
-    """The stock pipeline (its preprocessing, the plain eager model) against ours (our
-    preprocessing, our folded/compiled model, our precision) on ``count`` photos of ``size``:
-    top-1 agreement and the largest difference of any class probability."""
-    from handler.model_loading import load_model
-
-    images = photo_jpegs(size, count)
-    stock_model = load_model(classifier.config.arch, classifier.spec.weights, len(classifier.labels))
-    stock_input_of = stock_preprocess()
-    stock = stock_model(stock_input_of(images)).softmax(dim=1)
-    inputs = ours_preprocess(classifier)(images)
-    ours = torch.cat([classifier.pipeline.forward(x).float().softmax(dim=1).cpu() for x in inputs])
-    # For scale: how much the same model moves when the same photos are only re-encoded
-    # (JPEG quality 95 instead of 90) -- an invisible change.
-    reencoded = stock_model(stock_input_of(photo_jpegs(size, count, quality=95))).softmax(dim=1)
-    return {"top1_agreement": round(float((stock.argmax(1) == ours.argmax(1)).float().mean()), 3),
-            "max_prob_diff": round(float((stock - ours).abs().max()), 5),
-            "distinct_top1": len(set(stock.argmax(1).tolist())),
-            "reencode_q95_top1_agreement": round(float((stock.argmax(1) == reencoded.argmax(1)).float().mean()), 3),
-            "reencode_q95_max_prob_diff": round(float((stock - reencoded).abs().max()), 5)}
 
 
 def end_to_end(classifier: ImageClassifier, images: list[bytes], repeats: int) -> dict:
@@ -183,7 +165,8 @@ def end_to_end(classifier: ImageClassifier, images: list[bytes], repeats: int) -
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", default="mobilenet_v3_small")
+    parser.add_argument("--arch", default="mobilenet_v3_small", help="with calibrated random weights")
+    parser.add_argument("--model", type=Path, help="a real model (directory or .mar) instead of --arch")
     parser.add_argument("--sizes", nargs="+", default=["640x480", "1280x960", "4032x3024"])
     parser.add_argument("--counts", nargs="+", type=int, default=[1, 8, 32, 128])
     parser.add_argument("--repeats", type=int, default=5)
@@ -199,8 +182,12 @@ def main() -> None:
     blog = BlogRunner()
     with tempfile.TemporaryDirectory() as tmp:
         settings = {key: json.loads(value) for key, value in (item.split("=", 1) for item in args.set)}
-        classifier = build_classifier(args.arch, Path(tmp), settings)
-        methods = {"stock": stock_preprocess(), "ours": ours_preprocess(classifier)}
+        classifier = build_classifier(args.arch, Path(tmp), settings, args.model)
+        model_name = args.model.name if args.model else f"{args.arch}, calibrated random weights"
+        # A real model's own preprocessing differs from TorchServe's stock transform (ImageNet
+        # normalization, bilinear): its stock loop is the same PIL steps with the model's settings.
+        stock = stock_pipeline(classifier.config) if args.model else stock_preprocess()
+        methods = {"stock": stock, "ours": ours_preprocess(classifier)}
         rows = []
         for size in args.sizes:
             pool = photo_jpegs(size, max(args.counts))
@@ -218,11 +205,13 @@ def main() -> None:
                 row = {"image_size": size, "images": count}
                 row.update({f"{name}_ms": round(statistics.median(t), 2) for name, t in times.items()})
                 row["speedup_vs_stock"] = round(row["stock_ms"] / row["ours_ms"], 2)
-                row.update(pixel_difference(methods["stock"](images), torch.cat(methods["ours"](images))))
+                row.update(pixel_difference(methods["stock"](images), torch.cat(methods["ours"](images)),
+                                            classifier.config.std))
                 row["speedup_vs_blog"] = round(row["blog_ms"] / row["ours_ms"], 2)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-        agreement = {size: output_agreement(classifier, size) for size in args.sizes}
+        stock_model = load_model(classifier.config.arch, classifier.spec.weights, len(classifier.labels))
+        agreement = {size: output_agreement(classifier, stock_model, size, 32) for size in args.sizes}
         e2e = {size: end_to_end(classifier, photo_jpegs(size, args.e2e_images), args.repeats)
                for size in args.sizes}
         classifier.close()
@@ -233,18 +222,18 @@ def main() -> None:
     for r in rows:
         print(f"| {r['image_size']} | {r['images']} | {r['stock_ms']} | {r['blog_ms']} | {r['ours_ms']} | "
               f"{r['speedup_vs_stock']}x | {r['speedup_vs_blog']}x |")
-    print(f"\nOutputs, stock pipeline vs ours ({args.arch}, calibrated random weights, 32 photos):")
+    print(f"\nOutputs, stock pipeline vs ours ({model_name}, 32 photos):")
     for size, figures in agreement.items():
         print(f"  {size}: {json.dumps(figures)}")
     per_request = classifier.config.max_images_per_request
     shape = (f"one {args.e2e_images}-image request" if args.e2e_images <= per_request
              else f"{args.e2e_images} images in requests of up to {per_request}, one server-side batch")
-    print(f"\nEnd to end through classify_requests, base64 JSON ({args.arch}, {shape}, device {classifier.device}, "
+    print(f"\nEnd to end through classify_requests, base64 JSON ({model_name}, {shape}, device {classifier.device}, "
           f"settings {json.dumps(settings)}):")
     for size, figures in e2e.items():
         print(f"  {size}: {json.dumps(figures)}")
     result = {
-        "arch": args.arch, "device": str(classifier.device), "settings": settings, "preprocess": rows,
+        "model": model_name, "device": str(classifier.device), "settings": settings, "preprocess": rows,
         "output_agreement": agreement, "end_to_end": {"images_per_request": args.e2e_images, "sizes": e2e},
         "machine": {"cpus": torch.get_num_threads(), "platform": platform.platform(),
                     "torch": torch.__version__,

