@@ -17,7 +17,7 @@ from handler.errors import RequestError
 from handler.model_files import read_model
 from handler.process import configure_process
 from handler.protocols import ParsedRequest
-from handler.torchserve_io import parse_row, publish, respond
+from handler.torchserve_io import parse_row, publish, request_headers, respond
 
 log = logging.getLogger(__name__)
 
@@ -45,14 +45,15 @@ class ImageBatchHandler:
 
     def handle(self, data: list[dict[str, Any]], context: Any) -> list[str | bytes]:
         """One response body per request, in order; bad requests get their own 4xx status."""
-        parsed, job = self.preprocess(data)
+        parsed, job = self.preprocess(data, context)
         return self.postprocess(parsed, self.inference(job), context)
 
-    def preprocess(self, data: list[dict[str, Any]]) -> tuple[list[ParsedRequest | RequestError], Job]:
+    def preprocess(self, data: list[dict[str, Any]], context: Any) -> tuple[list[ParsedRequest | RequestError], Job]:
         """Each row -> its images (or its 4xx), all of them into the core's Dataset and
         persistent pinned DataLoader, whose workers start decoding at once."""
         assert self.classifier is not None, "initialize() has not run"
-        parsed = [parse_row(row, self.classifier.config.max_images_per_request) for row in data]
+        limit = self.classifier.config.max_images_per_request
+        parsed = [parse_row(row, limit, request_headers(context, idx)) for idx, row in enumerate(data)]
         return parsed, self.classifier.preprocess([p.images for p in parsed if isinstance(p, ParsedRequest)])
 
     def inference(self, job: Job) -> Job:

@@ -6,6 +6,10 @@ A row is one request as TorchServe hands it to ``handle``:
     multipart/mixed (the same parts, undecoded)    {"body": bytearray starting with "--boundary"}
     application/json                               {"body": <already parsed JSON>}
     JSON sent url-encoded (curl -d)                {"<json up to its first '='>": "<the rest>"}, or {}
+    v2 with binary tensor data (tritonclient)      {"body": bytearray}, Inference-Header-Content-Length set
+    gRPC Predictions (inference.proto)             {"<input name>": bytearray, ...}, in wire order
+Request headers come separately (``context.get_all_request_header``): every HTTP request carries
+at least ``Host``; a gRPC call carries none at all (TorchServe's gRPC service passes no metadata).
 The wire formats themselves are ``handler.protocols``; what is TorchServe's own is here. Nothing
 but this module and ``service`` imports ``ts``.
 """
@@ -13,25 +17,40 @@ but this module and ``service`` imports ``ts``.
 from __future__ import annotations
 
 import logging
+import re
 from http import HTTPStatus
 from typing import Any, Mapping
 
 from handler.classifier import BatchResult
 from handler.errors import RequestError
-from handler.protocols import ParsedRequest, check_images, error_reply, multipart, parse_body, parse_json
+from handler.protocols import ParsedRequest, check_images, error_reply, kserve_v2, multipart, parse_body, parse_json
 
 log = logging.getLogger(__name__)
 
 
-def parse_row(row: Mapping[str, Any], max_images: int) -> ParsedRequest | RequestError:
-    """A request row -> its images (1..max_images of them), or the RequestError that rejects it."""
+def request_headers(context: Any, idx: int) -> dict[str, str]:
+    """Request ``idx``'s HTTP headers, names lower-cased; empty for a gRPC call. (TorchServe mixes
+    in one ``{"content-type": ...}`` entry per form field or gRPC input: those are not headers.)"""
+    getter = getattr(context, "get_all_request_header", None)
+    headers = getter(idx) if getter is not None else {}
+    return {str(k).lower(): v for k, v in (headers or {}).items() if isinstance(v, str)}
+
+
+def parse_row(row: Mapping[str, Any], max_images: int, headers: Mapping[str, str]) -> ParsedRequest | RequestError:
+    """A request row -> its images (1..max_images of them), or the RequestError that rejects it.
+    ``headers`` are the request's (``request_headers``)."""
     try:
-        return check_images(_parse(row), max_images)
+        return check_images(_parse(row, headers), max_images)
     except RequestError as exc:
         return exc
 
 
-def _parse(row: Mapping[str, Any]) -> ParsedRequest:
+def natural_key(name: str) -> tuple[tuple[int, int | str], ...]:
+    """Sort key that puts ``img2`` before ``img10`` and ``9`` before ``10``."""
+    return tuple((0, int(part)) if part.isdigit() else (1, part) for part in re.split(r"(\d+)", str(name)) if part)
+
+
+def _parse(row: Mapping[str, Any], headers: Mapping[str, str]) -> ParsedRequest:
     if not row:
         # TorchServe also hands over an empty row for a url-encoded body without "=": JSON sent
         # by curl -d without its Content-Type, most likely.
@@ -44,6 +63,14 @@ def _parse(row: Mapping[str, Any]) -> ParsedRequest:
         body = row["body"]
         if isinstance(body, (dict, list)):  # application/json: the frontend parsed it
             return parse_json(body)
+        binary_header = headers.get(kserve_v2.HEADER_LENGTH.lower())
+        if binary_header is not None and isinstance(body, (bytes, bytearray)):
+            try:
+                length = int(binary_header)
+            except ValueError:
+                raise RequestError("invalid_binary_tensor", f"{kserve_v2.HEADER_LENGTH} must be a number of bytes, "
+                                                            f"got {binary_header[:40]!r}") from None
+            return kserve_v2.parse_binary(body, length)
         return parse_body(body if isinstance(body, (bytes, bytearray, str)) else str(body))
     if len(row) == 1:
         (value,) = row.values()
@@ -57,6 +84,10 @@ def _parse(row: Mapping[str, Any]) -> ParsedRequest:
             "the body looks like JSON sent as application/x-www-form-urlencoded (curl -d's default), "
             "which corrupts base64; send it with Content-Type: application/json",
         )
+    if not headers:
+        # gRPC: its input map reached us in wire order, which protobuf does not keep; the
+        # client's names are all there is to order the answers by.
+        row = {name: row[name] for name in sorted(row, key=natural_key)}
     return multipart.parse_fields(row)
 
 

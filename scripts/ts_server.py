@@ -34,6 +34,7 @@ class Server:
     management_url: str
     metrics_url: str
     process: subprocess.Popen
+    grpc_target: str = ""  # host:port of TorchServe's gRPC inference API
 
     def keys(self) -> dict[str, str]:
         data = json.loads((self.workdir / "key_file.json").read_text())
@@ -102,7 +103,7 @@ def start_server(workdir: Path, model_store: Path, models: list[str], extra_conf
              "--model-store", str(model_store)],
             cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
-    server = Server(workdir, urls[0], urls[1], urls[2], process)
+    server = Server(workdir, urls[0], urls[1], urls[2], process, f"127.0.0.1:{ports[3]}")
     deadline = time.time() + timeout_s
     names = [m.removesuffix(".mar") for m in models]
     last = "starting"

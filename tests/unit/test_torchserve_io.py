@@ -1,4 +1,5 @@
 import base64
+import json
 
 import pytest
 
@@ -6,7 +7,7 @@ from handler.errors import RequestError
 from handler.protocols import ParsedRequest, PlainJson, decode_base64
 from handler.protocols.kserve_v1 import Predictions
 from handler.protocols.kserve_v2 import InferResponse
-from handler.torchserve_io import parse_row
+from handler.torchserve_io import natural_key, parse_row, request_headers
 
 PNG = b"\x89PNG fake but non-empty"
 
@@ -15,9 +16,12 @@ def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
+HTTP = {"host": "localhost"}  # every HTTP request carries at least Host; a gRPC call carries nothing
+
+
 def parse_request(row, max_images: int) -> ParsedRequest:
     """parse_row, with the RequestError it returns raised."""
-    parsed = parse_row(row, max_images)
+    parsed = parse_row(row, max_images, HTTP)
     if isinstance(parsed, RequestError):
         raise parsed
     return parsed
@@ -223,3 +227,83 @@ def test_a_long_field_name_is_shortened_in_the_error_body():
         parse_request({name: bytearray(), "b": bytearray(b"1")}, max_images=4)
     (problem,) = caught.value.as_json()["images"]
     assert problem["field"].startswith("xxx") and len(problem["field"]) < 120
+
+
+def test_grpc_inputs_are_answered_in_the_natural_order_of_their_names_http_parts_in_their_own():
+    names = ["img10", "img2", "img0", "img1", "img11", "img3"]
+    row = {name: bytearray(name.encode()) for name in names}
+    grpc = parse_row(row, 16, {})
+    assert [i.field for i in grpc.images] == ["img0", "img1", "img2", "img3", "img10", "img11"]
+    assert [i.data for i in grpc.images] == [b"img0", b"img1", b"img2", b"img3", b"img10", b"img11"]
+    assert [i.field for i in parse_row(row, 16, HTTP).images] == names  # multipart keeps part order
+    assert sorted(["10", "9", "0", "b2", "a10", "a9"], key=natural_key) == ["0", "9", "10", "a9", "a10", "b2"]
+
+
+def test_request_headers_are_the_http_ones_only():
+    class Context:
+        def get_all_request_header(self, idx):
+            return [{"img0": {"content-type": ""}}, {"body": {"content-type": ""}, "Host": "h", "X-A": "1"}][idx]
+
+    assert request_headers(Context(), 0) == {}  # what a gRPC call looks like
+    assert request_headers(Context(), 1) == {"host": "h", "x-a": "1"}
+    assert request_headers(object(), 0) == {}
+
+
+def binary_v2(elements_per_input: list[list[bytes]], **extra) -> tuple[bytes, dict[str, str]]:
+    """A request as tritonclient sends it with binary_data=True."""
+    from handler.protocols.kserve_v2 import serialize_bytes
+
+    raws = [serialize_bytes(elements) for elements in elements_per_input]
+    inputs = [{"name": f"in{i}", "shape": [len(e)], "datatype": "BYTES", "parameters": {"binary_data_size": len(r)}}
+              for i, (e, r) in enumerate(zip(elements_per_input, raws))]
+    header = json.dumps({"inputs": inputs, **extra}).encode()
+    return header + b"".join(raws), {**HTTP, "inference-header-content-length": str(len(header))}
+
+
+def test_binary_v2_bytes_inputs_are_read_element_by_element():
+    body, headers = binary_v2([[b"a", PNG], [b"\xff\xd8x"]], id="r7", parameters={"binary_data_output": True})
+    parsed = parse_row({"body": bytearray(body)}, 8, headers)
+    assert [(i.field, i.data) for i in parsed.images] == [("in0", b"a"), ("in0", PNG), ("in1", b"\xff\xd8x")]
+    assert parsed.encoder == InferResponse("r7", binary=True)
+    plain, plain_headers = binary_v2([[PNG]])
+    assert parse_row({"body": bytearray(plain)}, 8, plain_headers).encoder == InferResponse(None, binary=False)
+
+
+@pytest.mark.parametrize("damage", ["header-too-long", "cut-element", "trailing-bytes", "not-a-number", "fp32"])
+def test_a_broken_binary_v2_body_is_a_400_that_says_why(damage):
+    body, headers = binary_v2([[PNG, PNG]])
+    length = int(headers["inference-header-content-length"])
+    if damage == "header-too-long":
+        headers["inference-header-content-length"] = str(len(body) + 1)
+    elif damage == "cut-element":
+        body = body[:-3]
+    elif damage == "trailing-bytes":
+        body += b"xx"
+    elif damage == "not-a-number":
+        headers["inference-header-content-length"] = "lots"
+    elif damage == "fp32":
+        body = body.replace(b'"BYTES"', b'"FP32" ', 1)
+    result = parse_row({"body": bytearray(body)}, 8, headers)
+    assert isinstance(result, RequestError) and result.status == 400, result
+    assert result.code == "invalid_binary_tensor", (result.code, result.message, length)
+
+
+def test_v2_binary_output_is_a_json_header_then_the_bytes_tensor():
+    import struct
+
+    reply = InferResponse("r1", binary=True).encode([{"a": 0.9}, {"b": 1.0}], "m")
+    (length,) = [int(v) for k, v in reply.headers if k == "Inference-Header-Content-Length"]
+    header = json.loads(reply.body[:length])
+    (output,) = header["outputs"]
+    assert header["id"] == "r1" and output["name"] == "predictions" and output["shape"] == [2]
+    raw = reply.body[length:]
+    assert output["parameters"]["binary_data_size"] == len(raw) and reply.content_type == "application/octet-stream"
+    first = struct.unpack_from("<I", raw)[0]
+    assert json.loads(raw[4 : 4 + first]) == {"a": 0.9} and json.loads(raw[8 + first :]) == {"b": 1.0}
+
+
+def test_asking_for_an_output_this_model_does_not_have_is_a_400():
+    body = {"inputs": [{"name": "x", "shape": [1], "datatype": "BYTES", "data": [b64(PNG)]}],
+            "outputs": [{"name": "probabilities"}]}
+    result = parse_row({"body": body}, 8, HTTP)
+    assert isinstance(result, RequestError) and "unknown output 'probabilities'" in result.message

@@ -1,0 +1,206 @@
+"""The KServe door: KServe's Python model server (``kserve.Model``) over the core classifier.
+
+    python -m handler.kserve_server --model_name NAME --model_dir DIR --http_port P --grpc_port Q
+                                    [--max_batch_delay_ms 5] [--device auto]
+
+DIR holds the model files (index_to_name.json, weights, model-config.yaml) or a .mar, as KServe's
+storage initializer mounts them. KServe serves v1 (``/v1/models/NAME:predict``), the Open
+Inference Protocol v2 over REST and gRPC, health, readiness, model metadata and Prometheus
+metrics (``/metrics`` on the HTTP port); this module adds what it lacks for images:
+- BYTES elements sent with the binary tensor data extension over REST reach the model as bytes
+  (KServe 0.21 would decode them as UTF-8 text and fail on any JPEG);
+- concurrent requests are batched, counted in images (``handler.batcher``);
+- a bad request gets its own 4xx with the same JSON error body as the TorchServe door.
+Answers are those of the TorchServe door: v2 has one BYTES output ``predictions``, one JSON
+string per image; v1 ``{"predictions": [...]}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import uuid
+from pathlib import Path
+from typing import Any
+
+import kserve
+from fastapi.responses import JSONResponse
+from kserve import InferInput, InferOutput, InferRequest, InferResponse, Model, ModelServer
+from kserve.errors import InvalidInput
+from kserve.protocol.dataplane import DataPlane
+from kserve.protocol.infer_type import RequestedOutput
+from prometheus_client import Counter, Histogram
+
+from handler.batcher import ImageBatcher
+from handler.classifier import BatchResult, ImageClassifier
+from handler.devices import resolve_device
+from handler.errors import RequestError
+from handler.model_files import read_model
+from handler.process import configure_process
+from handler.protocols import ParsedRequest, check_images, kserve_v2, parse_body, parse_json
+
+log = logging.getLogger(__name__)
+
+INPUT = "images"
+STAGE_MS = Histogram("image_classifier_stage_ms", "Milliseconds per stage of one batch", ["model_name", "stage"],
+                     buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000))
+BATCH_IMAGES = Histogram("image_classifier_batch_images", "Images per batch", ["model_name"],
+                         buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+BATCH_REQUESTS = Histogram("image_classifier_batch_requests", "Requests per batch", ["model_name"],
+                           buckets=(1, 2, 4, 8, 16, 32, 64))
+BAD_IMAGES = Counter("image_classifier_bad_images", "Images that could not be classified", ["model_name"])
+REJECTED = Counter("image_classifier_rejected_requests", "Requests answered with a 4xx", ["model_name"])
+
+
+class RequestRejected(InvalidInput):
+    """A request answered with its own 4xx: over REST the JSON error body of the TorchServe door
+    (``rejected_response``), over gRPC INVALID_ARGUMENT with that body as the message."""
+
+    def __init__(self, error: RequestError) -> None:
+        super().__init__(json.dumps(error.as_json()))
+        self.error = error
+
+
+async def rejected_response(_request: Any, exc: RequestRejected) -> JSONResponse:
+    return JSONResponse(exc.error.as_json(), status_code=exc.error.status)
+
+
+class ImageDataPlane(DataPlane):
+    """KServe's data plane, but a REST v2 body that arrives as bytes keeps its BYTES elements as
+    bytes (images), and a JSON body sent without a Content-Type is read as JSON."""
+
+    def decode_inference_request(self, body: Any, headers: dict, model_name: str) -> InferRequest:
+        if not isinstance(body, (bytes, bytearray)):
+            return super().decode_inference_request(body, headers, model_name)
+        length = {k.lower(): v for k, v in (headers or {}).items()}.get(kserve_v2.HEADER_LENGTH.lower())
+        try:
+            return binary_infer_request(body, int(length) if length is not None else len(body), model_name)
+        except RequestError as error:
+            raise RequestRejected(error) from None
+        except ValueError:
+            raise RequestRejected(RequestError("invalid_binary_tensor", f"{kserve_v2.HEADER_LENGTH} must be a "
+                                                                        "number of bytes")) from None
+
+
+def binary_infer_request(body: bytes | bytearray, header_length: int, model_name: str) -> InferRequest:
+    """An InferRequest for a REST body (binary tensor data after a JSON header, or JSON alone),
+    its BYTES elements left as bytes."""
+    header, tensors = kserve_v2.split_binary(body, header_length)
+    inputs = []
+    for tensor, elements in tensors:
+        parameters = {k: v for k, v in (tensor.get("parameters") or {}).items() if k != "binary_data_size"}
+        data = elements if elements is not None else tensor.get("data")
+        inputs.append(InferInput(name=str(tensor.get("name", INPUT)), shape=tensor.get("shape") or [len(data or [])],
+                                 datatype=str(tensor.get("datatype", "BYTES")), data=data, parameters=parameters))
+    outputs = header.get("outputs")
+    requested = [RequestedOutput(name=o.get("name"), parameters=o.get("parameters")) for o in outputs
+                 if isinstance(o, dict)] if isinstance(outputs, list) and outputs else None
+    return InferRequest(model_name=model_name, infer_inputs=inputs, request_id=header.get("id"),
+                        parameters=header.get("parameters"), request_outputs=requested)
+
+
+class ImageClassifierModel(Model):
+    """One model of the core classifier behind KServe's protocols."""
+
+    def __init__(self, name: str, model_dir: Path, *, device: str = "auto", max_batch_delay_s: float = 0.005) -> None:
+        super().__init__(name)
+        self.model_dir = model_dir
+        self.device = device
+        self.max_batch_delay_s = max_batch_delay_s
+        self.classifier: ImageClassifier | None = None
+        self.batcher: ImageBatcher | None = None
+
+    def load(self) -> bool:
+        spec = read_model(self.model_dir)
+        device = resolve_device(self.device)
+        configure_process(spec.config, device=device)
+        self.classifier = ImageClassifier(spec, device=device)
+        self.batcher = ImageBatcher(self.classifier.classify_requests, max_images=spec.config.batch_size,
+                                    max_delay_s=self.max_batch_delay_s, on_batch=self._record)
+        self.ready = True
+        log.info("model %s ready on %s (batch %d images, delay %.1f ms)", self.name, device,
+                 spec.config.batch_size, self.max_batch_delay_s * 1000)
+        return self.ready
+
+    async def predict(self, payload: Any, headers: dict | None = None, response_headers: dict | None = None) -> Any:
+        assert self.batcher is not None and self.classifier is not None, "load() has not run"
+        try:
+            parsed = check_images(self._parse(payload), self.classifier.config.max_images_per_request)
+        except RequestError as error:
+            REJECTED.labels(self.name).inc()
+            raise RequestRejected(error) from None
+        outcome = await self.batcher.submit(parsed.images)
+        if isinstance(outcome, RequestError):
+            REJECTED.labels(self.name).inc()
+            raise RequestRejected(outcome)
+        if isinstance(payload, InferRequest):
+            return InferResponse(
+                response_id=payload.id or str(uuid.uuid4()), model_name=self.name,
+                infer_outputs=[InferOutput(name=kserve_v2.OUTPUT, shape=[len(outcome)], datatype="BYTES",
+                                           data=[json.dumps(r) for r in outcome])],
+                use_binary_outputs=payload.use_binary_outputs, requested_outputs=payload.request_outputs)
+        return json.loads(parsed.reply(outcome, self.name).body)
+
+    def _parse(self, payload: Any) -> ParsedRequest:
+        """v2 (an InferRequest, REST or gRPC), v1 / any JSON body, or a raw body."""
+        if isinstance(payload, InferRequest):
+            for output in payload.request_outputs or []:
+                if output.name != kserve_v2.OUTPUT:
+                    raise RequestError("invalid_json", f"unknown output {output.name!r}: this model has one "
+                                                       f"output, {kserve_v2.OUTPUT!r}")
+            images = []
+            for tensor in payload.inputs:
+                try:
+                    elements = tensor.as_numpy().ravel().tolist()
+                except Exception as exc:  # a shape that does not fit its data, ...
+                    raise RequestError("invalid_json", f"input {tensor.name!r}: {str(exc)[:200]}") from None
+                images += kserve_v2.tensor_images({"name": tensor.name, "datatype": tensor.datatype}, elements)
+            return ParsedRequest(images, kserve_v2.InferResponse())
+        if isinstance(payload, (bytes, bytearray)):
+            return parse_body(payload)
+        return parse_json(payload)
+
+    def _record(self, result: BatchResult, requests: int) -> None:
+        for stage, ms in result.timings.items():
+            STAGE_MS.labels(self.name, stage).observe(ms)
+        BATCH_IMAGES.labels(self.name).observe(result.images)
+        BATCH_REQUESTS.labels(self.name).observe(requests)
+        BAD_IMAGES.labels(self.name).inc(result.bad_images)
+
+    def get_input_types(self) -> list[dict]:
+        return [{"name": INPUT, "datatype": "BYTES", "shape": [-1]}]
+
+    def get_output_types(self) -> list[dict]:
+        return [{"name": kserve_v2.OUTPUT, "datatype": "BYTES", "shape": [-1]}]
+
+    def stop(self) -> None:
+        if self.batcher is not None:
+            self.batcher.close()
+        if self.classifier is not None:
+            self.classifier.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(parents=[kserve.model_server.parser], description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    # --model_name, --http_port, --grpc_port and the rest are KServe's own (kserve.model_server.parser).
+    parser.add_argument("--model_dir", type=Path, default=Path("/mnt/models"),
+                        help="a model directory or a .mar, or a directory holding one .mar (KServe's mount)")
+    parser.add_argument("--max_batch_delay_ms", type=float, default=5.0,
+                        help="how long a request may wait for others to share its batch")
+    parser.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu, cuda or cuda:N")
+    args = parser.parse_args()
+    if args.max_batch_delay_ms < 0:
+        parser.error("--max_batch_delay_ms must be >= 0")
+    model = ImageClassifierModel(args.model_name, args.model_dir, device=args.device,
+                                 max_batch_delay_s=args.max_batch_delay_ms / 1000)
+    model.load()
+    server = ModelServer(http_port=args.http_port, grpc_port=args.grpc_port, workers=1)
+    server.dataplane = ImageDataPlane(model_registry=server.registered_models)
+    kserve.model_server.app.add_exception_handler(RequestRejected, rejected_response)
+    server.start([model])
+
+
+if __name__ == "__main__":
+    main()

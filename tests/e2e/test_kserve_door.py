@@ -1,0 +1,163 @@
+"""The KServe door (python -m handler.kserve_server) as a real process on free ports, probed with
+the clients KServe users have: tritonclient over HTTP (binary and JSON) and gRPC, curl-style v1."""
+
+import base64
+import concurrent.futures as futures
+import json
+import re
+import shutil
+import threading
+
+import numpy as np
+import pytest
+import requests
+import tritonclient.grpc as triton_grpc
+import tritonclient.http as triton_http
+from tritonclient.utils import InferenceServerException
+
+from door_server import start_door
+from helpers import shape_image
+from ts_server import ROOT
+
+pytestmark = pytest.mark.e2e
+
+MODEL = "efficientnet_lite0"
+PHOTOS = [(ROOT / "tests" / "data" / name).read_bytes() for name in ("cat.jpg", "coffee.jpg", "camera.jpg", "rocket.jpg")]
+
+
+@pytest.fixture(scope="module")
+def door(model_store, tmp_path_factory):
+    # As KServe's storage initializer mounts it: a directory holding the archive.
+    mount = tmp_path_factory.mktemp("mnt_models")
+    shutil.copy(model_store / f"{MODEL}.mar", mount / f"{MODEL}.mar")
+    instance = start_door(mount, MODEL, tmp_path_factory.mktemp("door"), max_batch_delay_ms=50)
+    try:
+        yield instance
+    finally:
+        instance.stop()
+
+
+@pytest.fixture(scope="module")
+def reference(server):
+    """What the TorchServe door answers for each photo alone: the same bytes must score the same."""
+    out = []
+    for data in PHOTOS:
+        response = server.predict(MODEL, data=data, headers={"Content-Type": "application/octet-stream"})
+        assert response.status_code == 200, response.text
+        out.append(response.json())
+    return out
+
+
+def same(got: list[dict], want: list[dict]) -> None:
+    assert len(got) == len(want)
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert list(g) == list(w) and g == pytest.approx(w, abs=1e-4), (i, g, w)
+
+
+def infer_http(client, images, *, binary: bool, binary_output: bool = False):
+    elements = images if binary else [base64.b64encode(i) for i in images]
+    tensor = triton_http.InferInput("images", [len(images)], "BYTES")
+    tensor.set_data_from_numpy(np.array(elements, dtype=np.object_), binary_data=binary)
+    headers = None if binary else {"Content-Type": "application/json"}
+    outputs = [triton_http.InferRequestedOutput("predictions", binary_data=binary_output)]
+    result = client.infer(MODEL, [tensor], outputs=outputs, headers=headers)
+    return [json.loads(x) for x in result.as_numpy("predictions")]
+
+
+def infer_grpc(client, images):
+    tensor = triton_grpc.InferInput("images", [len(images)], "BYTES")
+    tensor.set_data_from_numpy(np.array(images, dtype=np.object_))
+    return [json.loads(x) for x in client.infer(MODEL, [tensor]).as_numpy("predictions")]
+
+
+def test_health_readiness_and_metadata_over_http_and_grpc(door):
+    http = triton_http.InferenceServerClient(door.http_url.removeprefix("http://"))
+    grpc = triton_grpc.InferenceServerClient(door.grpc_target)
+    for client in (http, grpc):
+        assert client.is_server_live() and client.is_server_ready() and client.is_model_ready(MODEL)
+    metadata = http.get_model_metadata(MODEL)
+    assert metadata["inputs"] == [{"name": "images", "datatype": "BYTES", "shape": [-1]}]
+    assert metadata["outputs"] == [{"name": "predictions", "datatype": "BYTES", "shape": [-1]}]
+    assert grpc.get_model_metadata(MODEL, as_json=True)["outputs"][0]["name"] == "predictions"
+
+
+@pytest.mark.parametrize(("binary", "binary_output"), [(True, False), (True, True), (False, False)],
+                         ids=["http-binary", "http-binary-out", "http-json"])
+def test_tritonclient_http_gets_the_torchserve_door_s_scores(door, reference, binary, binary_output):
+    client = triton_http.InferenceServerClient(door.http_url.removeprefix("http://"), network_timeout=120)
+    got = infer_http(client, PHOTOS, binary=binary, binary_output=binary_output)
+    same(got, reference)
+    assert [next(iter(g)) for g in got][:2] == ["tiger cat", "espresso"]
+
+
+def test_tritonclient_grpc_and_v1_get_the_torchserve_door_s_scores(door, reference):
+    same(infer_grpc(triton_grpc.InferenceServerClient(door.grpc_target), PHOTOS), reference)
+    v1 = requests.post(f"{door.http_url}/v1/models/{MODEL}:predict", timeout=120,
+                       json={"instances": [{"b64": base64.b64encode(p).decode()} for p in PHOTOS]})
+    assert v1.status_code == 200, v1.text
+    same(v1.json()["predictions"], reference)
+    raw = requests.post(f"{door.http_url}/v1/models/{MODEL}:predict", data=PHOTOS[1],
+                        headers={"Content-Type": "image/jpeg"}, timeout=120)
+    assert raw.status_code == 200 and raw.json() == pytest.approx(reference[1], abs=1e-4), raw.text
+
+
+def test_eight_concurrent_clients_are_batched_and_each_gets_its_own_results_in_order(door):
+    shapes = [shape_image(("circle", "square", "triangle")[i % 3], 9500 + i, fmt="JPEG") for i in range(12)]
+    pool = PHOTOS + shapes
+    requests_ = [[pool[(c * 5 + j) % len(pool)] for j in range(1 + c % 4)] for c in range(8)]
+    client = triton_http.InferenceServerClient(door.http_url.removeprefix("http://"), concurrency=8,
+                                               network_timeout=120)
+    want = [[infer_http(client, [image], binary=True)[0] for image in r] for r in requests_]
+    before = batch_stats(door)
+    start = threading.Barrier(8)
+
+    def one_client(c: int):
+        start.wait()
+        if c % 2:  # half the clients over gRPC
+            return infer_grpc(triton_grpc.InferenceServerClient(door.grpc_target), requests_[c])
+        return infer_http(triton_http.InferenceServerClient(door.http_url.removeprefix("http://")), requests_[c],
+                          binary=True)
+
+    with futures.ThreadPoolExecutor(8) as threads:
+        answers = list(threads.map(one_client, range(8)))
+    for got, expected in zip(answers, want):
+        same(got, expected)
+    after = batch_stats(door)
+    batches, requests_seen = after[0] - before[0], after[1] - before[1]
+    assert requests_seen == 8 and batches < 8, (batches, requests_seen)  # some requests shared a batch
+
+
+def batch_stats(door) -> tuple[float, float]:
+    """(batches, requests) so far, from the door's Prometheus metrics."""
+    text = requests.get(f"{door.http_url}/metrics", timeout=30).text
+    count = re.search(rf'^image_classifier_batch_requests_count{{model_name="{MODEL}"}} (\S+)$', text, re.M)
+    total = re.search(rf'^image_classifier_batch_requests_sum{{model_name="{MODEL}"}} (\S+)$', text, re.M)
+    assert count and total, text[-2000:]
+    return float(count.group(1)), float(total.group(1))
+
+
+def test_a_bad_image_fails_only_its_own_request(door, reference):
+    def http():  # a client per thread: tritonclient's HTTP client is not thread-safe
+        return triton_http.InferenceServerClient(door.http_url.removeprefix("http://"), network_timeout=120)
+
+    with futures.ThreadPoolExecutor(3) as threads:
+        bad = threads.submit(infer_http, http(), [PHOTOS[0], b"\xff\xd8 not a jpeg"], binary=True)
+        good = threads.submit(infer_http, http(), PHOTOS[:2], binary=True)
+        on_grpc = threads.submit(infer_grpc, triton_grpc.InferenceServerClient(door.grpc_target), [b"junk"])
+        same(good.result(), reference[:2])
+        with pytest.raises(InferenceServerException) as caught:
+            bad.result()
+        assert caught.value.status() == "400" and "invalid_image" in caught.value.message()
+        with pytest.raises(InferenceServerException) as caught_grpc:
+            on_grpc.result()
+        assert "INVALID_ARGUMENT" in str(caught_grpc.value.status()) and "invalid_image" in caught_grpc.value.message()
+    body = requests.post(f"{door.http_url}/v1/models/{MODEL}:predict", json={"instances": [{"b64": "AAAA"}]},
+                         timeout=60)
+    assert body.status_code == 400 and body.json()["error"] == "invalid_image", body.text
+    assert body.json()["images"] == [{"index": 0, "field": "instances", "reason": "not a recognised image format"}]
+    too_many = requests.post(f"{door.http_url}/v1/models/{MODEL}:predict", timeout=60,
+                             json={"instances": [base64.b64encode(PHOTOS[0]).decode()] * 65})
+    assert too_many.status_code == 413 and too_many.json()["error"] == "too_many_images", too_many.text
+    metrics = requests.get(f"{door.http_url}/metrics", timeout=30).text
+    for name in ("image_classifier_stage_ms", "image_classifier_bad_images_total", "request_predict_seconds"):
+        assert name in metrics
