@@ -60,15 +60,21 @@ class HandlerConfig:
             pipeline's pixels).
         precision: ``fp32``, or autocast to ``fp16``/``bf16`` for the forward pass (fp16 needs CUDA).
         batch_buckets: pad every forward pass to the smallest of these batch sizes that fits, so
-            the model only ever sees a few fixed shapes (each is warmed up in initialize).
+            the model only ever sees a few fixed shapes (each is warmed up in initialize). Empty:
+            no padding, except for a compiled model, which gets ``compile_buckets``.
         cudnn_benchmark: let cuDNN pick the fastest kernels per shape; only with batch_buckets,
             since every new shape is re-tuned (seconds each).
         fuse_batchnorm: fold each Conv -> BatchNorm pair into the conv at load time (same
             function, checked on a test input; skipped for models that cannot be traced).
-        compile: run the model through ``torch.compile`` (needs batch_buckets: each bucket is
-            compiled once in initialize; a failed compile falls back to eager with a warning).
+        compile: ``auto`` (the default): ``torch.compile`` the model when it runs on the CPU and a
+            working C++ compiler is there (inductor needs one), eager otherwise; ``true``: always;
+            ``false``: never. Each batch bucket is compiled once at start-up; a failed compile
+            falls back to eager with an error in the log.
         compile_mode: ``torch.compile`` mode: default, reduce-overhead, max-autotune or
             max-autotune-no-cudagraphs.
+        compile_budget_s: start-up time compiling may take: the largest bucket is always
+            compiled; once the budget is spent no further bucket starts, and batch sizes without
+            a compiled bucket run eager.
         intra_op_threads: torch threads of each TorchServe worker for the model; 0 shares the
             machine's cores among the model's maxWorkers backend workers (on a GPU: 2, since
             the model runs there and the cores are the loader workers').
@@ -90,7 +96,7 @@ class HandlerConfig:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     top_k: int = 5
-    batch_size: int = 16
+    batch_size: int = 32
     loader_batch_size: int = 0
     num_workers: int = 2
     pin_memory: bool = True
@@ -107,8 +113,9 @@ class HandlerConfig:
     batch_buckets: tuple[int, ...] = ()
     cudnn_benchmark: bool = False
     fuse_batchnorm: bool = True
-    compile: bool = False
+    compile: bool | str = "auto"
     compile_mode: str = "default"
+    compile_budget_s: float = 300.0
     intra_op_threads: int = 0
     worker_nice: int = 10
     keep_freed_memory: bool = True
@@ -117,6 +124,16 @@ class HandlerConfig:
     def loader_chunk(self) -> int:
         """Images per DataLoader batch, at most."""
         return self.loader_batch_size or self.batch_size
+
+    @property
+    def compile_buckets(self) -> tuple[int, ...]:
+        """The batch sizes a compiled model runs (padded up to): ``batch_buckets``, or the powers of
+        two below ``batch_size`` and ``batch_size`` itself (padding a batch costs at most as much
+        again as the batch; each bucket costs a compile at start-up)."""
+        if self.batch_buckets:
+            return self.batch_buckets
+        return tuple(b for b in (1 << i for i in range(self.batch_size.bit_length())) if b < self.batch_size) + (
+            self.batch_size,)
 
     def __post_init__(self) -> None:
         _positive("image_size", self.image_size)
@@ -139,11 +156,10 @@ class HandlerConfig:
                 "handler.cudnn_benchmark needs handler.batch_buckets: without fixed batch sizes cuDNN "
                 "re-tunes for every new shape"
             )
-        if self.compile and not buckets:
-            raise ValueError(
-                "handler.compile needs handler.batch_buckets: torch.compile specialises on the batch "
-                "size and would recompile for every new one"
-            )
+        if not (isinstance(self.compile, bool) or self.compile == "auto"):
+            raise ValueError(f"handler.compile must be true, false or auto; got {self.compile!r}")
+        if not self.compile_budget_s > 0:
+            raise ValueError(f"handler.compile_budget_s must be > 0, got {self.compile_budget_s}")
         if self.decode_device not in DECODE_DEVICES:
             raise ValueError(
                 f"handler.decode_device must be one of {', '.join(DECODE_DEVICES)}; got {self.decode_device!r}"
@@ -239,6 +255,10 @@ def _positive(name: str, value: int) -> None:
 def _coerce(name: str, default: Any, value: Any) -> Any:
     """Check a YAML value against the type of the field's default and convert it."""
     where = f"handler.{name}"
+    if name == "compile":  # a switch with a third state
+        if not (isinstance(value, bool) or value == "auto"):  # 1 == True, but 1 is not a switch
+            raise ValueError(f"{where} must be true, false or auto, got {value!r}")
+        return value
     if isinstance(default, bool):
         if not isinstance(value, bool):
             raise ValueError(f"{where} must be true or false, got {value!r}")

@@ -193,10 +193,15 @@ def main() -> None:
     args = parser.parse_args()
     if args.max_batch_delay_ms < 0:
         parser.error("--max_batch_delay_ms must be >= 0")
+    server = ModelServer(http_port=args.http_port, grpc_port=args.grpc_port, workers=1)
+    # KServe configures its own loggers only (in ModelServer): the handler's (the compile
+    # decision, the model ready) go to the same stream in the same format.
+    ours = logging.getLogger("handler")
+    ours.handlers, ours.propagate = list(kserve.logging.logger.handlers), False
+    ours.setLevel(logging.INFO)
     model = ImageClassifierModel(args.model_name, args.model_dir, device=args.device,
                                  max_batch_delay_s=args.max_batch_delay_ms / 1000)
     model.load()
-    server = ModelServer(http_port=args.http_port, grpc_port=args.grpc_port, workers=1)
     server.dataplane = ImageDataPlane(model_registry=server.registered_models)
     kserve.model_server.app.add_exception_handler(RequestRejected, rejected_response)
     server.start([model])

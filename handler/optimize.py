@@ -1,8 +1,10 @@
-"""Inference-only rewrites of a loaded model: BatchNorm folding and optional torch.compile."""
+"""Inference-only rewrites of a loaded model: BatchNorm folding and torch.compile."""
 
 from __future__ import annotations
 
+import functools
 import logging
+import subprocess
 
 import torch
 from torch import nn
@@ -42,5 +44,40 @@ def fold_batchnorm(model: nn.Module, example: torch.Tensor) -> nn.Module:
 
 def compile_model(model: nn.Module, mode: str) -> nn.Module:
     """``torch.compile`` for fixed shapes: the handler only ever runs the batch buckets, each
-    compiled once during warm-up."""
+    compiled once during warm-up. Compiled code is cached on disk by torch (inductor's FX graph
+    and AOTAutograd caches, in ``$TORCHINDUCTOR_CACHE_DIR``, by default
+    ``/tmp/torchinductor_<user>``): a restart on the same machine compiles from the cache."""
     return torch.compile(model, mode=mode, dynamic=False)  # type: ignore[return-value]
+
+
+def should_compile(setting: bool | str, device: torch.device, arch: str) -> tuple[bool, str]:
+    """Whether to compile, and why: ``auto`` compiles on the CPU when inductor's C++ compiler
+    works here (on a GPU the eager model stays the default until it is measured there)."""
+    if setting is True or setting is False:
+        return setting, "handler.compile is " + ("true" if setting else "false")
+    if device.type != "cpu":
+        return False, f"handler.compile is auto and the model is on {device.type}"
+    if arch == "torchscript":
+        return False, "handler.compile is auto and a TorchScript model runs in its own JIT"
+    problem = cpp_compiler_problem()
+    if problem is not None:
+        return False, f"handler.compile is auto but {problem}"
+    return True, "handler.compile is auto and a C++ compiler works here"
+
+
+@functools.lru_cache(maxsize=1)
+def cpp_compiler_problem() -> str | None:
+    """None when the C++ compiler inductor would use (``$CXX``, else g++) compiles a line of C++;
+    otherwise what is wrong."""
+    from torch._inductor import cpp_builder
+
+    try:
+        compiler = cpp_builder.get_cpp_compiler()
+    except Exception as exc:  # InvalidCxxCompiler: none found
+        return f"no working C++ compiler was found ({str(exc)[:160]})"
+    try:
+        subprocess.run([compiler, "-x", "c++", "-fsyntax-only", "-"], input=b"int main() { return 0; }\n",
+                       capture_output=True, check=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"the C++ compiler {compiler!r} does not work ({str(exc)[:160]})"
+    return None

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -27,7 +28,7 @@ from handler.loader import PersistentImageLoader
 from handler.metrics import StageClock
 from handler.model_loading import load_model
 from handler.normalize import Normalizer
-from handler.optimize import compile_model, fold_batchnorm
+from handler.optimize import compile_model, fold_batchnorm, should_compile
 from handler.postprocess import top_k_labels
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,10 @@ class Pipeline:
             inline_max_images=config.inline_max_images,
             worker_nice=config.worker_nice if device.type == "cuda" else 0,
         )
+        # Set by _compile (warm-up): the compiled model and the batch sizes it was compiled for;
+        # other sizes run the eager model.
+        self._compiled: torch.nn.Module | None = None
+        self._compiled_buckets: tuple[int, ...] = ()
         try:
             # Fork the workers while this process is small and has no CUDA context.
             self.loader.start()
@@ -68,15 +73,14 @@ class Pipeline:
             self.loader.close()
             raise
 
-    def _prepare_model(self, weights: Path) -> torch.nn.Module:
-        """Load, fold BatchNorm, move to the device in channels_last, optionally compile."""
+    def _prepare_model(self, weights: Path | bytes) -> torch.nn.Module:
+        """Load, fold BatchNorm, move to the device in channels_last (eager; see _compile)."""
         cfg = self.config
         model = load_model(cfg.arch, weights, len(self.labels))
         if cfg.fuse_batchnorm:
             example = torch.randn(2, 3, cfg.image_size, cfg.image_size, generator=torch.Generator().manual_seed(0))
             model = fold_batchnorm(model, example)
-        model = model.to(self.device, memory_format=torch.channels_last)
-        return compile_model(model, cfg.compile_mode) if cfg.compile else model
+        return model.to(self.device, memory_format=torch.channels_last)
 
     def _prepare_device(self) -> BatchedJpegDecoder | None:
         """Normalization constants on the device; on CUDA the pinned staging ring, cuDNN
@@ -149,17 +153,21 @@ class Pipeline:
                 return scores
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The model on ``x`` padded to its batch bucket, in the configured precision."""
+        """The model on ``x``, in the configured precision: padded to the smallest compiled bucket
+        that fits and run compiled, or padded to a ``batch_buckets`` size (fixed shapes for
+        cuDNN) and run eager; sizes above every bucket run eager as they are."""
         count = x.shape[0]
-        bucket = next((b for b in self.config.batch_buckets if b >= count), count)
+        buckets = self._compiled_buckets or self.config.batch_buckets
+        bucket = next((b for b in buckets if b >= count), count)
+        model = self._compiled if bucket in self._compiled_buckets else self.model
         if bucket > count:
             x = torch.cat([x, x.new_zeros((bucket - count, *x.shape[1:]))]).contiguous(
                 memory_format=torch.channels_last
             )
         if self._autocast_dtype is None:
-            return self.model(x)[:count]
+            return model(x)[:count]
         with torch.autocast(self.device.type, dtype=self._autocast_dtype):
-            return self.model(x)[:count].float()
+            return model(x)[:count].float()
 
     def to_model_input(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 NCHW (pinned on CUDA) -> normalized float on the device, channels_last."""
@@ -183,30 +191,53 @@ class Pipeline:
     # ---- start-up and shutdown ------------------------------------------------------------
 
     def warm_up(self) -> None:
-        """Run each batch bucket once (and nvJPEG), so cuDNN tuning, torch.compile and lazy
-        initialization happen here, not in the first requests. A compile that fails falls back
-        to eager."""
+        """Compile (as configured), then run each batch bucket once (and nvJPEG), so cuDNN tuning,
+        compilation and lazy initialization happen here, not in the first requests."""
         if self.jpeg_decoder is not None and not self.jpeg_decoder.warm_up():  # nvJPEG sets up on first use
             log.warning("batched GPU JPEG decode does not work here; decoding every image on the CPU")
             self.jpeg_decoder = None
-        try:
-            self._run_buckets()
-        except Exception as exc:
-            eager = getattr(self.model, "_orig_mod", None)  # set by torch.compile
-            if eager is None:
-                raise
-            log.error("torch.compile failed (%s: %s); serving the eager model", type(exc).__name__, str(exc)[:300])
-            self.model = eager
-            self._run_buckets()
+        self._compile()
+        self._run_buckets(self.config.batch_buckets)
 
     @torch.inference_mode()
-    def _run_buckets(self) -> None:
-        size = self.config.image_size
-        for bucket in self.config.batch_buckets:
-            pixels = torch.zeros((bucket, 3, size, size), dtype=torch.uint8)
-            self.forward(self.to_model_input(pixels))
+    def _compile(self) -> None:
+        """torch.compile the model for each of ``compile_buckets``, largest first; once
+        ``compile_budget_s`` is spent no further bucket starts. One log line says what was
+        decided; a failed compile falls back to the eager model."""
+        cfg = self.config
+        wanted, reason = should_compile(cfg.compile, self.device, cfg.arch)
+        if not wanted:
+            log.info("torch.compile off (%s): serving the eager model", reason)
+            return
+        self._compiled = compile_model(self.model, cfg.compile_mode)
+        started = time.perf_counter()
+        for bucket in sorted(cfg.compile_buckets, reverse=True):
+            # The largest bucket (full batches: the throughput) is always compiled.
+            if self._compiled_buckets and time.perf_counter() - started > cfg.compile_budget_s:
+                break
+            self._compiled_buckets = tuple(sorted({*self._compiled_buckets, bucket}))
+            try:
+                self._run_buckets((bucket,))  # forward() runs the compiled model for a compiled bucket
+            except Exception as exc:
+                log.error("torch.compile failed (%s: %s); serving the eager model", type(exc).__name__,
+                          str(exc)[:300])
+                self._compiled, self._compiled_buckets = None, ()
+                return
+        skipped = sorted(set(cfg.compile_buckets) - set(self._compiled_buckets))
+        log.info("torch.compile on (%s): batch sizes %s compiled in %.1f s%s", reason, list(self._compiled_buckets),
+                 time.perf_counter() - started,
+                 f"; budget of {cfg.compile_budget_s:g} s spent: batch sizes {skipped} run eager" if skipped else "")
+
+    @torch.inference_mode()
+    def _run_buckets(self, buckets: tuple[int, ...]) -> None:
+        for bucket in buckets:
+            self.forward(self._zeros(bucket))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+    def _zeros(self, count: int) -> torch.Tensor:
+        size = self.config.image_size
+        return self.to_model_input(torch.zeros((count, 3, size, size), dtype=torch.uint8))
 
     def close(self) -> None:
         """Stop the loader workers and free their shared memory."""

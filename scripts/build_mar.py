@@ -38,6 +38,9 @@ DEFAULT_FRONTEND_SETTINGS: dict[str, Any] = {
     "batchSize": 8,
     "maxBatchDelay": 10,
     "responseTimeout": 120,
+    # Loading includes torch.compile of each batch bucket (handler.compile_budget_s, 300 s at most
+    # for new buckets): TorchServe restarts a worker that takes longer than this to load.
+    "startupTimeout": 600,
 }
 
 

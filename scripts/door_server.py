@@ -3,8 +3,6 @@ end-to-end tests and the benchmarks."""
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -13,7 +11,7 @@ from pathlib import Path
 
 import requests
 
-from ts_server import ROOT, free_port
+from ts_server import ROOT, free_port, stop_process_group
 
 
 @dataclass
@@ -24,13 +22,7 @@ class Door:
     log: Path
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout=30)
+        stop_process_group(self.process)
 
 
 def start_door(model_dir: Path, name: str, workdir: Path, *, max_batch_delay_ms: float = 5.0,

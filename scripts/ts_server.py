@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+import getpass
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import closing
 from dataclasses import dataclass
@@ -19,6 +21,8 @@ import requests
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCHSERVE = Path(sys.executable).parent / "torchserve"
+# torch's default compile cache (torch._inductor.runtime.cache_dir_utils.default_cache_dir).
+INDUCTOR_CACHE = os.path.join(tempfile.gettempdir(), "torchinductor_" + getpass.getuser())
 
 
 def free_port() -> int:
@@ -60,23 +64,30 @@ class Server:
         return [w for w in response.json()[0]["workers"] if w["status"] == "READY"]
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout=30)
+        stop_process_group(self.process)
+
+
+def stop_process_group(process: subprocess.Popen) -> None:
+    """SIGTERM a server started in a session of its own, and its children; SIGKILL after 30 s."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=30)
 
 
 def start_server(workdir: Path, model_store: Path, models: list[str], extra_config: str = "",
-                 timeout_s: float = 240, base_config: Path = ROOT / "config.properties",
-                 snapshot: bool = False) -> Server:
+                 timeout_s: float = 900, base_config: Path = ROOT / "config.properties",
+                 snapshot: bool = False, env: dict[str, str] | None = None) -> Server:
     """Start ``torchserve --foreground`` in ``workdir`` (never the repo root, so that workers can
     only import what the .mar holds) and wait until every model has a READY worker.
 
     ``base_config`` is rewritten to loopback addresses on free ports and ``model_store``; the models
     are ``load_models`` unless ``snapshot`` (then the config's ``model_snapshot`` decides, as in KServe).
+    ``env`` adds to the server's environment. The default timeout allows for models compiled at
+    start-up with a cold cache on two cores.
     """
     ports = [free_port() for _ in range(5)]
     urls = [f"http://127.0.0.1:{p}" for p in ports]
@@ -96,7 +107,10 @@ def start_server(workdir: Path, model_store: Path, models: list[str], extra_conf
     # this server run beside another (./scripts/serve.sh, a benchmark) instead of refusing to start.
     (workdir / "tmp").mkdir(exist_ok=True)
     env = {**os.environ, "LOG_LOCATION": str(workdir / "logs"), "METRICS_LOCATION": str(workdir / "logs"),
-           "TMPDIR": str(workdir / "tmp"), "PATH": f"{TORCHSERVE.parent}:{os.environ['PATH']}"}
+           "TMPDIR": str(workdir / "tmp"), "PATH": f"{TORCHSERVE.parent}:{os.environ['PATH']}",
+           # torch's compile cache lives under the temp dir by default: keep the machine's one, so
+           # that a server started here compiles from the cache as one started by hand would.
+           "TORCHINDUCTOR_CACHE_DIR": os.environ.get("TORCHINDUCTOR_CACHE_DIR", INDUCTOR_CACHE), **(env or {})}
     with open(workdir / "torchserve.out", "wb") as log:  # the child keeps its own descriptor
         process = subprocess.Popen(
             [str(TORCHSERVE), "--start", "--foreground", "--ncs", "--ts-config", "config.properties",

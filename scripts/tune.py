@@ -1,12 +1,12 @@
 #!/usr/bin/env python
-"""Find the fastest DataLoader batch size x loader workers x TorchServe backend workers for YOUR
-machine and model, and write it into a model-config.yaml (the blog's advice to benchmark these on
-your own system, automated).
+"""Find the fastest DataLoader batch size x loader workers x TorchServe backend workers x compile
+on/off for YOUR machine and model, and write it into a model-config.yaml (the blog's advice to
+benchmark these on your own system, automated).
 
-Drives the handler directly (no TorchServe needed). For every combination it starts that many
-backend-worker processes (each a handler with its share of the cores, as TorchServe would run
-them), lets each call handle() on requests of --images-per-request images for --seconds, and
-keeps the combination with the most images/s in total.
+Drives the classifier directly (no TorchServe needed). For every combination it starts that many
+backend-worker processes (each a classifier with its share of the cores, as TorchServe would run
+them; a compiled one compiles first, which the timing leaves out), lets each serve requests of
+--images-per-request images for --seconds, and keeps the combination with the most images/s in total.
 
     scripts/setup.sh --bench
     .venv/bin/python scripts/tune.py --arch mobilenet_v3_small [--images DIR] [--config in.yaml] [--out tuned.yaml]
@@ -33,6 +33,9 @@ from handler.devices import resolve_device  # noqa: E402
 from handler.process import configure_process  # noqa: E402
 from model_dirs import random_model_dir  # noqa: E402
 from timing import request_batch  # noqa: E402
+
+
+COMPILE = {"false": False, "auto": "auto", "true": True}
 
 
 def load_images(folder: Path | None, count: int, size: str) -> list[bytes]:
@@ -95,6 +98,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2, 4], help="DataLoader workers")
     parser.add_argument("--backend-workers", type=int, nargs="+", default=[1, 2],
                         help="TorchServe backend workers (minWorkers = maxWorkers)")
+    parser.add_argument("--compile", nargs="+", default=["false", "auto"], choices=["false", "auto", "true"],
+                        help="handler.compile values to try (auto compiles where a C++ compiler works)")
     parser.add_argument("--seconds", type=float, default=4.0, help="serving time per combination")
     parser.add_argument("--config", type=Path, help="model-config.yaml to start from")
     parser.add_argument("--out", type=Path, default=Path("model-config.tuned.yaml"))
@@ -109,19 +114,21 @@ def main() -> None:
         if args.weights:
             (model_dir / "weights.pt").write_bytes(args.weights.read_bytes())
         results = []
-        print("| backend workers | batch_size | num_workers | images/s |\n|---|---|---|---|", flush=True)
-        for backends, batch_size, workers in itertools.product(args.backend_workers, args.batch_sizes, args.workers):
-            trial = {**settings, "batch_size": batch_size, "num_workers": workers}
-            trial.pop("batch_buckets", None)  # buckets must cover batch_size; not part of this sweep
+        print("| backend workers | batch_size | num_workers | compile | images/s |\n|---|---|---|---|---|", flush=True)
+        combinations = itertools.product(args.backend_workers, args.batch_sizes, args.workers, args.compile)
+        for backends, batch_size, workers, compiled in combinations:
+            trial = {**settings, "batch_size": batch_size, "num_workers": workers, "compile": COMPILE[compiled]}
+            trial.pop("batch_buckets", None)  # buckets must cover batch_size: derived from it when compiling
             speed = measure(model_dir, {**base, "handler": trial}, images, args.seconds, backends)
-            results.append((speed, backends, batch_size, workers))
-            print(f"| {backends} | {batch_size} | {workers} | {speed:.1f} |", flush=True)
-    best_speed, best_backends, best_batch, best_workers = max(results)
-    settings.update(batch_size=best_batch, num_workers=best_workers)
+            results.append((speed, backends, batch_size, workers, compiled))
+            print(f"| {backends} | {batch_size} | {workers} | {compiled} | {speed:.1f} |", flush=True)
+    best_speed, best_backends, best_batch, best_workers, best_compile = max(results)
+    settings.update(batch_size=best_batch, num_workers=best_workers, compile=COMPILE[best_compile])
+    settings.pop("batch_buckets", None)
     base.update(handler=settings, minWorkers=best_backends, maxWorkers=best_backends)
     args.out.write_text(yaml.safe_dump(base, sort_keys=False))
     print(f"\nbest: {best_backends} backend worker(s), batch_size={best_batch} num_workers={best_workers} "
-          f"({best_speed:.1f} images/s); wrote {args.out}")
+          f"compile={best_compile} ({best_speed:.1f} images/s); wrote {args.out}")
 
 
 if __name__ == "__main__":

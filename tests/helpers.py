@@ -33,6 +33,25 @@ def shape_image(label: str, seed: int, *, fmt: str = "PNG", min_side: int = 160,
     return encode(shapes.draw(spec), fmt, **save_args)
 
 
+def answers_alone(server: Any, images: list[bytes], model: str = "shapes") -> list[dict[str, float]]:
+    """Each image sent alone to TorchServe's REST API as a raw body: the reference answers that
+    every other door and client must give for the same bytes."""
+    out = []
+    for data in images:
+        response = server.predict(model, data=data, headers={"Content-Type": "application/octet-stream"})
+        assert response.status_code == 200, response.text
+        out.append(response.json())
+    return out
+
+
+def assert_same_answers(got: list[dict[str, float]], want: list[dict[str, float]], tolerance: float = 1e-4) -> None:
+    """The same images in the same order: identical labels, scores equal up to ``tolerance``."""
+    assert len(got) == len(want), (len(got), len(want))
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert list(g) == list(w), (i, g, w)
+        assert all(abs(g[k] - w[k]) <= tolerance for k in w), (i, g, w)
+
+
 def write_model_dir(directory: Path, model: Any, labels: list[str]) -> Path:
     """A model directory as TorchServe unpacks a .mar: ``weights.pt`` (the state_dict) and
     ``index_to_name.json``."""

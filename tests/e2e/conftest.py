@@ -22,10 +22,12 @@ def model_store(tmp_path_factory):
     labels = {str(i): f"class_{i}" for i in range(10)}
     torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), work / "weights.pth")
     (work / "index_to_name.json").write_text(json.dumps(labels))
+    # Eager: compiling it at start-up would only lengthen the suite (the shipped archives compile).
+    (work / "config.yaml").write_text("startupTimeout: 600\nhandler:\n  compile: false\n")
     subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "build_mar.py"), "--arch", "resnet18",
          "--weights", str(work / "weights.pth"), "--labels", str(work / "index_to_name.json"),
-         "--name", "resnet_random", "--export-path", str(store)],
+         "--name", "resnet_random", "--export-path", str(store), "--config", str(work / "config.yaml")],
         check=True,
     )
     build_demo_in_other_formats(store, tmp_path_factory.mktemp("formats"))
@@ -52,6 +54,7 @@ def build_demo_in_other_formats(store, work):
     batch = torch.export.Dim("batch", max=1024)
     torch.export.save(torch.export.export(model, (example,), dynamic_shapes=({0: batch},)), str(work / "shapes.pt2"))
     config = yaml.safe_load((demo / "model-config.yaml").read_text())
+    config["handler"]["compile"] = False  # the shipped shapes.mar is the compiled one
     for arch, weights, name in (("torchscript", "shapes.pt", "shapes_ts"), ("torch_export", "shapes.pt2", "shapes_pt2")):
         config["handler"]["arch"] = arch
         (work / f"{name}.yaml").write_text(yaml.safe_dump(config))

@@ -10,7 +10,7 @@ import pytest
 import tritonclient.http as triton_http
 from tritonclient.utils import InferenceServerException
 
-from helpers import shape_image
+from helpers import answers_alone as alone, assert_same_answers as same, shape_image
 from ts_grpc import build_stubs
 from ts_server import ROOT
 
@@ -18,22 +18,6 @@ pytestmark = pytest.mark.e2e
 
 LABELS = ("circle", "square", "triangle")
 PHOTOS = [(ROOT / "tests" / "data" / name).read_bytes() for name in ("cat.jpg", "coffee.jpg", "camera.jpg", "rocket.jpg")]
-
-
-def alone(server, images: list[bytes], model: str = "shapes") -> list[dict]:
-    """Each image sent alone as a raw REST body: the reference answer."""
-    out = []
-    for data in images:
-        response = server.predict(model, data=data, headers={"Content-Type": "application/octet-stream"})
-        assert response.status_code == 200, response.text
-        out.append(response.json())
-    return out
-
-
-def same(got: list[dict], want: list[dict]) -> None:
-    assert len(got) == len(want)
-    for i, (g, w) in enumerate(zip(got, want)):
-        assert list(g) == list(w) and g == pytest.approx(w, abs=1e-4), (i, g, w)
 
 
 @pytest.fixture(scope="module")

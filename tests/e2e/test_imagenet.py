@@ -32,6 +32,13 @@ def test_each_photo_alone_gets_a_sensible_imagenet_label(server):
         assert top1(scores) in labels, (name, scores)
 
 
+def test_the_shipped_archive_is_served_compiled_by_default(server):
+    log = (server.workdir / "logs" / "model_log.log").read_text()
+    lines = [line for line in log.splitlines() if "efficientnet_lite0" in line and "torch.compile" in line]
+    assert len(lines) == 1 and "torch.compile on (handler.compile is auto and a C++ compiler works here)" in lines[0]
+    assert "batch sizes [1, 2, 4, 8, 16, 32] compiled" in lines[0], lines
+
+
 def test_the_photos_in_one_request_get_the_same_answers_as_alone(server):
     names = list(SENSIBLE)
     alone = [server.predict("efficientnet_lite0", data=(DATA / n).read_bytes()).json() for n in names]

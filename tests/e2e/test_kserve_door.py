@@ -16,7 +16,7 @@ import tritonclient.http as triton_http
 from tritonclient.utils import InferenceServerException
 
 from door_server import start_door
-from helpers import shape_image
+from helpers import answers_alone, assert_same_answers as same, shape_image
 from ts_server import ROOT
 
 pytestmark = pytest.mark.e2e
@@ -40,18 +40,7 @@ def door(model_store, tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(server):
     """What the TorchServe door answers for each photo alone: the same bytes must score the same."""
-    out = []
-    for data in PHOTOS:
-        response = server.predict(MODEL, data=data, headers={"Content-Type": "application/octet-stream"})
-        assert response.status_code == 200, response.text
-        out.append(response.json())
-    return out
-
-
-def same(got: list[dict], want: list[dict]) -> None:
-    assert len(got) == len(want)
-    for i, (g, w) in enumerate(zip(got, want)):
-        assert list(g) == list(w) and g == pytest.approx(w, abs=1e-4), (i, g, w)
+    return answers_alone(server, PHOTOS, MODEL)
 
 
 def infer_http(client, images, *, binary: bool, binary_output: bool = False):
@@ -79,6 +68,8 @@ def test_health_readiness_and_metadata_over_http_and_grpc(door):
     assert metadata["inputs"] == [{"name": "images", "datatype": "BYTES", "shape": [-1]}]
     assert metadata["outputs"] == [{"name": "predictions", "datatype": "BYTES", "shape": [-1]}]
     assert grpc.get_model_metadata(MODEL, as_json=True)["outputs"][0]["name"] == "predictions"
+    # The handler's own start-up line reaches the door's log (KServe configures only its loggers).
+    assert "torch.compile on (handler.compile is auto" in door.log.read_text()
 
 
 @pytest.mark.parametrize(("binary", "binary_output"), [(True, False), (True, True), (False, False)],

@@ -36,7 +36,7 @@ def test_servers_listen_on_loopback_only(server):
     listening = [
         c.laddr
         for p in processes
-        for c in p.net_connections(kind="inet")
+        for c in getattr(p, "net_connections", getattr(p, "connections", None))(kind="inet")
         if c.status == psutil.CONN_LISTEN
     ]
     assert listening, "found no listening sockets"

@@ -47,7 +47,9 @@ def test_invalid_values_are_rejected_with_the_key(settings, message):
         pytest.param({"batch_buckets": [2, 4]}, "size >= batch_size", id="buckets-below-batch"),
         pytest.param({"batch_buckets": [4, "8"]}, "list of integers", id="string-bucket"),
         pytest.param({"precision": "int8"}, "precision must be one of", id="bad-precision"),
-        pytest.param({"compile": True}, "compile needs handler.batch_buckets", id="compile-without-buckets"),
+        pytest.param({"compile": "sometimes"}, "compile must be true, false or auto", id="compile-sometimes"),
+        pytest.param({"compile": 1}, "compile must be true, false or auto", id="compile-number"),
+        pytest.param({"compile_budget_s": 0}, "compile_budget_s must be > 0", id="no-compile-budget"),
         pytest.param({"compile_mode": "fast"}, "compile_mode must be one of", id="bad-compile-mode"),
         pytest.param({"jpeg_draft_margin": 0.5}, "jpeg_draft_margin must be >= 1", id="draft-margin-below-1"),
         pytest.param({"jpeg_draft_margin": "2"}, "jpeg_draft_margin must be a number", id="draft-margin-string"),
@@ -61,10 +63,19 @@ def test_fast_path_settings_are_checked(settings, message):
 
 
 def test_buckets_and_benchmark_together_are_valid():
-    config = HandlerConfig.from_mapping({"batch_buckets": [1, 4, 16], "cudnn_benchmark": True, "precision": "bf16"})
-    assert config.batch_buckets == (1, 4, 16)
+    config = HandlerConfig.from_mapping({"batch_buckets": [1, 4, 32], "cudnn_benchmark": True, "precision": "bf16"})
+    assert config.batch_buckets == (1, 4, 32)
 
 
 def test_loader_chunks_default_to_the_model_batch():
     assert HandlerConfig(batch_size=64).loader_chunk == 64
     assert HandlerConfig(batch_size=64, loader_batch_size=16).loader_chunk == 16
+
+
+def test_compiling_is_the_default_with_buckets_derived_from_the_batch_size():
+    assert HandlerConfig().compile == "auto"
+    assert HandlerConfig.from_mapping({"compile": True}).compile is True  # no buckets needed any more
+    assert HandlerConfig(batch_size=16).compile_buckets == (1, 2, 4, 8, 16)
+    assert HandlerConfig(batch_size=24).compile_buckets == (1, 2, 4, 8, 16, 24)
+    assert HandlerConfig(batch_size=1).compile_buckets == (1,)
+    assert HandlerConfig(batch_size=16, batch_buckets=(4, 16)).compile_buckets == (4, 16)

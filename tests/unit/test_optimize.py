@@ -81,11 +81,15 @@ def model_dir(tmp_path_factory):
     return write_model_dir(tmp_path_factory.mktemp("model"), model, ["circle", "square", "triangle"])
 
 
-def answers(model_dir, settings: dict) -> list[dict]:
+def answers(model_dir, settings: dict, compiled: tuple[int, ...] | None = None) -> list[dict]:
+    """Six shapes classified with these settings; ``compiled``: the batch sizes that must have
+    been compiled (None: not checked)."""
     base = {"arch": "shapes_cnn", "image_size": 64, "resize_mode": "letterbox", "top_k": 3, "batch_size": 4,
             "num_workers": 0}
     images = [shape_image(("circle", "square", "triangle")[i % 3], seed=i) for i in range(6)]
     with ImageClassifier(read_model(model_dir, {**base, **settings}), device="cpu") as classifier:
+        if compiled is not None:
+            assert classifier.pipeline._compiled_buckets == compiled
         return classifier.classify(images)
 
 
@@ -95,10 +99,30 @@ def assert_same_answers(got: list[dict], want: list[dict]) -> None:
         assert list(g) == list(w) and g == pytest.approx(w, abs=1e-4)
 
 
-def test_folded_and_compiled_handlers_answer_like_the_plain_one(model_dir):
-    plain = answers(model_dir, {"fuse_batchnorm": False})
-    assert_same_answers(answers(model_dir, {}), plain)  # folding is on by default
-    assert_same_answers(answers(model_dir, {"compile": True, "batch_buckets": [4]}), plain)
+def test_folded_and_compiled_handlers_answer_like_the_plain_one(model_dir, real_compiler):
+    plain = answers(model_dir, {"fuse_batchnorm": False, "compile": False})
+    assert_same_answers(answers(model_dir, {"compile": False}, compiled=()), plain)  # folding is on by default
+    # 6 images in batches of 4: a full batch of 4 and one of 2 padded up to the bucket of 4.
+    assert_same_answers(answers(model_dir, {"compile": True, "batch_buckets": [4]}, compiled=(4,)), plain)
+
+
+def test_auto_compiles_where_a_compiler_works_within_the_budget_and_the_rest_runs_eager(model_dir, real_compiler,
+                                                                                        caplog):
+    plain = answers(model_dir, {"compile": False})
+    caplog.set_level("INFO", logger="handler.pipeline")
+    # The default is auto; a budget this small lets only the first (largest) bucket start.
+    got = answers(model_dir, {"batch_buckets": [2, 4], "compile_budget_s": 1e-6}, compiled=(4,))
+    assert_same_answers(got, plain)
+    (line,) = [r.getMessage() for r in caplog.records if "torch.compile" in r.getMessage()]
+    assert "auto and a C++ compiler works" in line and "batch sizes [2] run eager" in line, line
+
+
+def test_without_a_compiler_auto_serves_eager_with_one_log_line(model_dir, caplog):
+    caplog.set_level("INFO", logger="handler.pipeline")
+    assert_same_answers(answers(model_dir, {}, compiled=()), answers(model_dir, {"compile": False}))
+    lines = [r.getMessage() for r in caplog.records if "torch.compile" in r.getMessage()]
+    assert len(lines) == 2 and "torch.compile off (handler.compile is auto but no working C++ compiler" in lines[0]
+    assert "serving the eager model" in lines[0] and "handler.compile is false" in lines[1]
 
 
 def test_a_failed_compile_falls_back_to_eager(model_dir, monkeypatch, caplog):
@@ -111,6 +135,6 @@ def test_a_failed_compile_falls_back_to_eager(model_dir, monkeypatch, caplog):
             raise RuntimeError("inductor: no C++ compiler found")
 
     monkeypatch.setattr("handler.pipeline.compile_model", lambda model, mode: FailsToCompile(model))
-    plain = answers(model_dir, {})
-    assert_same_answers(answers(model_dir, {"compile": True, "batch_buckets": [4]}), plain)
+    plain = answers(model_dir, {"compile": False})
+    assert_same_answers(answers(model_dir, {"compile": True, "batch_buckets": [4]}, compiled=()), plain)
     assert "torch.compile failed" in caplog.text

@@ -26,10 +26,13 @@ def test_tune_sweeps_and_writes_the_fastest_combination(tmp_path):
     )
     assert run.returncode == 0, run.stderr[-2000:]
     rows = [line for line in run.stdout.splitlines() if line.startswith("| ") and line[2].isdigit()]
-    assert len(rows) == 4  # 2 backend-worker counts x 1 batch size x 2 loader-worker counts
-    speeds = {tuple(int(c) for c in line.split("|")[1:4]): float(line.split("|")[4]) for line in rows}
+    assert len(rows) == 8  # 2 backend-worker counts x 1 batch size x 2 loader-worker counts x compile false/auto
+    speeds = {(*(int(c) for c in line.split("|")[1:4]), line.split("|")[4].strip()): float(line.split("|")[5])
+              for line in rows}
+    assert {key[3] for key in speeds} == {"false", "auto"}
     tuned = yaml.safe_load(out.read_text())
     best = max(speeds, key=speeds.get)
-    assert (tuned["maxWorkers"], tuned["handler"]["batch_size"], tuned["handler"]["num_workers"]) == best
+    compiled = {False: "false", "auto": "auto", True: "true"}[tuned["handler"]["compile"]]
+    assert (tuned["maxWorkers"], tuned["handler"]["batch_size"], tuned["handler"]["num_workers"], compiled) == best
     assert tuned["minWorkers"] == tuned["maxWorkers"]
     assert tuned["responseTimeout"] == 60 and tuned["handler"]["image_size"] == 32  # the rest is kept
