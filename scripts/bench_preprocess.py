@@ -147,7 +147,7 @@ def build_classifier(arch: str, workdir: Path, settings: dict, model: Path | Non
         spec = read_model(model, settings)
     else:
         model_dir = random_model_dir(workdir / arch, arch, calibration=stock_input(photo_jpegs("640x480", 16)))
-        spec = read_model(model_dir, {"arch": arch, "batch_size": 16, "num_workers": 2, **settings})
+        spec = read_model(model_dir, {"arch": arch, **settings})  # the shipped defaults otherwise
     device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
     configure_process(spec.config, device=device)
     return ImageClassifier(spec, device=device)

@@ -117,12 +117,7 @@ def test_close_stops_the_workers_is_idempotent_and_later_use_is_a_clear_error():
 
 
 def test_a_mar_and_a_directory_holding_one_are_read_as_the_model(tmp_path, classifier):
-    mar = tmp_path / "demo.mar"
-    manifest = {"model": {"modelName": "demo", "serializedFile": "shapes_cnn.pt", "configFile": "model-config.yaml"}}
-    with zipfile.ZipFile(mar, "w") as archive:
-        archive.writestr("MAR-INF/MANIFEST.json", json.dumps(manifest))
-        for name in ("shapes_cnn.pt", "index_to_name.json", "model-config.yaml"):
-            archive.write(DEMO / name, name)
+    mar = write_demo_mar(tmp_path / "demo.mar")
     image = shape_image("square", seed=5)
     for path in (mar, tmp_path):  # KServe's storage initializer mounts a directory with the .mar in it
         spec = read_model(path, {"batch_size": 4, "max_image_pixels": 1_000_000})
@@ -154,16 +149,43 @@ def test_asking_for_cuda_without_it_is_an_error_not_a_silent_cpu():
         ImageClassifier.load(DEMO, device="cuda")
 
 
-def test_the_core_never_imports_torchserve(tmp_path):
+def write_demo_mar(path):
+    """The demo model as a .mar (a zip with TorchServe's manifest), as build_mar.py would ship it."""
+    manifest = {"model": {"modelName": "demo", "serializedFile": "shapes_cnn.pt", "configFile": "model-config.yaml"}}
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("MAR-INF/MANIFEST.json", json.dumps(manifest))
+        for name in ("shapes_cnn.pt", "index_to_name.json", "model-config.yaml"):
+            archive.write(DEMO / name, name)
+    return path
+
+
+def test_the_core_works_with_torchserve_unimportable(tmp_path, classifier):
+    mar = write_demo_mar(tmp_path / "demo.mar")
+    image = shape_image("triangle", seed=3)  # PNG bytes
+    (tmp_path / "photo.png").write_bytes(image)
     script = f"""
-import sys
+import io, json, sys
+sys.modules["ts"] = None  # any import of TorchServe now fails
 sys.path.insert(0, {str(ROOT)!r})
-from handler.classifier import ImageClassifier
+from PIL import Image
+from handler.classifier import ImageClassifier, ImageError
 from handler import protocols, process
-with ImageClassifier.load({str(DEMO)!r}, device="cpu", overrides={{"num_workers": 1}}) as clf:
-    print(clf.classify([open({str(DEMO / 'index_to_name.json')!r}, 'rb').read()])[0].code)
-print(sorted(m for m in sys.modules if m == "ts" or m.startswith("ts.")))
+png = open({str(tmp_path / "photo.png")!r}, "rb").read()
+for model in ({str(DEMO)!r}, {str(mar)!r}):
+    with ImageClassifier.load(model, device="cpu", overrides={{"num_workers": 1}}) as clf:
+        out = clf.classify([png, {str(tmp_path / "photo.png")!r}, Image.open(io.BytesIO(png)), b"not an image"])
+        bad = out[3]
+        print(json.dumps([out[:3], [type(bad).__name__, bad.code, bad.status]]))
+print(sorted(m for m, mod in sys.modules.items() if (m == "ts" or m.startswith("ts.")) and mod is not None))
 """
-    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180)
     assert run.returncode == 0, run.stderr[-2000:]
-    assert run.stdout.split() == ["invalid_image", "[]"], run.stdout
+    *answers, imported = run.stdout.strip().splitlines()
+    want = classifier.classify([image])[0]
+    assert len(answers) == 2, run.stdout
+    for line in answers:
+        good, bad = json.loads(line)
+        for got in good:
+            same(got, want)
+        assert bad == ["ImageError", "invalid_image", 400]
+    assert imported == "[]"
