@@ -5,7 +5,8 @@ One TorchServe serves models built from the SAME weights: ``stock`` (``--handler
 image_classifier``, eager), ``stock_compiled`` (the same, with TorchServe's own ``pt2: {compile:
 {enable: true}}``) and ``ours`` (this handler with its shipped defaults: only ``arch`` is set).
 Each has one worker on the same cores. The weights: calibrated random weights of a torchvision
-architecture, or with ``--arch efficientnet_lite0`` the real ImageNet model. Clients send 32-image
+architecture, or with ``--arch efficientnet_lite0`` the real ImageNet model (the stock handler
+then gets that model's own preprocessing through a subclass: see stock_handler_file). Clients send 32-image
 batches of real photos (skimage.data, re-encoded as JPEG): to stock as 32 concurrent single-image
 requests (server-side batchSize 32), to ours as ONE 32-image request: multipart/mixed as
 scripts/client.py sends it, and also as multipart/form-data (which TorchServe decodes itself,
@@ -69,6 +70,27 @@ def handle(data, context):
 '''
 
 
+def stock_handler_file(handler: dict) -> str:
+    """TorchServe's stock image_classifier with a model's own preprocessing, the way its users
+    change it (a subclass replacing the class attribute ``image_processing``): the same PIL loop,
+    with the model's resize, interpolation, crop, mean and std instead of ImageNet's."""
+    from handler.config import HandlerConfig
+
+    config = HandlerConfig.from_mapping(handler)
+    return (
+        "from torchvision import transforms\n"
+        "from ts.torch_handler.image_classifier import ImageClassifier\n\n\n"
+        "class ModelPreprocessing(ImageClassifier):\n"
+        '    """The stock handler with the model\'s own preprocessing."""\n\n'
+        "    image_processing = transforms.Compose([\n"
+        f"        transforms.Resize({config.resize_size}, interpolation=transforms.InterpolationMode({config.interpolation!r})),\n"
+        f"        transforms.CenterCrop({config.image_size}),\n"
+        "        transforms.ToTensor(),\n"
+        f"        transforms.Normalize(mean={list(config.mean)}, std={list(config.std)}),\n"
+        "    ])\n"
+    )
+
+
 def model_weights(arch: str, work: Path) -> tuple[Path, Path]:
     """(weights, labels): the real ImageNet model's, or calibrated random weights of ``arch``."""
     if arch == "efficientnet_lite0":
@@ -98,11 +120,15 @@ def build_archives(arch: str, store: Path, work: Path) -> None:
     ours_cfg.write_text(yaml.safe_dump({**common, "batchSize": 8, "maxBatchDelay": 5, "handler": handler}))
     model_file = work / "stock_model.py"
     model_file.write_text(stock_model_file(arch, 1000))
+    stock_handler = "image_classifier"  # TorchServe's own, with ImageNet's preprocessing
+    if arch == "efficientnet_lite0":  # its own normalization and bicubic resize: stock gets them too
+        stock_handler = str(work / "stock_handler.py")
+        Path(stock_handler).write_text(stock_handler_file(handler))
     archiver = str(Path(sys.executable).parent / "torch-model-archiver")
     for name, config in stock_cfgs.items():
         (work / f"{name}.yaml").write_text(yaml.safe_dump(config))
         subprocess.run([archiver, "--model-name", name, "--version", "1.0", "--model-file", str(model_file),
-                        "--serialized-file", str(weights), "--handler", "image_classifier",
+                        "--serialized-file", str(weights), "--handler", stock_handler,
                         "--extra-files", f"{labels},{ROOT / 'handler' / 'architectures.py'}",
                         "--config-file", str(work / f"{name}.yaml"), "--export-path", str(store), "--force"],
                        check=True)
