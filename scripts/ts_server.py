@@ -6,6 +6,7 @@ from __future__ import annotations
 import getpass
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -26,9 +27,18 @@ INDUCTOR_CACHE = os.path.join(tempfile.gettempdir(), "torchinductor_" + getpass.
 
 
 def free_port() -> int:
-    with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A port free on loopback now, chosen below Linux's ephemeral range (32768 and up): a port
+    from that range can be taken as the source port of any outgoing connection before the
+    server binds it."""
+    for _ in range(200):
+        port = random.randrange(20000, 32000)
+        with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port found in 20000-32000")
 
 
 @dataclass
@@ -78,9 +88,26 @@ def stop_process_group(process: subprocess.Popen) -> None:
             process.wait(timeout=30)
 
 
+class PortTaken(RuntimeError):
+    """TorchServe could not bind a port chosen as free: another process took it in between."""
+
+
 def start_server(workdir: Path, model_store: Path, models: list[str], extra_config: str = "",
                  timeout_s: float = 900, base_config: Path = ROOT / "config.properties",
                  snapshot: bool = False, env: dict[str, str] | None = None) -> Server:
+    """``start_once`` on fresh ports, again (up to three times) when a port was taken meanwhile."""
+    for attempt in range(3):
+        try:
+            return start_once(workdir, model_store, models, extra_config, timeout_s, base_config, snapshot, env)
+        except PortTaken:
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+def start_once(workdir: Path, model_store: Path, models: list[str], extra_config: str = "",
+               timeout_s: float = 900, base_config: Path = ROOT / "config.properties",
+               snapshot: bool = False, env: dict[str, str] | None = None) -> Server:
     """Start ``torchserve --foreground`` in ``workdir`` (never the repo root, so that workers can
     only import what the .mar holds) and wait until every model has a READY worker.
 
@@ -89,7 +116,9 @@ def start_server(workdir: Path, model_store: Path, models: list[str], extra_conf
     ``env`` adds to the server's environment. The default timeout allows for models compiled at
     start-up with a cold cache on two cores.
     """
-    ports = [free_port() for _ in range(5)]
+    ports: list[int] = []
+    while len(ports) < 5:  # five different ones
+        ports += [port for port in [free_port()] if port not in ports]
     urls = [f"http://127.0.0.1:{p}" for p in ports]
     config = base_config.read_text()
     token_auth = "disable_token_authorization=true" not in config
@@ -123,7 +152,10 @@ def start_server(workdir: Path, model_store: Path, models: list[str], extra_conf
     last = "starting"
     while time.time() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"torchserve exited with {process.returncode}; see {workdir}/torchserve.out")
+            message = f"torchserve exited with {process.returncode}; see {workdir}/torchserve.out"
+            if "Address already in use" in (workdir / "torchserve.out").read_text(errors="replace"):
+                raise PortTaken(message)
+            raise RuntimeError(message)
         try:
             keys_ready = (workdir / "key_file.json").is_file() or not token_auth
             if keys_ready and all(server.ready_workers(n) for n in names):

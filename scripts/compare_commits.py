@@ -1,0 +1,119 @@
+#!/usr/bin/env python
+"""Old code against new in ONE TorchServe: the speed check for a refactor.
+
+Builds the same weights and settings into two archives, one with the handler package of git
+revision ``--base`` (checked out in a temporary worktree) and one with this tree's, serves both
+from one TorchServe (one worker each) and sends 32-photo requests to each in interleaved rounds,
+as multipart/mixed and as a form upload. Prints images/s, p50 and new/old, and checks that both
+answer the same scores.
+
+    .venv/bin/python scripts/compare_commits.py --base be463b9 [--rounds 40] [--arch mobilenet_v3_small]
+
+The settings are the ones both revisions understand (``--handler-json``, default: batch 16, eager).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import requests
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
+
+from bench_images import photo_jpegs  # noqa: E402
+from client import multipart_mixed  # noqa: E402
+from model_dirs import random_model_dir  # noqa: E402
+from ts_server import Server, start_server  # noqa: E402
+
+
+def build(root: Path, name: str, model_dir: Path, arch: str, config: Path, store: Path) -> None:
+    """An archive of ``model_dir`` with the handler package of the tree at ``root``."""
+    subprocess.run([sys.executable, str(root / "scripts" / "build_mar.py"), "--arch", arch,
+                    "--weights", str(model_dir / "weights.pt"), "--labels", str(model_dir / "index_to_name.json"),
+                    "--name", name, "--export-path", str(store), "--config", str(config)],
+                   check=True, capture_output=True)
+
+
+def post(session: requests.Session, server: Server, name: str, images: list[bytes], form: bool) -> tuple[float, list]:
+    """One 32-image request: (ms, predictions)."""
+    url = f"{server.inference_url}/predictions/{name}"
+    files = [(f"f{i}", (f"{i}.jpg", b, "image/jpeg")) for i, b in enumerate(images)]
+    began = time.perf_counter()
+    if form:
+        response = session.post(url, files=files, headers=server.auth(), timeout=300)
+    else:
+        body, content_type = multipart_mixed(files)
+        response = session.post(url, data=body, headers={"Content-Type": content_type, **server.auth()}, timeout=300)
+    ms = (time.perf_counter() - began) * 1000
+    if response.status_code != 200:
+        raise RuntimeError(f"{name}: {response.status_code} {response.text[:300]}")
+    return ms, response.json()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base", required=True, help="the old revision (a commit, tag or branch)")
+    parser.add_argument("--rounds", type=int, default=40)
+    parser.add_argument("--arch", default="mobilenet_v3_small")
+    parser.add_argument("--size", default="640x480")
+    parser.add_argument("--handler-json", default='{"batch_size": 16, "compile": false}')
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="compare_"))
+    old_tree = work / "old"
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(old_tree), args.base],
+                   check=True, capture_output=True)
+    try:
+        model_dir = random_model_dir(work / "model", args.arch)
+        handler = {"arch": args.arch, **json.loads(args.handler_json)}
+        config = work / "model-config.yaml"
+        config.write_text(yaml.safe_dump({"minWorkers": 1, "maxWorkers": 1, "batchSize": 8, "maxBatchDelay": 10,
+                                          "responseTimeout": 120, "startupTimeout": 600, "handler": handler}))
+        store = work / "store"
+        store.mkdir()
+        build(old_tree, "old", model_dir, args.arch, config, store)
+        build(ROOT, "new", model_dir, args.arch, config, store)
+        (work / "server").mkdir()
+        server = start_server(work / "server", store, ["old.mar", "new.mar"])
+        try:
+            images = photo_jpegs(args.size, 32)
+            session = requests.Session()
+            old_answer, new_answer = (post(session, server, n, images, False)[1] for n in ("old", "new"))
+            diff = max(abs(a[k] - b.get(k, 0.0)) for a, b in zip(old_answer, new_answer) for k in a)
+            warm_until = time.time() + 20
+            while time.time() < warm_until:
+                for name in ("old", "new"):
+                    post(session, server, name, images, False)
+            slots = [("old", False), ("new", False), ("old", True), ("new", True)]
+            latencies: dict[tuple[str, bool], list[float]] = {slot: [] for slot in slots}
+            for round_ in range(args.rounds):  # reversed every other round: drift hits both alike
+                for name, form in slots if round_ % 2 == 0 else reversed(slots):
+                    latencies[(name, form)].append(post(session, server, name, images, form)[0])
+        finally:
+            server.stop()
+    finally:
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(old_tree)], capture_output=True)
+
+    result: dict = {"base": args.base, "arch": args.arch, "size": args.size, "handler": handler,
+                    "rounds": args.rounds, "max_score_diff": diff}
+    for (name, form), values in latencies.items():
+        result[f"{name} {'form' if form else 'mixed'}"] = {
+            "images_per_s": round(32000 / statistics.mean(values), 1), "p50_ms": round(statistics.median(values), 1)}
+    for encoding in ("mixed", "form"):
+        old, new = result[f"old {encoding}"], result[f"new {encoding}"]
+        result[f"new/old {encoding}"] = {"throughput": round(new["images_per_s"] / old["images_per_s"], 3),
+                                         "p50_old_over_new": round(old["p50_ms"] / new["p50_ms"], 3)}
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
