@@ -156,7 +156,7 @@ class HandlerConfig:
                 "handler.cudnn_benchmark needs handler.batch_buckets: without fixed batch sizes cuDNN "
                 "re-tunes for every new shape"
             )
-        if not (isinstance(self.compile, bool) or self.compile == "auto"):
+        if not (isinstance(self.compile, bool) or self.compile == "auto"):  # 1 == True, but 1 is not a switch
             raise ValueError(f"handler.compile must be true, false or auto; got {self.compile!r}")
         if not self.compile_budget_s > 0:
             raise ValueError(f"handler.compile_budget_s must be > 0, got {self.compile_budget_s}")
@@ -255,9 +255,7 @@ def _positive(name: str, value: int) -> None:
 def _coerce(name: str, default: Any, value: Any) -> Any:
     """Check a YAML value against the type of the field's default and convert it."""
     where = f"handler.{name}"
-    if name == "compile":  # a switch with a third state
-        if not (isinstance(value, bool) or value == "auto"):  # 1 == True, but 1 is not a switch
-            raise ValueError(f"{where} must be true, false or auto, got {value!r}")
+    if name == "compile":  # a switch with a third state: __post_init__ checks it
         return value
     if isinstance(default, bool):
         if not isinstance(value, bool):

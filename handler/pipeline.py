@@ -196,8 +196,8 @@ class Pipeline:
         if self.jpeg_decoder is not None and not self.jpeg_decoder.warm_up():  # nvJPEG sets up on first use
             log.warning("batched GPU JPEG decode does not work here; decoding every image on the CPU")
             self.jpeg_decoder = None
-        self._compile()
-        self._run_buckets(self.config.batch_buckets)
+        self._compile()  # runs each bucket it compiles
+        self._run_buckets(tuple(b for b in self.config.batch_buckets if b not in self._compiled_buckets))
 
     @torch.inference_mode()
     def _compile(self) -> None:
@@ -230,14 +230,11 @@ class Pipeline:
 
     @torch.inference_mode()
     def _run_buckets(self, buckets: tuple[int, ...]) -> None:
+        size = self.config.image_size
         for bucket in buckets:
-            self.forward(self._zeros(bucket))
+            self.forward(self.to_model_input(torch.zeros((bucket, 3, size, size), dtype=torch.uint8)))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-
-    def _zeros(self, count: int) -> torch.Tensor:
-        size = self.config.image_size
-        return self.to_model_input(torch.zeros((count, 3, size, size), dtype=torch.uint8))
 
     def close(self) -> None:
         """Stop the loader workers and free their shared memory."""

@@ -23,16 +23,16 @@ import tempfile
 import time
 from pathlib import Path
 
-import requests
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
 from bench_images import photo_jpegs  # noqa: E402
-from client import multipart_mixed  # noqa: E402
+from benchmark import send_ours  # noqa: E402
 from model_dirs import random_model_dir  # noqa: E402
-from ts_server import Server, start_server  # noqa: E402
+from timing import timed_ms  # noqa: E402
+from ts_server import start_server  # noqa: E402
 
 
 def build(root: Path, name: str, model_dir: Path, arch: str, config: Path, store: Path) -> None:
@@ -41,22 +41,6 @@ def build(root: Path, name: str, model_dir: Path, arch: str, config: Path, store
                     "--weights", str(model_dir / "weights.pt"), "--labels", str(model_dir / "index_to_name.json"),
                     "--name", name, "--export-path", str(store), "--config", str(config)],
                    check=True, capture_output=True)
-
-
-def post(session: requests.Session, server: Server, name: str, images: list[bytes], form: bool) -> tuple[float, list]:
-    """One 32-image request: (ms, predictions)."""
-    url = f"{server.inference_url}/predictions/{name}"
-    files = [(f"f{i}", (f"{i}.jpg", b, "image/jpeg")) for i, b in enumerate(images)]
-    began = time.perf_counter()
-    if form:
-        response = session.post(url, files=files, headers=server.auth(), timeout=300)
-    else:
-        body, content_type = multipart_mixed(files)
-        response = session.post(url, data=body, headers={"Content-Type": content_type, **server.auth()}, timeout=300)
-    ms = (time.perf_counter() - began) * 1000
-    if response.status_code != 200:
-        raise RuntimeError(f"{name}: {response.status_code} {response.text[:300]}")
-    return ms, response.json()
 
 
 def main() -> None:
@@ -86,18 +70,17 @@ def main() -> None:
         server = start_server(work / "server", store, ["old.mar", "new.mar"])
         try:
             images = photo_jpegs(args.size, 32)
-            session = requests.Session()
-            old_answer, new_answer = (post(session, server, n, images, False)[1] for n in ("old", "new"))
+            old_answer, new_answer = (send_ours(server, images, name) for name in ("old", "new"))
             diff = max(abs(a[k] - b.get(k, 0.0)) for a, b in zip(old_answer, new_answer) for k in a)
             warm_until = time.time() + 20
             while time.time() < warm_until:
                 for name in ("old", "new"):
-                    post(session, server, name, images, False)
+                    send_ours(server, images, name)
             slots = [("old", False), ("new", False), ("old", True), ("new", True)]
             latencies: dict[tuple[str, bool], list[float]] = {slot: [] for slot in slots}
             for round_ in range(args.rounds):  # reversed every other round: drift hits both alike
                 for name, form in slots if round_ % 2 == 0 else reversed(slots):
-                    latencies[(name, form)].append(post(session, server, name, images, form)[0])
+                    latencies[(name, form)].append(timed_ms(lambda: send_ours(server, images, name, form_data=form)))
         finally:
             server.stop()
     finally:

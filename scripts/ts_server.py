@@ -96,13 +96,13 @@ def start_server(workdir: Path, model_store: Path, models: list[str], extra_conf
                  timeout_s: float = 900, base_config: Path = ROOT / "config.properties",
                  snapshot: bool = False, env: dict[str, str] | None = None) -> Server:
     """``start_once`` on fresh ports, again (up to three times) when a port was taken meanwhile."""
-    for attempt in range(3):
+    arguments = (workdir, model_store, models, extra_config, timeout_s, base_config, snapshot, env)
+    for _ in range(2):
         try:
-            return start_once(workdir, model_store, models, extra_config, timeout_s, base_config, snapshot, env)
+            return start_once(*arguments)
         except PortTaken:
-            if attempt == 2:
-                raise
-    raise AssertionError("unreachable")
+            pass
+    return start_once(*arguments)
 
 
 def start_once(workdir: Path, model_store: Path, models: list[str], extra_config: str = "",

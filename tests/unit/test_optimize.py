@@ -6,7 +6,7 @@ from torch import nn
 from handler.architectures import ShapesNet
 from handler.optimize import fold_batchnorm
 from handler.classifier import ImageClassifier, read_model
-from helpers import shape_image, write_model_dir
+from helpers import assert_same_answers, shape_image, write_model_dir
 
 EXAMPLE = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
 
@@ -90,13 +90,9 @@ def answers(model_dir, settings: dict, compiled: tuple[int, ...] | None = None) 
     with ImageClassifier(read_model(model_dir, {**base, **settings}), device="cpu") as classifier:
         if compiled is not None:
             assert classifier.pipeline._compiled_buckets == compiled
-        return classifier.classify(images)
-
-
-def assert_same_answers(got: list[dict], want: list[dict]) -> None:
-    assert len(got) == len(want) == 6
-    for g, w in zip(got, want):
-        assert list(g) == list(w) and g == pytest.approx(w, abs=1e-4)
+        results = classifier.classify(images)
+    assert len(results) == 6
+    return results
 
 
 def test_folded_and_compiled_handlers_answer_like_the_plain_one(model_dir, real_compiler):
