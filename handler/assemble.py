@@ -1,40 +1,67 @@
-"""Decoded chunks -> model batches of ``batch_size`` images, normalized on the model's device.
+"""Decoded chunks -> model batches on the device: one iterable, in the shape of timm's PrefetchLoader.
 
 The loader splits a request so that every worker gets a share (``ceil(n / workers)`` images
 each), nvJPEG batches and CPU leftovers arrive mixed, and a server-side batch ends in a
 remainder: chunks are often smaller than a forward pass wants. A GPU needs full batches (a
-forward pass of 6 images costs nearly what one of 64 does), so chunks are gathered here: each
-is copied into a reusable uint8 buffer on the device as it arrives (its staging slot is free
-again once the copy is done) and a batch leaves as soon as the buffer is full. A chunk that is
-a whole batch by itself, with nothing waiting, goes through without the extra copy.
+forward pass of a few images costs nearly what a full one does), so chunks are gathered here:
+each is copied into a reusable uint8 buffer on the device as it arrives (its ring slot is free
+again once the copy is done) and a batch leaves, normalized, as soon as the buffer is full. A
+chunk that is a whole batch by itself, with nothing waiting, goes through without the extra copy.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable, Iterable, Iterator
 
 import torch
 
 from handler.dataset import DecodedBatch
+from handler.devices import copied_event
+from handler.errors import ImageError
+from handler.metrics import StageClock
 
 # A model batch: the keys of its images and their normalized input on the device.
 ModelBatch = tuple[list[int], torch.Tensor]
 
 
-class BatchAssembler:
-    """Gathers decoded chunks into model batches of at most ``size`` images, in arrival order.
-    The chunks' failures are not its concern: the caller reads them off each chunk."""
+class DeviceBatches:
+    """Model batches of at most ``size`` images, in arrival order, from decoded ``chunks``.
 
-    def __init__(self, size: int, device: torch.device, normalize: Callable[[torch.Tensor], torch.Tensor],
-                 copied_event: Callable[[], Any]) -> None:
+    Iterating pulls chunks as the loader delivers them (timed as ``DecodeTransformMs`` on
+    ``clock``; the copies and normalization as ``HostToDeviceMs``) and yields each batch as soon
+    as it is complete. The chunks' failed images are collected in ``failures`` (by key).
+    """
+
+    def __init__(self, chunks: Iterable[DecodedBatch], *, size: int, device: torch.device,
+                 normalize: Callable[[torch.Tensor], torch.Tensor], clock: StageClock | None = None) -> None:
+        if size < 1:
+            raise ValueError(f"size must be at least 1, got {size}")
         self.size = size
         self.device = device
+        self.failures: dict[int, ImageError] = {}
+        self._chunks = chunks
         self._normalize = normalize
-        self._copied_event = copied_event
+        self._clock = clock if clock is not None else StageClock(device)
         self._buffer: torch.Tensor | None = None
         self._keys: list[int] = []
 
-    def add(self, chunk: DecodedBatch) -> list[ModelBatch]:
+    def __iter__(self) -> Iterator[ModelBatch]:
+        clock = self._clock
+        pending = iter(self._chunks)
+        while True:
+            with clock.host("DecodeTransformMs"):  # waiting for the loader workers
+                chunk = next(pending, None)
+            if chunk is not None:
+                self.failures.update(chunk.failures)
+                if chunk.device_events is not None:  # decoded on the GPU: device time
+                    clock.add_events("DecodeTransformMs", *chunk.device_events)
+            with clock.device("HostToDeviceMs"):
+                ready = self._finish() if chunk is None else self._add(chunk)
+            yield from ready  # outside the timer: the consumer's work is not ours
+            if chunk is None:
+                return
+
+    def _add(self, chunk: DecodedBatch) -> list[ModelBatch]:
         """Take ``chunk`` (its slot is released here); the batches it completed."""
         pixels = chunk.pixels
         if pixels is None or not chunk.keys:
@@ -42,7 +69,7 @@ class BatchAssembler:
             return []
         if not self._keys and len(chunk.keys) == self.size:
             inputs = self._normalize(pixels)
-            chunk.release(self._copied_event())
+            chunk.release(copied_event(self.device))
             return [(list(chunk.keys), inputs)]
         ready: list[ModelBatch] = []
         buffer = self._buffer_for(pixels)
@@ -56,10 +83,10 @@ class BatchAssembler:
             start += take
             if len(self._keys) == self.size:
                 ready.append(self._flush())
-        chunk.release(self._copied_event())
+        chunk.release(copied_event(self.device))
         return ready
 
-    def finish(self) -> list[ModelBatch]:
+    def _finish(self) -> list[ModelBatch]:
         """The partial batch still waiting, if any."""
         return [self._flush()] if self._keys else []
 

@@ -6,32 +6,38 @@
         results = clf.classify([jpeg_bytes, "photo.png", pil_image, uint8_chw_tensor])
     # one result per image, in order: {label: score} (top-k, highest first) or an ImageError
 
-Server adapters (TorchServe's ``handler.service``, the KServe door) use ``classify_requests``:
-many requests at once, each answered with its results or one request-level error, and the
-per-stage timings for their metrics. Nothing here imports TorchServe. Process-wide settings
-(allocator, Pillow's pixel limit, torch threads) are ``handler.process.configure_process``'s,
+Server adapters (TorchServe's ``handler.service``, the KServe door, ``scripts/classify.py``)
+start it with ``ImageClassifier.for_serving`` (the model read, the device chosen, the
+process-wide settings applied) and use ``classify_requests``: many requests at once, each
+answered with its results or one request-level error, and the per-stage timings for their
+metrics. Nothing here imports TorchServe. ``load`` leaves the process alone: the process-wide
+settings (allocator, Pillow's pixel limit, torch threads) are ``handler.process.configure_process``'s,
 called by whoever owns the process.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
 from handler.config import HandlerConfig
-from handler.dataset import DecodedBatch, LoaderItem
+from handler.dataset import LoaderItem
 from handler.devices import resolve_device
 from handler.errors import ImageError, RequestError, error_for_images
 from handler.images import ImageDecodeError
 from handler.inputs import ImageInput, ImageLike, loader_data
 from handler.metrics import StageClock
 from handler.model_files import ModelSpec, read_model
-from handler.pipeline import Pipeline, Prediction, Scores
+from handler.pipeline import Pipeline, Prediction
+from handler.process import configure_process
+
+log = logging.getLogger(__name__)
 
 __all__ = ["BatchResult", "ClassifierClosed", "ImageClassifier", "ImageError", "ImageInput", "ModelSpec",
            "Prediction", "RequestError", "read_model"]
@@ -59,27 +65,12 @@ class BatchResult:
     bad_images: int
 
 
-@dataclass
-class Job:
-    """One batch of requests on its way through the stages (preprocess -> inference ->
-    postprocess). Request ``r`` holds the items ``starts[r]:starts[r + 1]``."""
-
-    items: list[LoaderItem]
-    fields: list[str | None]
-    starts: list[int]
-    clock: StageClock
-    failures: dict[int, ImageError] = field(default_factory=dict)  # key -> failure before decoding
-    batches: Iterator[DecodedBatch] | None = None
-    scores: Scores | None = None
-
-
 class ImageClassifier:
     """A model with its persistent loader workers; ``close()`` (or ``with``) stops them.
 
     ``classify`` and ``classify_requests`` may be called from several threads: they are
     serialized (one runs at a time; the others wait), since one set of loader workers serves
-    one batch at a time. The stage methods ``preprocess`` / ``inference`` / ``postprocess`` are
-    for an adapter that is the classifier's only caller (TorchServe's handler thread).
+    one batch at a time.
     """
 
     def __init__(self, spec: ModelSpec, *, device: str | torch.device = "auto") -> None:
@@ -97,78 +88,80 @@ class ImageClassifier:
         of its model-config.yaml ``handler:`` section (validated the same way)."""
         return cls(read_model(path, overrides), device=device)
 
+    @classmethod
+    def for_serving(cls, path: str | Path, *, device: str | torch.device = "auto", backend_workers: int = 1,
+                    overrides: Mapping[str, Any] | None = None, model_yaml: Mapping[str, Any] | None = None,
+                    weights: Path | None = None) -> "ImageClassifier":
+        """What every door does at start-up: read the model at ``path`` (a directory or a .mar;
+        ``model_yaml`` / ``weights`` where the server already read them), choose the device,
+        apply the process-wide settings (``configure_process``: this process serves the model,
+        ``backend_workers`` of them on this machine) and start the classifier."""
+        spec = read_model(path, overrides, model_yaml=model_yaml, weights=weights)
+        resolved = resolve_device(device)
+        configure_process(spec.config, device=resolved, backend_workers=backend_workers)
+        classifier = cls(spec, device=resolved)
+        log.info("classifier ready: arch=%s device=%s config=%s", spec.config.arch, resolved, spec.config)
+        return classifier
+
     # ---- the two ways in --------------------------------------------------------------------
 
     def classify(self, images: Sequence[ImageLike | ImageInput]) -> list[Prediction | ImageError]:
         """One result per image, in order: its top-k ``{label: score}``, or an ImageError
         (returned, not raised) saying why it has none."""
-        with self._serialized():
-            job = self.inference(self.preprocess([images]))
-            with job.clock.host("PostprocessMs"):
-                return self._per_image(job)
+        with self._serialized() as pipeline:
+            (results,), _ = self._run(pipeline, [images])
+            return results
 
     def classify_requests(self, requests: Sequence[Sequence[ImageLike | ImageInput]]) -> BatchResult:
         """Many requests in one pass (a server's batch): per request its predictions, or one
-        RequestError listing its bad images; the other requests are unaffected."""
-        with self._serialized():
-            return self.postprocess(self.inference(self.preprocess(requests)))
+        RequestError listing its bad images (by position and field); the other requests are
+        unaffected."""
+        with self._serialized() as pipeline:
+            per_request, clock = self._run(pipeline, requests)
+            with clock.host("PostprocessMs"):
+                results: list[list[Prediction] | RequestError] = []
+                for mine in per_request:
+                    problems = [r for r in mine if isinstance(r, ImageError)]
+                    results.append(error_for_images(problems) if problems else mine)  # type: ignore[arg-type]
+        bad = sum(isinstance(r, ImageError) for mine in per_request for r in mine)
+        return BatchResult(results, dict(clock.ms), sum(map(len, per_request)), bad)
 
-    # ---- stages -----------------------------------------------------------------------------
-
-    def preprocess(self, requests: Sequence[Sequence[ImageLike | ImageInput]]) -> Job:
-        """The requests' images as one list of loader items, dispatched to the persistent
-        DataLoader's workers (decoding starts now; batches are consumed by ``inference``)."""
-        pipeline = self._open()
-        job = Job([], [], [0], StageClock(self.device))
+    def _run(self, pipeline: Pipeline, requests: Sequence[Sequence[ImageLike | ImageInput]],
+             ) -> tuple[list[list[Prediction | ImageError]], StageClock]:
+        """Every request's images through the pipeline in one run; per request, per image, its
+        prediction or ImageError (placed at its index and field)."""
+        clock = StageClock(self.device)
+        items: list[LoaderItem] = []
+        fields: list[list[str | None]] = []
+        unreadable: dict[int, ImageError] = {}  # key -> failure before decoding
         for images in requests:
+            names: list[str | None] = []
             for image in images:
                 data, name = (image.data, image.field) if isinstance(image, ImageInput) else (image, None)
-                key = len(job.fields)
-                job.fields.append(name)
+                key = len(items) + len(unreadable)
+                names.append(name)
                 try:
-                    job.items.append(LoaderItem(key, loader_data(data, self.config.max_image_pixels)))
+                    items.append(LoaderItem(key, loader_data(data, self.config.max_image_pixels)))
                 except ImageDecodeError as exc:
-                    job.failures[key] = ImageError(exc.code, exc.reason)
-            job.starts.append(len(job.fields))
-        job.batches = pipeline.decode(job.items)
-        return job
-
-    def inference(self, job: Job) -> Job:
-        """Batches to the model as the workers deliver them; the outputs stay on the device."""
-        assert job.batches is not None, "preprocess() first"
-        pipeline = self._open()
-        job.scores = pipeline.infer(job.batches, job.clock)
-        job.batches = None
-        job.clock.resolve()  # the device is done: what follows is postprocessing's own time
-        return job
-
-    def postprocess(self, job: Job) -> BatchResult:
-        """Top-k per image, grouped back per request; a request with a bad image gets one
-        RequestError naming each bad image (by position and field)."""
-        with job.clock.host("PostprocessMs"):
-            per_image = self._per_image(job)
-            results: list[list[Prediction] | RequestError] = []
-            for start, end in zip(job.starts, job.starts[1:]):
-                mine = per_image[start:end]
-                problems = [r for r in mine if isinstance(r, ImageError)]
-                results.append(error_for_images(problems) if problems else mine)  # type: ignore[arg-type]
-        bad = sum(isinstance(r, ImageError) for r in per_image)
-        return BatchResult(results, dict(job.clock.ms), len(per_image), bad)
-
-    def _per_image(self, job: Job) -> list[Prediction | ImageError]:
-        assert job.scores is not None, "inference() first"
-        predictions = self._open().top_k(job.scores)
-        failures = {**job.failures, **job.scores.failures}
-        out: list[Prediction | ImageError] = []
-        for start, end in zip(job.starts, job.starts[1:]):
-            for key in range(start, end):
-                if key in failures:
-                    out.append(failures[key].at(key - start, job.fields[key]))
-                elif key in predictions:
-                    out.append(predictions[key])
-                else:
-                    raise RuntimeError(f"no result for image {key}: the loader lost it")
-        return out
+                    unreadable[key] = ImageError(exc.code, exc.reason)
+            fields.append(names)
+        run = pipeline.run(items, clock)
+        failures = {**unreadable, **run.failures}
+        with clock.host("PostprocessMs"):
+            per_request: list[list[Prediction | ImageError]] = []
+            key = 0
+            for names in fields:
+                mine: list[Prediction | ImageError] = []
+                for index, name in enumerate(names):
+                    if key in failures:
+                        mine.append(failures[key].at(index, name))
+                    elif key in run.predictions:
+                        mine.append(run.predictions[key])
+                    else:
+                        raise RuntimeError(f"no result for image {key}: the loader lost it")
+                    key += 1
+                per_request.append(mine)
+        return per_request, clock
 
     # ---- lifetime ---------------------------------------------------------------------------
 
@@ -191,10 +184,9 @@ class ImageClassifier:
         self.close()
 
     @contextmanager
-    def _serialized(self) -> Iterator[None]:
+    def _serialized(self) -> Iterator[Pipeline]:
         with self._lock:
-            self._open()
-            yield
+            yield self._open()
 
     def _open(self) -> Pipeline:
         pipeline = self._pipeline

@@ -15,7 +15,7 @@ from torch.utils.data import Dataset, get_worker_info
 
 from handler.errors import ImageError
 from handler.images import ImageDecodeError
-from handler.staging import shared_uint8
+from handler.shared_memory import shared_uint8
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,7 @@ class LoaderItem:
 
     key: int
     data: bytes | torch.Tensor
-    slot: int | None = None  # the staging ring slot its batch is written to, if any
+    slot: int | None = None  # the pixel ring slot its batch is written to, if any
     span: tuple[int, int] | None = None  # where in the inbox ``data`` is, when it travels there
 
 
@@ -43,7 +43,7 @@ class DecodedImage:
 class DecodedBatch:
     """A collated loader batch: the good images stacked, the bad ones listed by key.
 
-    A batch written into a staging ring slot crosses from the worker without its pixels
+    A batch written into a pixel ring slot crosses from the worker without its pixels
     (``slot`` says where they are); the loader attaches the view in the handler process.
     """
 
@@ -56,7 +56,7 @@ class DecodedBatch:
     _release: Callable[[Any], None] | None = field(default=None, repr=False, compare=False)
 
     def pin_memory(self, device: str | None = None) -> "DecodedBatch":
-        """Called by the DataLoader's pinning thread (pin_memory=True). A staging ring slot is
+        """Called by the DataLoader's pinning thread (pin_memory=True). A pixel ring slot is
         page-locked already: nothing to copy."""
         if self.pixels is None:
             return self
@@ -64,7 +64,7 @@ class DecodedBatch:
         return DecodedBatch(self.keys, pinned, self.failures)
 
     def attach(self, pixels: torch.Tensor, release: Callable[[Any], None]) -> None:
-        """The pixels this batch's worker wrote into a staging slot, and how to give it back."""
+        """The pixels this batch's worker wrote into a ring slot, and how to give it back."""
         self.pixels, self._release = pixels, release
 
     def release(self, event: Any = None) -> None:
@@ -95,7 +95,7 @@ def collate_decoded(results: list[DecodedImage], image_size: int, ring: torch.Te
 
     The images are written into one NHWC block and handed on as its NCHW view, which is
     channels_last: the model's memory format, so the handler needs no reordering copy. The
-    block is the batch's staging ring slot when it has one (``ring``: the ring's pixels, shared
+    block is the batch's pixel ring slot when it has one (``ring``: the ring's pixels, shared
     with the handler process); otherwise, in a loader worker, a fresh shared-memory block (as
     torch's default_collate does), which saves the copy pickling would make.
     """

@@ -56,6 +56,17 @@ def thread_budget(configured: int, backend_workers: Any, device: torch.device | 
     return min(share, GPU_HOST_THREADS) if device is not None and device.type == "cuda" else share
 
 
+def copied_event(device: torch.device) -> Any:
+    """On CUDA, an event recorded on the current stream: it completes once the work enqueued so
+    far (a copy out of a pinned buffer) is done, so the buffer may be reused then. None elsewhere
+    (CPU copies are done when they return)."""
+    if device.type != "cuda":
+        return None
+    event = torch.cuda.Event()
+    event.record()
+    return event
+
+
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for ``precision`` on ``device``; None runs in fp32."""
     if precision == "fp32":

@@ -5,8 +5,8 @@ slower than a plain loop. Here the DataLoader is built once with ``persistent_wo
 each request swaps the batches in a ``RequestBatchSampler`` and iterates the loader again, which
 resets the same workers to a new epoch. The items the sampler yields carry the request's images,
 so the workers need no other state from the handler. Both ways use shared memory allocated
-before the workers fork (``transport.SharedStaging``): the image bytes go out through an inbox,
-the decoded batches come back through a staging ring of slots.
+before the workers fork (``handler.shared_memory.LoaderBuffers``): the image bytes go out
+through an inbox, the decoded pixels come back through a ring of slots.
 """
 
 from __future__ import annotations
@@ -22,14 +22,14 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from handler.dataset import DecodedBatch, DecodedImage, ImageBytesDataset, LoaderItem, collate_decoded
 from handler.supervisor import WorkerSupervisor, disarm_sigchld_handler
-from handler.transport import SharedStaging
+from handler.shared_memory import LoaderBuffers
 
 log = logging.getLogger(__name__)
 
 # How often a request may rebuild a loader whose worker died before the error is given up on.
 MAX_REBUILDS_PER_RUN = 2
 
-# Batches each worker is given ahead (DataLoader's prefetch_factor); the staging ring holds
+# Batches each worker is given ahead (DataLoader's prefetch_factor); the pixel ring holds
 # that many per worker plus the batch being consumed and the one still being copied out.
 PREFETCH_PER_WORKER = 2
 
@@ -38,40 +38,40 @@ class RequestBatchSampler(Sampler[list[LoaderItem]]):
     """Yields the batches of the current request; replaced before every epoch.
 
     Runs in the handler process, as the DataLoader dispatches each batch: that is when a batch
-    is staged (a ring slot for its pixels, its bytes into the inbox).
+    gets its shared memory (a ring slot for its pixels, its bytes into the inbox).
     """
 
-    def __init__(self, staging: SharedStaging | None = None) -> None:
+    def __init__(self, buffers: LoaderBuffers | None = None) -> None:
         self._batches: list[list[LoaderItem]] = []
-        self._staging = staging
+        self._buffers = buffers
 
     def set_batches(self, batches: list[list[LoaderItem]]) -> None:
         self._batches = batches
 
     def __iter__(self) -> Iterator[list[LoaderItem]]:
-        staging = self._staging
-        if staging is None:
+        buffers = self._buffers
+        if buffers is None:
             yield from self._batches
             return
         # The DataLoader asks for the first batch only after draining the previous epoch, so
         # no worker still writes a slot, or reads the inbox, of an abandoned request now.
-        staging.new_epoch()
+        buffers.new_epoch()
         for batch in self._batches:
-            yield staging.stage(batch)
+            yield buffers.dispatch(batch)
 
     def __len__(self) -> int:
         return len(self._batches)
 
 
-class StagedDataset(Dataset):
+class InboxDataset(Dataset):
     """Gives ``dataset`` each item with its bytes, reading them from the inbox where the sampler
     put them."""
 
-    def __init__(self, dataset: ImageBytesDataset, staging: SharedStaging) -> None:
-        self.dataset, self.staging = dataset, staging
+    def __init__(self, dataset: ImageBytesDataset, buffers: LoaderBuffers) -> None:
+        self.dataset, self.buffers = dataset, buffers
 
     def __getitem__(self, item: LoaderItem) -> DecodedImage:  # type: ignore[override]
-        return self.dataset[self.staging.unstage(item)]
+        return self.dataset[self.buffers.receive(item)]
 
 
 def _init_worker(_worker_id: int, nice: int = 0) -> None:
@@ -95,7 +95,7 @@ class PersistentImageLoader:
         pin_memory: bool,
         mp_context: str,
         inline_max_images: int = 0,
-        staging: bool = True,
+        shared_buffers: bool = True,
         worker_nice: int = 0,
     ) -> None:
         self.batch_size = batch_size
@@ -103,12 +103,12 @@ class PersistentImageLoader:
         self._dataset = dataset
         self._num_workers = num_workers
         # Allocated before the workers fork, so they share its pages with this process.
-        self.staging = (
-            SharedStaging.create(PREFETCH_PER_WORKER * num_workers + 2, batch_size, image_size)
-            if staging and num_workers
+        self.buffers = (
+            LoaderBuffers.create(PREFETCH_PER_WORKER * num_workers + 2, batch_size, image_size)
+            if shared_buffers and num_workers
             else None
         )
-        ring = self.staging.ring if self.staging else None
+        ring = self.buffers.ring if self.buffers else None
         self._collate = functools.partial(collate_decoded, image_size=image_size)
         self._worker_collate = functools.partial(
             collate_decoded, image_size=image_size, ring=ring.pixels if ring else None
@@ -116,13 +116,13 @@ class PersistentImageLoader:
         self._pin_memory = pin_memory
         self._mp_context = mp_context
         self._worker_init = functools.partial(_init_worker, nice=worker_nice)
-        self._sampler = RequestBatchSampler(self.staging)
+        self._sampler = RequestBatchSampler(self.buffers)
         self.workers = WorkerSupervisor(self._build)
 
     def _build(self) -> DataLoader:
         workers = self._num_workers
         return DataLoader(
-            self._dataset if self.staging is None else StagedDataset(self._dataset, self.staging),
+            self._dataset if self.buffers is None else InboxDataset(self._dataset, self.buffers),
             batch_sampler=self._sampler,
             num_workers=workers,
             collate_fn=self._worker_collate,
@@ -168,7 +168,7 @@ class PersistentImageLoader:
                 for batch in iterator:
                     disarm_sigchld_handler()
                     delivered += 1
-                    yield self.staging.deliver(batch) if self.staging is not None else batch
+                    yield self.buffers.deliver(batch) if self.buffers is not None else batch
                 return
             except Exception as exc:
                 # A worker that died mid-request: torch checks worker liveness every 5 s while it
@@ -193,13 +193,13 @@ class PersistentImageLoader:
             log.warning("image loader workers %s died; rebuilding the loader", dead)
             self.workers.restart()
 
-    def pin_staging(self) -> None:
-        """Page-lock the staging ring (call once CUDA is initialized)."""
-        if self.staging is not None:
-            self.staging.pin()
+    def pin_ring(self) -> None:
+        """Page-lock the pixel ring (call once CUDA is initialized)."""
+        if self.buffers is not None:
+            self.buffers.pin()
 
     def close(self) -> None:
         """Stop the worker processes and free the shared memory (idempotent)."""
         self.workers.stop()
-        if self.staging is not None:
-            self.staging.close()
+        if self.buffers is not None:
+            self.buffers.close()

@@ -1,10 +1,11 @@
-"""The pipeline: loader items in, model outputs per image out.
+"""The pipeline: loader items in, top-k predictions and failures by key out, in one call (``run``).
 
     decode     the persistent multi-worker DataLoader (and, with ``decode_device: cuda``,
-               nvJPEG lists on the GPU), lazily: batches as the workers finish them
-    infer      chunks gathered into full batches on the device, normalized, run through the
-               model (BatchNorm folded, channels_last, optional buckets / compile / autocast)
-    top_k      softmax and the k best labels per image
+               nvJPEG lists on the GPU), lazily: chunks as the workers finish them
+    batches    chunks gathered into full batches on the device and normalized
+               (``handler.assemble.DeviceBatches``)
+    forward    the model (BatchNorm folded, channels_last, optional buckets / compile / autocast)
+    top-k      softmax and the k best labels per image, once the device is done
 """
 
 from __future__ import annotations
@@ -13,11 +14,11 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Iterator
 
 import torch
 
-from handler.assemble import BatchAssembler
+from handler.assemble import DeviceBatches
 from handler.config import HandlerConfig
 from handler.dataset import DecodedBatch, ImageBytesDataset, LoaderItem
 from handler.devices import autocast_dtype
@@ -37,10 +38,11 @@ Prediction = dict[str, float]
 
 
 @dataclass
-class Scores:
-    """What the model made of a run's images: raw outputs per batch, failures by key."""
+class RunResult:
+    """What ``Pipeline.run`` made of its items: each good image's prediction and each bad
+    image's failure, by key (every key is in exactly one of them)."""
 
-    outputs: list[tuple[list[int], torch.Tensor]] = field(default_factory=list)
+    predictions: dict[int, Prediction] = field(default_factory=dict)
     failures: dict[int, ImageError] = field(default_factory=dict)
 
 
@@ -83,7 +85,7 @@ class Pipeline:
         return model.to(self.device, memory_format=torch.channels_last)
 
     def _prepare_device(self) -> BatchedJpegDecoder | None:
-        """Normalization constants on the device; on CUDA the pinned staging ring, cuDNN
+        """Normalization constants on the device; on CUDA the pinned pixel ring, cuDNN
         autotuning and the nvJPEG decoder."""
         cfg = self.config
         self._normalize = Normalizer(cfg.mean, cfg.std, self.device)
@@ -91,7 +93,7 @@ class Pipeline:
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
             if cfg.pin_memory:
-                self.loader.pin_staging()
+                self.loader.pin_ring()
         if cfg.decode_device != "cuda":
             return None
         if self.device.type != "cuda":
@@ -128,65 +130,53 @@ class Pipeline:
         if rejected:  # lists nvJPEG refused: the workers decode them and report per image
             yield from self.loader.iterate(rejected)
 
-    # ---- infer ----------------------------------------------------------------------------
+    # ---- run ------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def infer(self, batches: Iterable[DecodedBatch], clock: StageClock) -> Scores:
-        """The model's outputs for the decoded images, in batches of ``batch_size`` (chunks
-        gathered on the device), each run as soon as it is complete."""
-        assembler = BatchAssembler(self.config.batch_size, self.device, self.to_model_input, self.copied_event)
-        scores = Scores()
-        pending = iter(batches)
-        while True:
-            with clock.host("DecodeTransformMs"):  # waiting for the loader workers
-                chunk = next(pending, None)
-            if chunk is not None:
-                scores.failures.update(chunk.failures)
-                if chunk.device_events is not None:  # decoded on the GPU: device time
-                    clock.add_events("DecodeTransformMs", *chunk.device_events)
-            with clock.device("HostToDeviceMs"):
-                ready = assembler.finish() if chunk is None else assembler.add(chunk)
-            for keys, inputs in ready:
-                with clock.device("InferenceMs"):
-                    scores.outputs.append((keys, self.forward(inputs)))
-            if chunk is None:
-                return scores
+    def run(self, items: list[LoaderItem], clock: StageClock | None = None) -> RunResult:
+        """Every item's top-k prediction or failure, by key. Decoding starts at once; each model
+        batch runs as soon as it is complete, while the workers decode the next; the device is
+        waited for once, at the end. Stage times go to ``clock``."""
+        clock = clock if clock is not None else StageClock(self.device)
+        batches = DeviceBatches(self.decode(items), size=self.config.batch_size, device=self.device,
+                                normalize=self._normalize, clock=clock)
+        outputs: list[tuple[list[int], torch.Tensor]] = []
+        for keys, inputs in batches:
+            with clock.device("InferenceMs"):
+                outputs.append((keys, self.forward(inputs)))
+        clock.resolve()  # the device is done: what follows is postprocessing's own time
+        result = RunResult(failures=batches.failures)
+        with clock.host("PostprocessMs"):
+            for keys, logits in outputs:
+                result.predictions.update(zip(keys, top_k_labels(logits, self.labels, self.config.top_k)))
+        return result
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The model on ``x``, in the configured precision: padded to the smallest compiled bucket
         that fits and run compiled, or padded to a ``batch_buckets`` size (fixed shapes for
-        cuDNN) and run eager; sizes above every bucket run eager as they are."""
+        cuDNN) and run eager; sizes above every bucket run eager as they are. The result is the
+        caller's to keep: a compiled model's output is copied, since with CUDA graphs it is a view
+        of the graph's output buffer, which the next batch overwrites."""
         count = x.shape[0]
         buckets = self._compiled_buckets or self.config.batch_buckets
         bucket = next((b for b in buckets if b >= count), count)
-        model = self._compiled if bucket in self._compiled_buckets else self.model
+        compiled = self._compiled is not None and bucket in self._compiled_buckets
+        model = self._compiled if compiled else self.model
+        assert model is not None
         if bucket > count:
             x = torch.cat([x, x.new_zeros((bucket - count, *x.shape[1:]))]).contiguous(
                 memory_format=torch.channels_last
             )
         if self._autocast_dtype is None:
-            return model(x)[:count]
-        with torch.autocast(self.device.type, dtype=self._autocast_dtype):
-            return model(x)[:count].float()
+            out = model(x)[:count]
+        else:
+            with torch.autocast(self.device.type, dtype=self._autocast_dtype):
+                out = model(x)[:count].float()
+        return out.clone() if compiled else out
 
     def to_model_input(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 NCHW (pinned on CUDA) -> normalized float on the device, channels_last."""
         return self._normalize(pixels)
-
-    def copied_event(self) -> Any:
-        """On CUDA, an event that completes once the work enqueued so far (the copy) is done."""
-        if self.device.type != "cuda":
-            return None
-        event = torch.cuda.Event()
-        event.record()
-        return event
-
-    def top_k(self, scores: Scores) -> dict[int, Prediction]:
-        """Top-k ``{label: score}`` per good image, by key."""
-        predictions: dict[int, Prediction] = {}
-        for keys, outputs in scores.outputs:
-            predictions.update(zip(keys, top_k_labels(outputs, self.labels, self.config.top_k)))
-        return predictions
 
     # ---- start-up and shutdown ------------------------------------------------------------
 

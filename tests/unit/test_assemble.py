@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from handler.assemble import BatchAssembler
+from handler.assemble import DeviceBatches
 from handler.dataset import DecodedBatch
 
 
@@ -13,15 +13,13 @@ def chunk(keys: list[int], failures: dict | None = None, releases: list | None =
     return batch
 
 
-def assembler(size: int) -> BatchAssembler:
+def batches(size: int, chunks: list[DecodedBatch]) -> DeviceBatches:
     # "Normalization" that keeps the pixel values readable, on a fresh tensor as the real one.
-    return BatchAssembler(size, torch.device("cpu"), lambda px: px.float().contiguous(), lambda: None)
+    return DeviceBatches(chunks, size=size, device=torch.device("cpu"), normalize=lambda px: px.float().contiguous())
 
 
 def run(size: int, chunks: list[DecodedBatch]) -> list:
-    gather = assembler(size)
-    out = [batch for c in chunks for batch in gather.add(c)]
-    return out + gather.finish()
+    return list(batches(size, chunks))
 
 
 def rows(batch) -> list[int]:
@@ -47,10 +45,12 @@ def test_a_chunk_is_split_across_batches_and_no_batch_exceeds_the_size():
 
 def test_a_full_chunk_with_nothing_waiting_passes_without_a_copy():
     seen = []
-    gather = BatchAssembler(4, torch.device("cpu"), lambda px: seen.append(px) or px.float(), lambda: None)
     full = chunk([0, 1, 2, 3])
-    gather.add(full)
-    assert seen[0].data_ptr() == full.pixels.data_ptr()
+    pixels = full.pixels
+    gather = DeviceBatches([full], size=4, device=torch.device("cpu"),
+                           normalize=lambda px: seen.append(px) or px.float())
+    next(iter(gather))
+    assert seen[0].data_ptr() == pixels.data_ptr()
 
 
 def test_every_chunk_is_released_once_and_buffer_reuse_keeps_earlier_batches():
@@ -83,3 +83,40 @@ def test_any_chunking_gives_every_key_exactly_once(size):
     assert all(len(k) <= size for k in keys_of(out))
     assert [k for ks in keys_of(out) for k in ks] == keys
     assert [k for b in out for k in rows(b)] == keys
+
+
+def test_failures_of_every_chunk_are_collected_by_key():
+    gather = batches(4, [chunk([0], {1: "bad"}), chunk([], {2: "worse"}), chunk([3])])
+    assert keys_of(list(gather)) == [[0, 3]]
+    assert gather.failures == {1: "bad", 2: "worse"}
+
+
+def test_batches_are_yielded_as_soon_as_they_are_complete():
+    """The consumer gets a full batch before the next chunk is pulled (the model runs while the
+    workers decode): the iterable is lazy."""
+    pulled = []
+
+    def chunks():
+        for keys in ([0, 1], [2, 3], [4]):
+            pulled.append(keys)
+            yield chunk(keys)
+
+    iterator = iter(DeviceBatches(chunks(), size=4, device=torch.device("cpu"), normalize=lambda px: px.float()))
+    keys, _ = next(iterator)
+    assert keys == [0, 1, 2, 3] and pulled == [[0, 1], [2, 3]]
+    assert [k for k, _ in iterator] == [[4]]
+
+
+def test_the_stage_clock_counts_waiting_for_chunks_and_assembly():
+    from handler.metrics import StageClock
+
+    clock = StageClock(torch.device("cpu"))
+    list(DeviceBatches([chunk([0, 1])], size=2, device=torch.device("cpu"), normalize=lambda px: px.float(),
+                       clock=clock))
+    assert clock.ms["DecodeTransformMs"] > 0 and clock.ms["HostToDeviceMs"] > 0
+    assert clock.ms["InferenceMs"] == 0
+
+
+def test_a_batch_size_below_one_is_refused():
+    with pytest.raises(ValueError, match="size must be at least 1"):
+        DeviceBatches([], size=0, device=torch.device("cpu"), normalize=lambda px: px)

@@ -96,7 +96,7 @@ def test_cuda_answers_like_the_cpu(model_dir, cpu_answers, name):
         assert handler.classifier.device.type == "cuda"
         if "decode_device" in CONFIGS[name]:
             assert handler.classifier.pipeline.jpeg_decoder is not None, "nvJPEG did not warm up"
-        for _ in range(2):  # the second round reuses staging slots, buffers and cuDNN plans
+        for _ in range(2):  # the second round reuses ring slots, buffers and cuDNN plans
             got, statuses, context = answer(handler, mixed_rows())
             assert statuses == want_statuses and set(statuses) == {2}
             assert got[2] == want[2]  # the same per-image error body for the truncated JPEG
@@ -112,10 +112,10 @@ def test_cuda_answers_like_the_cpu(model_dir, cpu_answers, name):
         handler.classifier.close()
 
 
-def test_staging_ring_is_page_locked_and_every_slot_comes_back(model_dir):
+def test_pixel_ring_is_page_locked_and_every_slot_comes_back(model_dir):
     handler = start(model_dir, gpu=True)
     try:
-        ring = handler.classifier.pipeline.loader.staging.ring
+        ring = handler.classifier.pipeline.loader.buffers.ring
         assert ring is not None and ring._pinned
         slots = ring.free_slots()
         answer(handler, mixed_rows())
@@ -126,7 +126,7 @@ def test_staging_ring_is_page_locked_and_every_slot_comes_back(model_dir):
 
 
 def test_back_to_back_requests_never_see_each_others_pixels(model_dir):
-    """Staging slots are reused as soon as their copy to the GPU is done (an event, not a
+    """Ring slots are reused as soon as their copy to the GPU is done (an event, not a
     synchronization): a slot handed out too early would mix one request's pixels into another's."""
     handler = start(model_dir, gpu=True, batch_size=4, num_workers=2)
     try:

@@ -164,7 +164,7 @@ def test_iterate_hands_out_the_first_batches_before_anything_is_consumed(loader)
     """So the handler can decode on the GPU while the workers decode their share."""
     items = [LoaderItem(key, grey(10 * key)) for key in range(8)]
     batches = loader.iterate(items)
-    assert loader.staging.inbox._used >= sum(len(item.data) for item in items[:4])  # dispatched: bytes staged
+    assert loader.buffers.inbox._used >= sum(len(item.data) for item in items[:4])  # dispatched: bytes in the inbox
     assert [k for b in batches for k in b.keys] == list(range(8))
 
 
