@@ -21,6 +21,7 @@ import argparse
 import json
 import logging
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +35,8 @@ from prometheus_client import Counter, Histogram
 
 from handler.batcher import ImageBatcher
 from handler.classifier import BatchResult, ImageClassifier
-from handler.devices import resolve_device
 from handler.errors import RequestError
-from handler.model_files import read_model
-from handler.process import configure_process
-from handler.protocols import ParsedRequest, check_images, kserve_v2, parse_body, parse_json
+from handler.protocols import ParsedRequest, Prediction, decode_request, kserve_v2
 
 log = logging.getLogger(__name__)
 
@@ -75,17 +73,14 @@ class ImageDataPlane(DataPlane):
             return super().decode_inference_request(body, headers, model_name)
         length = {k.lower(): v for k, v in (headers or {}).items()}.get(kserve_v2.HEADER_LENGTH.lower())
         try:
-            return binary_infer_request(body, int(length) if length is not None else len(body), model_name)
+            return binary_infer_request(body, length if length is not None else len(body), model_name)
         except RequestError as error:
             raise RequestRejected(error) from None
-        except ValueError:
-            raise RequestRejected(RequestError("invalid_binary_tensor", f"{kserve_v2.HEADER_LENGTH} must be a "
-                                                                        "number of bytes")) from None
 
 
-def binary_infer_request(body: bytes | bytearray, header_length: int, model_name: str) -> InferRequest:
-    """An InferRequest for a REST body (binary tensor data after a JSON header, or JSON alone),
-    its BYTES elements left as bytes."""
+def binary_infer_request(body: bytes | bytearray, header_length: int | str, model_name: str) -> InferRequest:
+    """KServe's InferRequest for a REST body (binary tensor data after a JSON header, or JSON
+    alone), its BYTES elements left as bytes: the inputs as sent, for ``decode_request``."""
     header, tensors = kserve_v2.split_binary(body, header_length)
     inputs = []
     for tensor, elements in tensors:
@@ -100,8 +95,29 @@ def binary_infer_request(body: bytes | bytearray, header_length: int, model_name
                         parameters=header.get("parameters"), request_outputs=requested)
 
 
+@dataclass
+class Exchange:
+    """One request through KServe's hooks: what ``preprocess`` decoded, what ``predict`` found."""
+
+    request: ParsedRequest
+    infer_request: InferRequest | None  # set when KServe decoded a v2 request (answered with an InferResponse)
+    predictions: list[Prediction] = field(default_factory=list)
+
+
+def infer_response(document: dict[str, Any], request: InferRequest) -> InferResponse:
+    """Our v2 answer (``kserve_v2.InferResponse``'s document) as KServe's InferResponse, which
+    KServe sends over REST (JSON or binary, as the request asked) or gRPC."""
+    outputs = [InferOutput(name=o["name"], shape=o["shape"], datatype=o["datatype"], data=o["data"])
+               for o in document["outputs"]]
+    return InferResponse(response_id=document.get("id") or str(uuid.uuid4()), model_name=document["model_name"],
+                         infer_outputs=outputs, use_binary_outputs=request.use_binary_outputs,
+                         requested_outputs=request.request_outputs)
+
+
 class ImageClassifierModel(Model):
-    """One model of the core classifier behind KServe's protocols."""
+    """One model of the core classifier behind KServe's protocols: ``preprocess`` decodes the
+    request (``handler.protocols.decode_request``), ``predict`` classifies its images in a batch
+    shared with concurrent requests, ``postprocess`` answers in the request's format."""
 
     def __init__(self, name: str, model_dir: Path, *, device: str = "auto", max_batch_delay_s: float = 0.005) -> None:
         super().__init__(name)
@@ -112,54 +128,49 @@ class ImageClassifierModel(Model):
         self.batcher: ImageBatcher | None = None
 
     def load(self) -> bool:
-        spec = read_model(self.model_dir)
-        device = resolve_device(self.device)
-        configure_process(spec.config, device=device)
-        self.classifier = ImageClassifier(spec, device=device)
-        self.batcher = ImageBatcher(self.classifier.classify_requests, max_images=spec.config.batch_size,
+        self.classifier = ImageClassifier.for_serving(self.model_dir, device=self.device)
+        config = self.classifier.config
+        self.batcher = ImageBatcher(self.classifier.classify_requests, max_images=config.batch_size,
                                     max_delay_s=self.max_batch_delay_s, on_batch=self._record)
         self.ready = True
-        log.info("model %s ready on %s (batch %d images, delay %.1f ms)", self.name, device,
-                 spec.config.batch_size, self.max_batch_delay_s * 1000)
+        log.info("model %s ready on %s (batch %d images, delay %.1f ms)", self.name, self.classifier.device,
+                 config.batch_size, self.max_batch_delay_s * 1000)
         return self.ready
 
-    async def predict(self, payload: Any, headers: dict | None = None, response_headers: dict | None = None) -> Any:
-        assert self.batcher is not None and self.classifier is not None, "load() has not run"
+    def preprocess(self, payload: Any, headers: dict[str, str] | None = None) -> Exchange:
+        """v2 (an InferRequest, REST or gRPC), v1 / any JSON body, or a raw body -> its images."""
         try:
-            parsed = check_images(self._parse(payload), self.classifier.config.max_images_per_request)
+            parsed = decode_request(payload, max_images=self._classifier().config.max_images_per_request)
         except RequestError as error:
-            REJECTED.labels(self.name).inc()
-            raise RequestRejected(error) from None
-        outcome = await self.batcher.submit(parsed.images)
-        if isinstance(outcome, RequestError):
-            REJECTED.labels(self.name).inc()
-            raise RequestRejected(outcome)
-        if isinstance(payload, InferRequest):
-            return InferResponse(
-                response_id=payload.id or str(uuid.uuid4()), model_name=self.name,
-                infer_outputs=[InferOutput(name=kserve_v2.OUTPUT, shape=[len(outcome)], datatype="BYTES",
-                                           data=[json.dumps(r) for r in outcome])],
-                use_binary_outputs=payload.use_binary_outputs, requested_outputs=payload.request_outputs)
-        return json.loads(parsed.reply(outcome, self.name).body)
+            raise self._rejected(error) from None
+        return Exchange(parsed, payload if isinstance(payload, InferRequest) else None)
 
-    def _parse(self, payload: Any) -> ParsedRequest:
-        """v2 (an InferRequest, REST or gRPC), v1 / any JSON body, or a raw body."""
-        if isinstance(payload, InferRequest):
-            for output in payload.request_outputs or []:
-                if output.name != kserve_v2.OUTPUT:
-                    raise RequestError("invalid_json", f"unknown output {output.name!r}: this model has one "
-                                                       f"output, {kserve_v2.OUTPUT!r}")
-            images = []
-            for tensor in payload.inputs:
-                try:
-                    elements = tensor.as_numpy().ravel().tolist()
-                except Exception as exc:  # a shape that does not fit its data, ...
-                    raise RequestError("invalid_json", f"input {tensor.name!r}: {str(exc)[:200]}") from None
-                images += kserve_v2.tensor_images({"name": tensor.name, "datatype": tensor.datatype}, elements)
-            return ParsedRequest(images, kserve_v2.InferResponse())
-        if isinstance(payload, (bytes, bytearray)):
-            return parse_body(payload)
-        return parse_json(payload)
+    def validate(self, payload: Any) -> Any:
+        return payload  # decode_request has checked it
+
+    async def predict(self, payload: Exchange, headers: dict[str, str] | None = None,
+                      response_headers: dict[str, str] | None = None) -> Exchange:
+        assert self.batcher is not None, "load() has not run"
+        outcome = await self.batcher.submit(payload.request.images)
+        if isinstance(outcome, RequestError):
+            raise self._rejected(outcome)
+        payload.predictions = outcome
+        return payload
+
+    def postprocess(self, result: Exchange, headers: dict[str, str] | None = None,
+                    response_headers: dict[str, str] | None = None) -> Any:
+        reply = result.request.reply(result.predictions, self.name)
+        if result.infer_request is not None:
+            return infer_response(reply.document, result.infer_request)
+        return reply.document
+
+    def _rejected(self, error: RequestError) -> RequestRejected:
+        REJECTED.labels(self.name).inc()
+        return RequestRejected(error)
+
+    def _classifier(self) -> ImageClassifier:
+        assert self.classifier is not None, "load() has not run"
+        return self.classifier
 
     def _record(self, result: BatchResult, requests: int) -> None:
         for stage, ms in result.timings.items():

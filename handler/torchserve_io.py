@@ -23,7 +23,7 @@ from typing import Any, Mapping
 
 from handler.classifier import BatchResult
 from handler.errors import RequestError
-from handler.protocols import ParsedRequest, check_images, error_reply, kserve_v2, multipart, parse_body, parse_json
+from handler.protocols import FormFields, ParsedRequest, decode_request, error_reply
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ def parse_row(row: Mapping[str, Any], max_images: int, headers: Mapping[str, str
     """A request row -> its images (1..max_images of them), or the RequestError that rejects it.
     ``headers`` are the request's (``request_headers``)."""
     try:
-        return check_images(_parse(row, headers), max_images)
+        return decode_request(row_payload(row, headers), max_images=max_images, headers=headers)
     except RequestError as exc:
         return exc
 
@@ -50,7 +50,10 @@ def natural_key(name: str) -> tuple[tuple[int, int | str], ...]:
     return tuple((0, int(part)) if part.isdigit() else (1, part) for part in re.split(r"(\d+)", str(name)) if part)
 
 
-def _parse(row: Mapping[str, Any], headers: Mapping[str, str]) -> ParsedRequest:
+def row_payload(row: Mapping[str, Any], headers: Mapping[str, str]) -> Any:
+    """What the row holds, in the form ``decode_request`` takes: the body as the frontend left it
+    (bytes, or JSON it parsed), or the form fields / gRPC inputs; raises the RequestError for a
+    row TorchServe made out of a body it misread."""
     if not row:
         # TorchServe also hands over an empty row for a url-encoded body without "=": JSON sent
         # by curl -d without its Content-Type, most likely.
@@ -61,21 +64,11 @@ def _parse(row: Mapping[str, Any], headers: Mapping[str, str]) -> ParsedRequest:
         )
     if "body" in row and len(row) == 1:
         body = row["body"]
-        if isinstance(body, (dict, list)):  # application/json: the frontend parsed it
-            return parse_json(body)
-        binary_header = headers.get(kserve_v2.HEADER_LENGTH.lower())
-        if binary_header is not None and isinstance(body, (bytes, bytearray)):
-            try:
-                length = int(binary_header)
-            except ValueError:
-                raise RequestError("invalid_binary_tensor", f"{kserve_v2.HEADER_LENGTH} must be a number of bytes, "
-                                                            f"got {binary_header[:40]!r}") from None
-            return kserve_v2.parse_binary(body, length)
-        return parse_body(body if isinstance(body, (bytes, bytearray, str)) else str(body))
+        return body if isinstance(body, (bytes, bytearray, str, dict, list)) else str(body)
     if len(row) == 1:
         (value,) = row.values()
         if isinstance(value, (dict, list)):  # a single JSON form field: read like a JSON body
-            return parse_json(value)
+            return value
     if any(str(name).lstrip()[:1] in ("{", "[") for name in row):
         # The frontend split a url-encoded body into fields ("+" read as a space, the first
         # "=" as a separator): the JSON cannot be trusted back together.
@@ -88,7 +81,7 @@ def _parse(row: Mapping[str, Any], headers: Mapping[str, str]) -> ParsedRequest:
         # gRPC: its input map reached us in wire order, which protobuf does not keep; the
         # client's names are all there is to order the answers by.
         row = {name: row[name] for name in sorted(row, key=natural_key)}
-    return multipart.parse_fields(row)
+    return FormFields(row)
 
 
 def respond(context: Any, parsed: list[ParsedRequest | RequestError], result: BatchResult,

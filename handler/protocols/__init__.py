@@ -1,4 +1,4 @@
-"""Wire formats: one module each, parsing and encoding together.
+"""Wire formats: one module each, parsing and encoding together, and the one request decoder.
 
     raw          one image's bytes                          -> {label: score}
     multipart    form-data fields, or a multipart/mixed body -> an object or a list
@@ -6,14 +6,18 @@
     kserve_v1    {"instances": [...]}                       -> {"predictions": [...]}
     kserve_v2    Open Inference Protocol, BYTES inputs       -> {"outputs": [{"name": "predictions", ...}]}
 
-``parse_body`` recognises a body by its content (clients' Content-Types are unreliable: curl
--d, octet-stream JSON); ``parse_json`` takes a body some frontend already parsed as JSON.
+Every door calls ``decode_request`` with what its server hands it: a body as received (bytes or
+text), JSON a frontend already parsed, decoded form fields (``FormFields``), or a KServe
+``InferRequest``. It recognises a body by its content (clients' Content-Types are unreliable:
+curl -d, octet-stream JSON), checks the request's image count and answers with a
+``ParsedRequest``: the images and the encoder that answers in the request's own format.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Mapping
 
 from handler.errors import RequestError
 from handler.protocols import json_images, kserve_v1, kserve_v2, multipart, raw
@@ -28,10 +32,44 @@ from handler.protocols.common import (
     error_reply,
 )
 
-__all__ = ["ParsedRequest", "PlainJson", "Prediction", "Reply", "check_images", "decode_base64",
-           "error_reply", "parse_body", "parse_json"]
+__all__ = ["FormFields", "ParsedRequest", "PlainJson", "Prediction", "Reply", "check_images", "decode_base64",
+           "decode_request", "error_reply", "parse_body", "parse_json"]
 
 _JSON_FORMATS = (json_images, kserve_v1, kserve_v2)
+
+
+@dataclass(frozen=True)
+class FormFields:
+    """Fields a frontend decoded from a form upload (or a gRPC call's named inputs), in the
+    order the images are answered in: one image each."""
+
+    fields: Mapping[str, Any]
+
+
+def decode_request(payload: Any, *, max_images: int, headers: Mapping[str, str] | None = None) -> ParsedRequest:
+    """A request's images (1..``max_images`` of them) and its encoder; raises the RequestError
+    (4xx) that rejects it. ``payload``: bytes / bytearray / str (a body as received), a dict or
+    list (JSON a frontend parsed), ``FormFields``, or a KServe InferRequest. ``headers`` (names
+    lower-cased) matter for one thing: ``Inference-Header-Content-Length`` marks a body in the
+    v2 binary tensor data extension."""
+    return check_images(_decode(payload, headers or {}), max_images)
+
+
+def _decode(payload: Any, headers: Mapping[str, str]) -> ParsedRequest:
+    if isinstance(payload, FormFields):
+        return multipart.parse_fields(payload.fields)
+    if isinstance(payload, (dict, list)):
+        return parse_json(payload)
+    if isinstance(payload, (bytes, bytearray)):
+        binary_header = headers.get(kserve_v2.HEADER_LENGTH.lower())
+        if binary_header is not None:
+            return kserve_v2.parse_binary(payload, binary_header)
+        return parse_body(payload)
+    if isinstance(payload, str):
+        return parse_body(payload)
+    if kserve_v2.is_infer_request(payload):
+        return kserve_v2.parse_infer_request(payload)
+    raise TypeError(f"cannot decode a request from {type(payload).__name__}")
 
 
 def parse_body(body: bytes | bytearray | str) -> ParsedRequest:

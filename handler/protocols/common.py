@@ -24,13 +24,23 @@ JSON_SHAPE_HELP = (
 )
 
 
-@dataclass(frozen=True)
 class Reply:
-    """A response body with its content type and any extra headers."""
+    """An answer: its JSON ``document``, and how it goes on the wire (``body``, ``content_type``,
+    ``headers``). A door that serializes answers itself (KServe) takes the document; the others
+    send the body, made only when asked for."""
 
-    body: str | bytes
-    content_type: str = "application/json"
-    headers: tuple[tuple[str, str], ...] = ()
+    content_type = "application/json"
+
+    def __init__(self, document: Any) -> None:
+        self.document = document
+
+    @property
+    def body(self) -> str | bytes:
+        return json.dumps(self.document)
+
+    @property
+    def headers(self) -> tuple[tuple[str, str], ...]:
+        return ()
 
 
 class Encoder(Protocol):
@@ -57,12 +67,12 @@ class PlainJson:
     as_list: bool
 
     def encode(self, results: list[Prediction], model_name: str | None) -> Reply:
-        return Reply(json.dumps(results if self.as_list else results[0]))
+        return Reply(results if self.as_list else results[0])
 
 
 def error_reply(error: RequestError) -> Reply:
     """The JSON body every format answers a rejected request with."""
-    return Reply(json.dumps(error.as_json()))
+    return Reply(error.as_json())
 
 
 def check_images(parsed: ParsedRequest, max_images: int) -> ParsedRequest:

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +15,7 @@ class Predictions:
     """The v1 envelope: one prediction per instance, in order."""
 
     def encode(self, results: list[Prediction], model_name: str | None) -> Reply:
-        return Reply(json.dumps({"predictions": results}))
+        return Reply({"predictions": results})
 
 
 def parse(body: dict[str, Any]) -> ParsedRequest:

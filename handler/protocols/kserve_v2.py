@@ -14,6 +14,7 @@ The answer is JSON, or binary the same way when the request asks for it
 
 from __future__ import annotations
 
+import functools
 import json
 import struct
 from dataclasses import dataclass
@@ -36,18 +37,36 @@ class InferResponse:
     binary: bool = False
 
     def encode(self, results: list[Prediction], model_name: str | None) -> Reply:
-        elements = [json.dumps(r) for r in results]
-        output: dict[str, Any] = {"name": OUTPUT, "shape": [len(results)], "datatype": "BYTES"}
-        body: dict[str, Any] = {"model_name": model_name, "outputs": [output]}
+        output: dict[str, Any] = {"name": OUTPUT, "shape": [len(results)], "datatype": "BYTES",
+                                  "data": [json.dumps(r) for r in results]}
+        document: dict[str, Any] = {"model_name": model_name, "outputs": [output]}
         if self.request_id is not None:
-            body["id"] = self.request_id
-        if not self.binary:
-            output["data"] = elements
-            return Reply(json.dumps(body))
-        raw = serialize_bytes([e.encode() for e in elements])
-        output["parameters"] = {"binary_data_size": len(raw)}
-        header = json.dumps(body).encode()
-        return Reply(header + raw, "application/octet-stream", ((HEADER_LENGTH, str(len(header))),))
+            document["id"] = self.request_id
+        return BinaryReply(document) if self.binary else Reply(document)
+
+
+class BinaryReply(Reply):
+    """A v2 answer sent with the binary tensor data extension: the JSON header without the
+    output's ``data``, then the data as a raw BYTES tensor."""
+
+    content_type = "application/octet-stream"
+
+    @functools.cached_property
+    def _wire(self) -> tuple[bytes, bytes]:
+        (output,) = self.document["outputs"]
+        raw = serialize_bytes([e.encode() for e in output["data"]])
+        head = {k: v for k, v in output.items() if k != "data"}
+        head["parameters"] = {"binary_data_size": len(raw)}
+        return json.dumps({**self.document, "outputs": [head]}).encode(), raw
+
+    @property
+    def body(self) -> bytes:
+        header, raw = self._wire
+        return header + raw
+
+    @property
+    def headers(self) -> tuple[tuple[str, str], ...]:
+        return ((HEADER_LENGTH, str(len(self._wire[0]))),)
 
 
 def parse(body: dict[str, Any]) -> ParsedRequest:
@@ -58,9 +77,10 @@ def parse(body: dict[str, Any]) -> ParsedRequest:
     return ParsedRequest(images, _encoder(body))
 
 
-def parse_binary(body: bytes | bytearray, header_length: int) -> ParsedRequest:
-    """A request in the binary tensor data extension: the JSON header, then the raw inputs. An
-    input may still carry its elements as base64 ``data`` in the header instead."""
+def parse_binary(body: bytes | bytearray, header_length: int | str) -> ParsedRequest:
+    """A request in the binary tensor data extension: the JSON header (``header_length`` bytes:
+    the ``Inference-Header-Content-Length`` header's value), then the raw inputs. An input may
+    still carry its elements as base64 ``data`` in the header instead."""
     header, tensors = split_binary(body, header_length)
     images: list[ImageInput] = []
     for tensor, elements in tensors:
@@ -68,9 +88,38 @@ def parse_binary(body: bytes | bytearray, header_length: int) -> ParsedRequest:
     return ParsedRequest(images, _encoder(header))
 
 
-def split_binary(body: bytes | bytearray, header_length: int) -> tuple[dict[str, Any], list[tuple[dict, list | None]]]:
+def parse_infer_request(request: Any) -> ParsedRequest:
+    """The images of a KServe ``InferRequest`` (REST or gRPC, decoded by KServe's data plane):
+    duck-typed, so the core needs no KServe. BYTES elements that arrived as bytes are images as
+    they are; text elements are base64."""
+    outputs = [{"name": output.name} for output in request.request_outputs or []]
+    encoder = _encoder({"id": request.id, "outputs": outputs})  # KServe itself sends binary outputs
+    images: list[ImageInput] = []
+    for tensor in request.inputs:
+        try:
+            elements = tensor.as_numpy().ravel().tolist()
+        except Exception as exc:  # a shape that does not fit its data, ...
+            raise RequestError("invalid_json", f"input {tensor.name!r}: {str(exc)[:200]}") from None
+        images += tensor_images({"name": tensor.name, "datatype": tensor.datatype}, elements)
+    return ParsedRequest(images, encoder)
+
+
+def is_infer_request(payload: Any) -> bool:
+    """Whether ``payload`` is a KServe InferRequest (by its shape: the core imports no KServe)."""
+    return hasattr(payload, "inputs") and hasattr(payload, "request_outputs")
+
+
+def split_binary(body: bytes | bytearray, header_length: int | str,
+                 ) -> tuple[dict[str, Any], list[tuple[dict, list | None]]]:
     """The JSON header of a binary request, and each input tensor with its raw BYTES elements
-    (None for an input whose elements are in the header as ``data``)."""
+    (None for an input whose elements are in the header as ``data``). ``header_length`` may be
+    the header's text as received."""
+    if isinstance(header_length, str):
+        try:
+            header_length = int(header_length)
+        except ValueError:
+            raise RequestError("invalid_binary_tensor", f"{HEADER_LENGTH} must be a number of bytes, "
+                                                        f"got {header_length[:40]!r}") from None
     if not 0 < header_length <= len(body):
         raise RequestError("invalid_binary_tensor", f"{HEADER_LENGTH} is {header_length}, but the body has "
                                                     f"{len(body)} bytes")
