@@ -1,7 +1,7 @@
 """A DataLoader whose worker processes persist across requests.
 
-Creating a DataLoader with workers per request forks new processes every time and measured
-slower than a plain loop. Here the DataLoader is built once with ``persistent_workers=True``;
+Creating a DataLoader with workers per request forks new processes every time, which costs
+more than a plain loop saves. Here the DataLoader is built once with ``persistent_workers=True``;
 each request swaps the batches in a ``RequestBatchSampler`` and iterates the loader again, which
 resets the same workers to a new epoch. The items the sampler yields carry the request's images,
 so the workers need no other state from the handler. Both ways use shared memory allocated

@@ -22,11 +22,10 @@ def keep_freed_memory() -> bool:
 
     By default glibc maps large blocks (a batch of pixels, a layer's activations) fresh from the
     kernel and unmaps them when freed, adapting its threshold to what it has seen: depending on
-    that history a worker may page-fault every batch's tensors in again. In TorchServe workers
-    (mobilenet_v3_small, 32 photos per request, 2 cores) normalization took 8-19 ms instead of
-    3 in 4 of 6 server starts, and inference 64-69 ms instead of 56 (REST p50 up to 160 ms
-    instead of 128); with these settings it was 2.6-3.0 ms in 5 starts of 5. Call before the
-    loader workers fork: they inherit the setting. Returns whether it took (False off glibc).
+    that history a worker may page-fault every batch's tensors in again, so normalization and
+    inference times changed from one server start to the next; with these settings they stay at
+    their best. Call before the loader workers fork: they inherit the setting. Returns whether
+    it took (False off glibc).
     """
     try:
         mallopt = ctypes.CDLL(None).mallopt  # the C library the interpreter already uses

@@ -11,7 +11,7 @@ class Normalizer:
     The per-channel constants are expanded to whole channels_last planes (cached per image
     size): with a (1, 3, 1, 1) constant against channels_last pixels the innermost loop cycles
     over three channels and does not vectorize; a full plane streams beside the pixels with
-    stride 1. On a 2-core CPU this took a 16x3x224x224 batch from 1.7 to 0.8 ms.
+    stride 1.
     """
 
     def __init__(self, mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> None:
