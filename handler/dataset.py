@@ -77,7 +77,7 @@ class DecodedBatch:
 class ImageBytesDataset(Dataset):
     """Maps a LoaderItem to a DecodedImage with the given transform; never raises for bad data."""
 
-    def __init__(self, transform: Callable[[bytes], torch.Tensor]):
+    def __init__(self, transform: Callable[[bytes | torch.Tensor], torch.Tensor]) -> None:
         self.transform = transform
 
     def __getitem__(self, item: LoaderItem) -> DecodedImage:  # type: ignore[override]

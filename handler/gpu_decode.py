@@ -61,6 +61,8 @@ def jpeg_job(item: LoaderItem, max_pixels: int) -> JpegJob | None:
     an end-of-image marker, within the pixel limit); None sends it down the CPU path, which
     gives the precise per-image error for anything odd."""
     data = item.data
+    if not isinstance(data, bytes):
+        return None
     header = read_jpeg_header(data)
     if header is None or header.components not in (1, 3) or not has_jpeg_end_marker(data):
         return None

@@ -66,7 +66,7 @@ def read_jpeg_header(data: bytes) -> JpegHeader | None:
         position += 2 + length
     if frame is None or frame[0] == 0 or frame[1] == 0:
         return None
-    return JpegHeader(frame[0], frame[1], frame[2], orientation if orientation in range(1, 9) else 1)
+    return JpegHeader(frame[0], frame[1], frame[2], orientation if orientation is not None and 1 <= orientation <= 8 else 1)
 
 
 def _exif_orientation(tiff: bytes) -> int:

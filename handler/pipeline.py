@@ -49,7 +49,7 @@ class RunResult:
 class Pipeline:
     """Decodes, batches and infers; owns the loader workers and the model."""
 
-    def __init__(self, config: HandlerConfig, labels: list[str], weights: Path, device: torch.device) -> None:
+    def __init__(self, config: HandlerConfig, labels: list[str], weights: Path | bytes, device: torch.device) -> None:
         self.config, self.labels, self.device = config, labels, device
         self.loader = PersistentImageLoader(
             ImageBytesDataset(ImageTransform(config)),
@@ -82,7 +82,7 @@ class Pipeline:
         if cfg.fuse_batchnorm:
             example = torch.randn(2, 3, cfg.image_size, cfg.image_size, generator=torch.Generator().manual_seed(0))
             model = fold_batchnorm(model, example)
-        return model.to(self.device, memory_format=torch.channels_last)
+        return model.to(self.device).to(memory_format=torch.channels_last)
 
     def _prepare_device(self) -> BatchedJpegDecoder | None:
         """Normalization constants on the device; on CUDA the pinned pixel ring, cuDNN

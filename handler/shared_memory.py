@@ -71,7 +71,7 @@ class ImageInbox:
 
     def __init__(self, nbytes: int) -> None:
         self._buffer = shared_uint8(nbytes)
-        self._view = memoryview(self._buffer.numpy())
+        self._view = self._buffer.numpy().data  # a memoryview of the shared pages
         self.capacity = nbytes
         self._used = 0
 
@@ -82,7 +82,7 @@ class ImageInbox:
 
     def __setstate__(self, state: dict) -> None:
         self._buffer, self.capacity, self._used = state["buffer"], state["capacity"], 0
-        self._view = memoryview(self._buffer.numpy())
+        self._view = self._buffer.numpy().data
 
     @classmethod
     def create(cls, nbytes: int = DEFAULT_INBOX_BYTES) -> "ImageInbox | None":

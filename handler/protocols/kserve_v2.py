@@ -114,12 +114,11 @@ def split_binary(body: bytes | bytearray, header_length: int | str,
     """The JSON header of a binary request, and each input tensor with its raw BYTES elements
     (None for an input whose elements are in the header as ``data``). ``header_length`` may be
     the header's text as received."""
-    if isinstance(header_length, str):
-        try:
-            header_length = int(header_length)
-        except ValueError:
-            raise RequestError("invalid_binary_tensor", f"{HEADER_LENGTH} must be a number of bytes, "
-                                                        f"got {header_length[:40]!r}") from None
+    try:
+        header_length = int(header_length)
+    except ValueError:
+        raise RequestError("invalid_binary_tensor", f"{HEADER_LENGTH} must be a number of bytes, "
+                                                    f"got {str(header_length)[:40]!r}") from None
     if not 0 < header_length <= len(body):
         raise RequestError("invalid_binary_tensor", f"{HEADER_LENGTH} is {header_length}, but the body has "
                                                     f"{len(body)} bytes")

@@ -47,7 +47,7 @@ def test_the_torchserve_handler_configures_its_process(monkeypatch, tmp_path):
     from helpers import FakeContext, write_model_dir
 
     calls = []
-    monkeypatch.setattr("handler.service.configure_process", lambda config, **kw: calls.append(kw))
+    monkeypatch.setattr("handler.classifier.configure_process", lambda config, **kw: calls.append(kw))
     handler = ImageBatchHandler()
     settings = {"arch": "shapes_cnn", "image_size": 32, "resize_mode": "letterbox", "num_workers": 0}
     model_dir = write_model_dir(tmp_path, ShapesNet(num_classes=3), ["a", "b", "c"])
