@@ -2,11 +2,14 @@
 
     ImageError     one image that could not be classified (returned per image, never raised)
     RequestError   a request that cannot be served as sent (raised by the wire formats; the
-                   client must change it); lists the ImageErrors behind it, if any
+                   client must change it); lists the ImageErrors behind it, if any. With code
+                   ``internal_error`` it is instead a request the server failed to serve (500)
 
 Both carry a failure ``code`` (``invalid_image``, ``image_too_large``, ``invalid_base64``, ...).
 The HTTP status is derived from the code here, at the edge: the decoder and the pipeline say
-what went wrong, never which status that is.
+what went wrong, never which status that is: 413 for a request above the limits, 500 for a
+fault of the server itself (``internal_error``, e.g. a batch whose run failed: the client may
+retry it unchanged), 400 for everything else.
 """
 
 from __future__ import annotations
@@ -18,12 +21,17 @@ from typing import Any
 MAX_FIELD_CHARS = 100
 
 # Failure codes that mean "the request asks for more than the limits allow"; every other code
-# is a 400 (the body or an image in it cannot be read).
+# but the server faults below is a 400 (the body or an image in it cannot be read).
 PAYLOAD_TOO_LARGE = frozenset({"image_too_large", "too_many_images"})
+
+# Failure codes that mean "the server failed, not the request" (a 500).
+SERVER_FAULT = frozenset({"internal_error"})
 
 
 def http_status(code: str) -> int:
     """The HTTP status a failure ``code`` is answered with."""
+    if code in SERVER_FAULT:
+        return 500
     return 413 if code in PAYLOAD_TOO_LARGE else 400
 
 

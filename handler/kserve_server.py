@@ -60,7 +60,17 @@ class RequestRejected(InvalidInput):
         self.error = error
 
 
-async def rejected_response(_request: Any, exc: RequestRejected) -> JSONResponse:
+class BatchFailed(RuntimeError):
+    """A request whose batch failed on the server (500 ``internal_error`` from the batcher): over
+    REST the same JSON error body with status 500, over gRPC INTERNAL (KServe's answer to an
+    exception that is none of its own)."""
+
+    def __init__(self, error: RequestError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+async def rejected_response(_request: Any, exc: RequestRejected | BatchFailed) -> JSONResponse:
     return JSONResponse(exc.error.as_json(), status_code=exc.error.status)
 
 
@@ -153,6 +163,8 @@ class ImageClassifierModel(Model):
         assert self.batcher is not None, "load() has not run"
         outcome = await self.batcher.submit(payload.request.images)
         if isinstance(outcome, RequestError):
+            if outcome.status >= 500:
+                raise BatchFailed(outcome)
             raise self._rejected(outcome)
         payload.predictions = outcome
         return payload
@@ -215,6 +227,7 @@ def main() -> None:
     model.load()
     server.dataplane = ImageDataPlane(model_registry=server.registered_models)
     kserve.model_server.app.add_exception_handler(RequestRejected, rejected_response)
+    kserve.model_server.app.add_exception_handler(BatchFailed, rejected_response)
     server.start([model])
 
 
