@@ -89,14 +89,19 @@ class ImageClassifier:
         return cls(read_model(path, overrides), device=device)
 
     @classmethod
-    def for_serving(cls, path: str | Path, *, device: str | torch.device = "auto", backend_workers: int = 1,
-                    overrides: Mapping[str, Any] | None = None, model_yaml: Mapping[str, Any] | None = None,
-                    weights: Path | None = None) -> "ImageClassifier":
-        """What every door does at start-up: read the model at ``path`` (a directory or a .mar;
-        ``model_yaml`` / ``weights`` where the server already read them), choose the device,
-        apply the process-wide settings (``configure_process``: this process serves the model,
-        ``backend_workers`` of them on this machine) and start the classifier."""
-        spec = read_model(path, overrides, model_yaml=model_yaml, weights=weights)
+    def for_serving(cls, model: str | Path | ModelSpec, *, device: str | torch.device = "auto",
+                    backend_workers: int = 1, overrides: Mapping[str, Any] | None = None,
+                    model_yaml: Mapping[str, Any] | None = None, weights: Path | None = None) -> "ImageClassifier":
+        """What every door does at start-up: read the model (a directory or a .mar; ``model_yaml``
+        / ``weights`` where the server already read them; or a ModelSpec already read), choose
+        the device, apply the process-wide settings (``configure_process``: this process serves
+        the model, ``backend_workers`` of them on this machine) and start the classifier."""
+        if isinstance(model, ModelSpec):
+            if overrides or model_yaml or weights:
+                raise ValueError("overrides, model_yaml and weights apply when reading a model, not to a ModelSpec")
+            spec = model
+        else:
+            spec = read_model(model, overrides, model_yaml=model_yaml, weights=weights)
         resolved = resolve_device(device)
         configure_process(spec.config, device=resolved, backend_workers=backend_workers)
         classifier = cls(spec, device=resolved)

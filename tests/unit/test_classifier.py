@@ -166,7 +166,6 @@ def test_the_core_works_with_torchserve_unimportable(tmp_path, classifier):
     script = f"""
 import io, json, sys
 sys.modules["ts"] = None  # any import of TorchServe now fails
-sys.path.insert(0, {str(ROOT)!r})
 from PIL import Image
 from handler.classifier import ImageClassifier, ImageError
 from handler import protocols, process
@@ -189,3 +188,20 @@ print(sorted(m for m, mod in sys.modules.items() if (m == "ts" or m.startswith("
             same(got, want)
         assert bad == ["ImageError", "invalid_image", 400]
     assert imported == "[]"
+
+
+def test_for_serving_reads_the_model_chooses_the_device_and_configures_the_process(monkeypatch, classifier):
+    calls = []
+    monkeypatch.setattr("handler.classifier.configure_process",
+                        lambda config, **kw: calls.append((config.batch_size, kw)))
+    overrides = {"batch_size": 4, "max_image_pixels": 1_000_000}
+    with ImageClassifier.for_serving(DEMO, device="cpu", backend_workers=3, overrides=overrides) as clf:
+        assert clf.device == torch.device("cpu") and clf.config.batch_size == 4
+        assert calls == [(4, {"device": torch.device("cpu"), "backend_workers": 3})]  # before the workers fork
+        image = shape_image("triangle", seed=9)
+        same(clf.classify([image])[0], classifier.classify([image])[0])
+    spec = read_model(DEMO, overrides)
+    with ImageClassifier.for_serving(spec, device="cpu") as clf:  # a spec already read: not read again
+        assert clf.spec is spec
+    with pytest.raises(ValueError, match="not to a ModelSpec"):
+        ImageClassifier.for_serving(spec, overrides={"top_k": 1})
