@@ -80,7 +80,7 @@ class ImageBytesDataset(Dataset):
     def __init__(self, transform: Callable[[bytes | torch.Tensor], torch.Tensor]) -> None:
         self.transform = transform
 
-    def __getitem__(self, item: LoaderItem) -> DecodedImage:  # type: ignore[override]
+    def __getitem__(self, item: LoaderItem) -> DecodedImage:
         try:
             return DecodedImage(item.key, self.transform(item.data), slot=item.slot)
         except ImageDecodeError as exc:

@@ -70,7 +70,7 @@ class InboxDataset(Dataset):
     def __init__(self, dataset: ImageBytesDataset, buffers: LoaderBuffers) -> None:
         self.dataset, self.buffers = dataset, buffers
 
-    def __getitem__(self, item: LoaderItem) -> DecodedImage:  # type: ignore[override]
+    def __getitem__(self, item: LoaderItem) -> DecodedImage:
         return self.dataset[self.buffers.receive(item)]
 
 

@@ -17,21 +17,20 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import sys
 from pathlib import Path
 from typing import Callable
 
 import torch
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
+from bench_images import SIZES, photo_jpegs
+from handler.classifier import ImageClassifier
+from handler.config import HandlerConfig
+from handler.dataset import LoaderItem
+from handler.devices import copied_event
+from handler.model_loading import load_model
 
-from bench_images import SIZES, photo_jpegs  # noqa: E402
-from handler.classifier import ImageClassifier  # noqa: E402
-from handler.config import HandlerConfig  # noqa: E402
-from handler.dataset import LoaderItem  # noqa: E402
-from handler.model_loading import load_model  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def stock_pipeline(config: HandlerConfig) -> Callable[[list[bytes]], torch.Tensor]:
@@ -54,7 +53,7 @@ def ours_probabilities(classifier: ImageClassifier, images: list[bytes]) -> torc
     for batch in pipeline.decode([LoaderItem(i, b) for i, b in enumerate(images)]):
         assert not batch.failures, batch.failures
         out.append(pipeline.forward(pipeline.to_model_input(batch.pixels)).float().softmax(dim=1).cpu())
-        batch.release(pipeline.copied_event())
+        batch.release(copied_event(pipeline.device))
     return torch.cat(out)
 
 

@@ -65,17 +65,16 @@ import psutil
 import requests
 import yaml
 
+from bench_images import photo_jpegs
+from client import multipart_mixed
+from door_server import Door, start_door
+from timing import percentile
+from ts_server import Server, start_server
+
+import tritonclient.grpc as triton_grpc  # never beside kserve: see the docstring
+import tritonclient.http as triton_http
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
-
-from bench_images import photo_jpegs  # noqa: E402
-from client import multipart_mixed  # noqa: E402
-from door_server import Door, start_door  # noqa: E402
-from timing import percentile  # noqa: E402
-from ts_server import Server, start_server  # noqa: E402
-
-import tritonclient.grpc as triton_grpc  # noqa: E402  (never beside kserve: see the docstring)
-import tritonclient.http as triton_http  # noqa: E402
 
 BATCH = 32
 SIZE = "640x480"

@@ -29,22 +29,18 @@ from typing import Any
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
-
-from bench_images import photo_jpegs, stock_input  # noqa: E402
-from model_dirs import random_model_dir  # noqa: E402
-from timing import request_batch  # noqa: E402
-from handler.config import HandlerConfig  # noqa: E402
-from handler.dataset import LoaderItem  # noqa: E402
-from handler.gpu_decode import BatchedJpegDecoder, jpeg_job  # noqa: E402
-from handler.images import ImageTransform  # noqa: E402
-from handler.metrics import STAGE_METRICS  # noqa: E402
-from handler.model_loading import load_model  # noqa: E402
-from handler.optimize import fold_batchnorm  # noqa: E402
-from handler.classifier import ImageClassifier, read_model  # noqa: E402
-from handler.devices import autocast_dtype  # noqa: E402
-from handler.process import configure_process  # noqa: E402
+from bench_images import photo_jpegs, stock_input
+from model_dirs import random_model_dir
+from timing import request_batch
+from handler.config import HandlerConfig
+from handler.dataset import LoaderItem
+from handler.gpu_decode import BatchedJpegDecoder, jpeg_job
+from handler.images import ImageTransform
+from handler.metrics import STAGE_METRICS
+from handler.model_loading import load_model
+from handler.optimize import fold_batchnorm
+from handler.classifier import ImageClassifier, read_model
+from handler.devices import autocast_dtype
 
 
 def cuda_ms(fn, repeats: int, warmup: int = 3) -> float:
@@ -133,10 +129,8 @@ class Contender:
                  images: list[bytes]) -> None:
         self.name, self.settings, self.encoding = name, settings, encoding
         spec = read_model(model_dir, {"arch": arch, **settings})
-        device = torch.device("cuda:0")
-        configure_process(spec.config, device=device)
         started = time.perf_counter()
-        self.classifier = ImageClassifier(spec, device=device)
+        self.classifier = ImageClassifier.for_serving(spec, device="cuda:0")
         self.initialize_s = time.perf_counter() - started
         self.batch = request_batch(images, spec.config.max_images_per_request, encoding)
         self.images = len(images)

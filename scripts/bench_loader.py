@@ -5,7 +5,7 @@ A transform that returns a fixed image (no decoding) leaves only what the DataLo
 costs: dispatching the image bytes to the workers, collating, and bringing the batches back.
 "pickled": the bytes travel to the workers in the pickled batches and every decoded batch comes
 back in a shared-memory block of its own; "shared": the bytes go through the inbox and the
-batches come back in the staging ring (the handler's default). The same requests are also timed
+batches come back in the pixel ring (the handler's default). The same requests are also timed
 with the real decode, for scale. The allocator is set up as the handler does it.
 
     .venv/bin/python scripts/bench_loader.py [--images 32] [--rounds 15]
@@ -15,21 +15,16 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
-
-from bench_images import photo_jpegs  # noqa: E402
-from handler.config import HandlerConfig  # noqa: E402
-from handler.dataset import ImageBytesDataset, LoaderItem  # noqa: E402
-from handler.images import ImageTransform  # noqa: E402
-from handler.loader import PersistentImageLoader  # noqa: E402
-from handler.memory import keep_freed_memory  # noqa: E402
-from timing import timed_ms  # noqa: E402
+from bench_images import photo_jpegs
+from handler.config import HandlerConfig
+from handler.dataset import ImageBytesDataset, LoaderItem
+from handler.images import ImageTransform
+from handler.loader import PersistentImageLoader
+from handler.memory import keep_freed_memory
+from timing import timed_ms
 
 
 class FixedImage:
@@ -52,11 +47,11 @@ def main() -> None:
     keep_freed_memory()  # as the handler does before its workers fork
     items = [LoaderItem(i, data) for i, data in enumerate(photo_jpegs(args.size, args.images))]
     loaders = {
-        (transform, staging): PersistentImageLoader(
+        (transform, shared): PersistentImageLoader(
             ImageBytesDataset(FixedImage(config.image_size) if transform == "no decode" else ImageTransform(config)),
             batch_size=config.batch_size, num_workers=config.num_workers, image_size=config.image_size,
-            pin_memory=False, mp_context="fork", staging=staging)
-        for transform in ("no decode", "decode") for staging in (False, True)
+            pin_memory=False, mp_context="fork", shared_buffers=shared)
+        for transform in ("no decode", "decode") for shared in (False, True)
     }
     for loader in loaders.values():
         loader.start()
@@ -67,7 +62,7 @@ def main() -> None:
             times[key].append(timed_ms(lambda: list(loader.iterate(items))))
     print(f"One request of {args.images} JPEGs ({args.size}), {config.num_workers} workers, batch "
           f"{config.batch_size}, median of {args.rounds} interleaved rounds (ms):\n")
-    print("| transform | pickled | shared (inbox + staging ring) |\n|---|---|---|")
+    print("| transform | pickled | shared (inbox + pixel ring) |\n|---|---|---|")
     for transform in ("no decode", "decode"):
         pickled, shared = (statistics.median(times[(transform, s)]) for s in (False, True))
         print(f"| {transform} | {pickled:.2f} | {shared:.2f} |")

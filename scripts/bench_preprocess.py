@@ -20,7 +20,6 @@ import json
 import multiprocessing
 import platform
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -29,18 +28,15 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
-
-from agreement import output_agreement, stock_pipeline  # noqa: E402
-from bench_images import photo_jpegs, stock_input, stock_transform  # noqa: E402
-from handler.classifier import ImageClassifier, read_model  # noqa: E402
-from handler.dataset import LoaderItem  # noqa: E402
-from handler.metrics import STAGE_METRICS  # noqa: E402
-from handler.model_loading import load_model  # noqa: E402
-from handler.process import configure_process  # noqa: E402
-from model_dirs import random_model_dir  # noqa: E402
-from timing import timed_ms, time_requests  # noqa: E402
+from agreement import output_agreement, stock_pipeline
+from bench_images import photo_jpegs, stock_input, stock_transform
+from handler.classifier import ImageClassifier, read_model
+from handler.dataset import LoaderItem
+from handler.devices import copied_event
+from handler.metrics import STAGE_METRICS
+from handler.model_loading import load_model
+from model_dirs import random_model_dir
+from timing import timed_ms, time_requests
 
 
 def stock_preprocess() -> Callable[[list[bytes]], torch.Tensor]:
@@ -124,7 +120,7 @@ def ours_preprocess(classifier: ImageClassifier) -> Callable[[list[bytes]], list
         inputs = []
         for batch in pipeline.decode([LoaderItem(i, b) for i, b in enumerate(images)]):
             inputs.append(pipeline.to_model_input(batch.pixels))
-            batch.release(pipeline.copied_event())
+            batch.release(copied_event(pipeline.device))
         if classifier.device.type == "cuda":
             torch.cuda.synchronize()
         return inputs
@@ -148,9 +144,7 @@ def build_classifier(arch: str, workdir: Path, settings: dict, model: Path | Non
     else:
         model_dir = random_model_dir(workdir / arch, arch, calibration=stock_input(photo_jpegs("640x480", 16)))
         spec = read_model(model_dir, {"arch": arch, **settings})  # the shipped defaults otherwise
-    device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
-    configure_process(spec.config, device=device)
-    return ImageClassifier(spec, device=device)
+    return ImageClassifier.for_serving(spec, device="auto")
 
 
 def end_to_end(classifier: ImageClassifier, images: list[bytes], repeats: int) -> dict:

@@ -35,15 +35,14 @@ import requests
 import torch
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
+from bench_images import photo_jpegs, stock_input
+from model_dirs import random_model_dir
+from client import multipart_mixed
+from handler.architectures import LOCAL_ARCHITECTURES
+from ts_server import Server, start_server
+from timing import latency_summary
 
-from bench_images import photo_jpegs, stock_input  # noqa: E402
-from model_dirs import random_model_dir  # noqa: E402
-from client import multipart_mixed  # noqa: E402
-from handler.architectures import LOCAL_ARCHITECTURES  # noqa: E402
-from ts_server import Server, start_server  # noqa: E402
-from timing import latency_summary  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 BATCH = 32
 

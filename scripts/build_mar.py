@@ -23,11 +23,10 @@ from typing import Any
 
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from handler.config import HandlerConfig
+from handler.model_loading import load_labels, load_model
 
-from handler.config import HandlerConfig  # noqa: E402
-from handler.model_loading import load_labels, load_model  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 DEMO_DIR = ROOT / "models" / "shapes"
 LITE0_DIR = ROOT / "models" / "efficientnet_lite0"

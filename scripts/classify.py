@@ -13,32 +13,28 @@ failed.
 from __future__ import annotations
 
 import argparse
-import sys
+from dataclasses import replace
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
-
-from handler.classifier import ImageClassifier, ImageError, read_model  # noqa: E402
-from handler.devices import resolve_device  # noqa: E402
-from handler.process import configure_process  # noqa: E402
-from image_files import Progress, error_line, expand, finish, result_line, write_lines  # noqa: E402
+from handler.classifier import ImageClassifier, ImageError, ModelSpec, read_model
+from image_files import Progress, error_line, expand, finish, result_line, write_lines
 
 # Images handed to the classifier per call, in forward batches: a few batches at a time keep
 # the loader workers busy and the memory bounded however many files there are.
 BATCHES_PER_CALL = 4
 
 
-def batch_overrides(batch_size: int | None, buckets: tuple[int, ...]) -> dict:
-    """Settings for ``--batch-size``: the forward batch, and batch buckets that still reach it."""
+def with_batch_size(spec: ModelSpec, batch_size: int | None) -> ModelSpec:
+    """``spec`` with ``--batch-size`` as its forward batch, and batch buckets that still reach it
+    (validated as the config file's own keys are)."""
     if batch_size is None:
-        return {}
+        return spec
     if batch_size < 1:
         raise SystemExit("classify: --batch-size must be at least 1")
-    overrides: dict = {"batch_size": batch_size}
+    buckets = spec.config.batch_buckets
     if buckets and buckets[-1] < batch_size:
-        overrides["batch_buckets"] = [b for b in buckets if b < batch_size] + [batch_size]
-    return overrides
+        buckets = tuple(b for b in buckets if b < batch_size) + (batch_size,)
+    return replace(spec, config=replace(spec.config, batch_size=batch_size, batch_buckets=buckets))
 
 
 def main() -> None:
@@ -52,16 +48,14 @@ def main() -> None:
 
     paths = expand(args.paths, "classify")
     try:
-        spec = read_model(args.model)
-        spec = read_model(args.model, batch_overrides(args.batch_size, spec.config.batch_buckets))
-        device = resolve_device(args.device)
+        spec = with_batch_size(read_model(args.model), args.batch_size)
+        classifier = ImageClassifier.for_serving(spec, device=args.device)
     except (OSError, ValueError) as exc:
         raise SystemExit(f"classify: {exc}")
-    configure_process(spec.config, device=device)
     per_call = spec.config.batch_size * BATCHES_PER_CALL
     progress = Progress(len(paths))
     failed = 0
-    with ImageClassifier(spec, device=device) as classifier, args.out.open("w") as out:
+    with classifier, args.out.open("w") as out:
         for start in range(0, len(paths), per_call):
             chunk = paths[start : start + per_call]
             results = classifier.classify(chunk)

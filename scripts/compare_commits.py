@@ -25,14 +25,13 @@ from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
+from bench_images import photo_jpegs
+from benchmark import send_ours
+from model_dirs import random_model_dir
+from timing import timed_ms
+from ts_server import start_server
 
-from bench_images import photo_jpegs  # noqa: E402
-from benchmark import send_ours  # noqa: E402
-from model_dirs import random_model_dir  # noqa: E402
-from timing import timed_ms  # noqa: E402
-from ts_server import start_server  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def build(root: Path, name: str, model_dir: Path, arch: str, config: Path, store: Path) -> None:

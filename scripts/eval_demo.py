@@ -8,16 +8,14 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from collections import Counter
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "scripts"), str(ROOT / "tests")]
+import shapes
+from handler.classifier import ImageClassifier
+from shapes import shape_image
 
-import shapes  # noqa: E402
-from handler.classifier import ImageClassifier  # noqa: E402
-from helpers import shape_image  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 SLICES = {
     "clear shapes (>= 1/3 of the shorter side), PNG": dict(size_range=(0.35, 0.9)),

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import sys
 import tempfile
 import threading
 import time
@@ -27,13 +26,12 @@ from typing import Any
 import psutil
 import requests
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "scripts"), str(ROOT / "tests")]
+import shapes
+from client import multipart_mixed
+from shapes import shape_image
+from timing import percentile
 
-import shapes  # noqa: E402
-from client import multipart_mixed  # noqa: E402
-from helpers import shape_image  # noqa: E402
-from timing import percentile  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 MAX_REQUESTS = 200_000  # a hard bound besides the time limit
 RSS_SAMPLE_S = 30.0  # how often the backend's memory is sampled during the run

@@ -3,11 +3,9 @@
 
 import argparse
 import random
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import shapes  # noqa: E402
+import shapes
 
 parser = argparse.ArgumentParser(description=__doc__)
 parser.add_argument("label", choices=shapes.CLASSES)

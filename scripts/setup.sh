@@ -67,6 +67,26 @@ ensure_venv() {
   echo "$want" >"$stamp"
 }
 
+ensure_project() {
+  # This checkout's handler package, installed editable: scripts and tests import it from any
+  # directory without editing the import path. Skipped while pyproject.toml is unchanged and
+  # ``handler`` still resolves here (-I: not from the current directory).
+  local stamp="$VENV/.project.sha256"
+  local want origin
+  want="$(sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1)"
+  origin="$("$VENV/bin/python" -I -c 'import importlib.util as u, os; s = u.find_spec("handler")
+print(os.path.realpath(s.origin) if s and s.origin else "")' 2>/dev/null || true)"
+  if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" && "$origin" == "$(cd "$ROOT" && pwd -P)/handler/__init__.py" ]]; then
+    return 0
+  fi
+  echo "setup: installing this project (editable)" >&2
+  # Build isolation (pip's default) fetches setuptools for the build: a venv on Python 3.12+ has none.
+  # setuptools' warning that ./handler shadows the installed package is moot: it is the same folder.
+  PYTHONWARNINGS="ignore:Editable installation" \
+    "$VENV/bin/python" -m pip install --quiet --no-cache-dir --no-deps -e "$ROOT"
+  echo "$want" >"$stamp"
+}
+
 ensure_bench_extras() {
   # Benchmarks only: scikit-image ships the real photos they use.
   "$VENV/bin/python" -c "import skimage, captum" 2>/dev/null && return 0
@@ -76,6 +96,7 @@ ensure_bench_extras() {
 
 ensure_java
 ensure_venv
+ensure_project
 if [[ "${1:-}" == "--bench" ]]; then
   ensure_bench_extras
 fi

@@ -151,3 +151,16 @@ def make_example(seed: int, label: str | None = None, **spec_kwargs: int) -> tup
     rng = random.Random(seed)
     spec = random_spec(rng, label, **spec_kwargs)
     return spec.label, encode(draw(spec), rng)
+
+
+def shape_image(label: str, seed: int, *, fmt: str = "PNG", min_side: int = 160, max_side: int = 480,
+                size_range: tuple[float, float] | None = None) -> bytes:
+    """A freshly drawn shape of a known class, encoded as ``fmt``: the tests' and the demo
+    scripts' (eval_demo.py, loadtest.py) images of known content."""
+    rng = random.Random(seed)
+    spec = random_spec(rng, label, min_side=min_side, max_side=max_side)
+    if size_range is not None:
+        spec = ShapeSpec(spec.label, spec.width, spec.height, rng.uniform(*size_range), spec.background, spec.seed)
+    buffer = io.BytesIO()
+    draw(spec).save(buffer, format=fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+    return buffer.getvalue()

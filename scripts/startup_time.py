@@ -15,15 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
+from ts_server import start_server
 
-from ts_server import start_server  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 VARIANTS = {
     "eager (no C++ compiler)": lambda cache: {"CXX": "/nonexistent/g++", "TORCHINDUCTOR_CACHE_DIR": cache},

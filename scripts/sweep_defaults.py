@@ -19,9 +19,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
-
 
 def parse_value(text: str):
     try:
@@ -32,16 +29,12 @@ def parse_value(text: str):
 
 def one_setting(settings: dict, model_dir: Path, size: str, images: int) -> dict:
     """Runs in a child process: the classifier set up as a server worker, then timed."""
-    import torch
 
     from bench_images import photo_jpegs
-    from handler.classifier import ImageClassifier, read_model
-    from handler.process import configure_process
+    from handler.classifier import ImageClassifier
     from timing import time_requests
 
-    spec = read_model(model_dir, settings)
-    configure_process(spec.config, device=torch.device("cpu"))
-    with ImageClassifier(spec, device="cpu") as classifier:
+    with ImageClassifier.for_serving(model_dir, device="cpu", overrides=settings) as classifier:
         timed = time_requests(classifier, photo_jpegs(size, images), 15, encoding="form")
     return {"ms": round(timed["seconds"] * 1000, 1), "inference_ms": round(timed["InferenceMs"], 1),
             "decode_wait_ms": round(timed["DecodeTransformMs"], 1)}

@@ -8,4 +8,6 @@ bash scripts/setup.sh
 # The end-to-end tests build their archives from this checkout; building model_store/shapes.mar
 # here also trains the demo weights if they are missing.
 .venv/bin/python scripts/build_mar.py >/dev/null
+# The type check: mypy over handler/ (check_untyped_defs; settings in pyproject.toml).
+.venv/bin/python -m mypy
 exec .venv/bin/python -m pytest "$@"

@@ -13,7 +13,6 @@ import argparse
 import json
 import multiprocessing
 import random
-import sys
 import time
 from pathlib import Path
 
@@ -21,13 +20,12 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
+import shapes
+from handler.architectures import ShapesNet
+from handler.config import HandlerConfig
+from handler.images import ImageTransform
 
-import shapes  # noqa: E402
-from handler.architectures import ShapesNet  # noqa: E402
-from handler.config import HandlerConfig  # noqa: E402
-from handler.images import ImageTransform  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 MODEL_DIR = ROOT / "models" / "shapes"
 

@@ -18,21 +18,15 @@ import argparse
 import itertools
 import multiprocessing
 import time
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
-
-from handler.classifier import ImageClassifier, read_model  # noqa: E402
-from handler.devices import resolve_device  # noqa: E402
-from handler.process import configure_process  # noqa: E402
-from model_dirs import random_model_dir  # noqa: E402
-from timing import request_batch  # noqa: E402
+from handler.classifier import ImageClassifier
+from model_dirs import random_model_dir
+from timing import request_batch
 
 
 COMPILE = {"false": False, "auto": "auto", "true": True}
@@ -53,10 +47,8 @@ def _backend_worker(model_dir: str, settings: dict[str, Any], images: list[bytes
                     start: Any, results: Any) -> None:
     """One stand-in backend worker: set up as TorchServe's would, wait for the others, then serve
     base64 JSON requests (parsed each time, as a server does)."""
-    spec = read_model(model_dir, model_yaml=settings)
-    device = resolve_device("auto")
-    configure_process(spec.config, device=device, backend_workers=settings.get("maxWorkers", 1))
-    with ImageClassifier(spec, device=device) as classifier:
+    with ImageClassifier.for_serving(model_dir, backend_workers=settings.get("maxWorkers", 1),
+                                     model_yaml=settings) as classifier:
         batch = request_batch(images, len(images))
         classifier.classify_requests(batch())  # warm-up
         start.wait()

@@ -10,27 +10,13 @@ from typing import Any
 
 from PIL import Image
 
-import shapes
+from shapes import shape_image  # noqa: F401  (in scripts/shapes.py, which the demo scripts import too)
 
 
 def encode(image: Image.Image, fmt: str = "PNG", **save_args: Any) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format=fmt, **save_args)
     return buffer.getvalue()
-
-
-def shape_image(label: str, seed: int, *, fmt: str = "PNG", min_side: int = 160, max_side: int = 480,
-                size_range: tuple[float, float] | None = None) -> bytes:
-    """A freshly drawn shape of a known class, encoded as ``fmt``."""
-    import random
-
-    rng = random.Random(seed)
-    spec = shapes.random_spec(rng, label, min_side=min_side, max_side=max_side)
-    if size_range is not None:
-        spec = shapes.ShapeSpec(spec.label, spec.width, spec.height, rng.uniform(*size_range),
-                                spec.background, spec.seed)
-    save_args = {"quality": 90} if fmt == "JPEG" else {}
-    return encode(shapes.draw(spec), fmt, **save_args)
 
 
 def answers_alone(server: Any, images: list[bytes], model: str = "shapes") -> list[dict[str, float]]:

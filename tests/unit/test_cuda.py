@@ -93,9 +93,22 @@ def test_cuda_answers_like_the_cpu(model_dir, cpu_answers, name):
     want, want_statuses = cpu_answers
     handler = start(model_dir, gpu=True, **CONFIGS[name])
     try:
+        pipeline = handler.classifier.pipeline
         assert handler.classifier.device.type == "cuda"
+        if CONFIGS[name].get("compile"):  # compiled, not the eager fallback
+            assert pipeline._compiled is not None and pipeline._compiled_buckets == (8,), pipeline._compiled_buckets
+        nvjpeg = []
         if "decode_device" in CONFIGS[name]:
-            assert handler.classifier.pipeline.jpeg_decoder is not None, "nvJPEG did not warm up"
+            decoder = pipeline.jpeg_decoder
+            assert decoder is not None, "nvJPEG did not warm up"
+            decode = decoder.decode
+
+            def counted(jobs):
+                batch = decode(jobs)
+                nvjpeg.extend(batch.keys if batch is not None else [])
+                return batch
+
+            decoder.decode = counted
         for _ in range(2):  # the second round reuses ring slots, buffers and cuDNN plans
             got, statuses, context = answer(handler, mixed_rows())
             assert statuses == want_statuses and set(statuses) == {2}
@@ -105,6 +118,9 @@ def test_cuda_answers_like_the_cpu(model_dir, cpu_answers, name):
                 for g, w in zip(g_request, w_request):
                     assert next(iter(g)) == next(iter(w))  # top-1 label
                     assert g == pytest.approx(w, abs=0.03)
+        if "decode_device" in CONFIGS[name]:  # JPEGs went through nvJPEG (the rest through the workers)
+            share = CONFIGS[name].get("cpu_decode_share", 0.0)
+            assert 0 < len(nvjpeg) < 2 * 27 and (share == 0 or len(nvjpeg) <= 2 * 27 * (1 - share) + 2), nvjpeg
         stages = context.metrics.values
         assert stages["InferenceMs"][-1] > 0 and stages["HostToDeviceMs"][-1] > 0
         assert stages["ImagesPerBatch"][-1] == 27
