@@ -33,7 +33,7 @@ from handler.protocols.common import (
 )
 
 __all__ = ["FormFields", "ParsedRequest", "PlainJson", "Prediction", "Reply", "check_images", "decode_base64",
-           "decode_request", "error_reply", "parse_body", "parse_json"]
+           "decode_request", "error_reply"]
 
 _JSON_FORMATS = (json_images, kserve_v1, kserve_v2)
 
