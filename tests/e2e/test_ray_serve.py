@@ -1,0 +1,133 @@
+"""The Ray Serve door on a real two-node Ray cluster (two `ray start` processes on loopback, one
+CPU each), started with Ray's own CLI (`serve start`, `serve run handler.ray_serve:app ...`) and
+called over HTTP like the TorchServe door."""
+
+import base64
+import concurrent.futures as futures
+import json
+import shutil
+import time
+
+import pytest
+import requests
+import yaml
+
+from handler.classifier import ImageClassifier
+from helpers import assert_same_answers as same, shape_image
+from ray_cluster import HEAD_IP, RayCluster, free_port
+from ts_server import ROOT
+
+pytestmark = pytest.mark.e2e
+
+NAME = "shapes"
+LABELS = ["circle", "square", "triangle"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """The demo model, eager and with small batches (compiling would only lengthen the start)."""
+    directory = tmp_path_factory.mktemp("ray_model") / NAME
+    shutil.copytree(ROOT / "models" / "shapes", directory)
+    config = yaml.safe_load((directory / "model-config.yaml").read_text())
+    config["handler"].update(compile=False, batch_size=8, max_image_pixels=1_000_000)
+    (directory / "model-config.yaml").write_text(yaml.safe_dump(config))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def serve_url(model_dir, tmp_path_factory):
+    with RayCluster(tmp_path_factory.mktemp("rc"), nodes=2) as cluster:
+        port = free_port()
+        cluster.run(["serve", "start", f"--http-host={HEAD_IP}", f"--http-port={port}", "--proxy-location=HeadOnly"])
+        cluster.run(["serve", "run", "--non-blocking", "handler.ray_serve:app", f"model={model_dir}",
+                     "num_replicas=2", "num_cpus=1"], timeout_s=300)
+        url = f"http://{HEAD_IP}:{port}"
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                if requests.get(f"{url}/ping", timeout=5).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{url}/ping did not answer")
+            time.sleep(2)
+        wait_for_replicas(cluster, 2)
+        yield url, cluster
+
+
+def driver(cluster, code):
+    """Run ``code`` in a Ray driver connected to the cluster; the JSON it prints last."""
+    script = f"import json, ray; from ray import serve; ray.init(address={cluster.address!r}, logging_level='ERROR')\n{code}"
+    out = cluster.run(["python", "-c", script]).stdout.splitlines()
+    return json.loads([line for line in out if line.startswith(("[", "{"))][-1])
+
+
+def wait_for_replicas(cluster, count, timeout_s=300):
+    """``serve status`` needs the dashboard (off here): ask the controller through a driver."""
+    code = ("s = serve.status().applications['default'].deployments[%r]\n"
+            "print(json.dumps({'status': str(s.status), 'running': s.replica_states.get('RUNNING', 0)}))" % NAME)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        state = driver(cluster, code)
+        if state["status"].endswith("HEALTHY") and state["running"] == count:
+            return
+        time.sleep(2)
+    raise TimeoutError(f"{count} replicas not running: {state}")
+
+
+@pytest.fixture(scope="module")
+def library(model_dir):
+    with ImageClassifier.load(model_dir, device="cpu") as clf:
+        yield clf
+
+
+def images(n, seed):
+    return [shape_image(LABELS[(seed + i) % 3], seed=seed + i) for i in range(n)]
+
+
+def test_two_replicas_are_placed_on_different_nodes(serve_url):
+    _, cluster = serve_url
+    nodes = driver(cluster, "print(json.dumps(sorted(a['Address']['IPAddress'] for a in ray._private.state.actors()"
+                            ".values() if a['State'] == 'ALIVE' and 'ServeReplica' in a['ActorClassName'])))")
+    assert nodes == sorted(cluster.node_ips), nodes
+
+
+def test_concurrent_clients_get_their_own_answers_equal_to_the_library(serve_url, library):
+    url, _ = serve_url
+    requests_ = [images(1 + i % 5, seed=10 * i) for i in range(16)]
+
+    def send(batch):
+        files = [(f"f{i}", (f"f{i}.png", data, "image/png")) for i, data in enumerate(batch)]
+        response = requests.post(f"{url}/predictions/{NAME}", files=files, timeout=120)
+        assert response.status_code == 200, response.text
+        body = response.json()
+        return body if isinstance(body, list) else [body]
+
+    with futures.ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(send, requests_))
+    for batch, got in zip(requests_, answers):
+        same(got, library.classify(batch))
+
+
+def test_every_request_form_and_a_bad_request_failing_alone(serve_url, library):
+    url, _ = serve_url
+    batch = images(3, seed=99)
+    want = library.classify(batch)
+    b64 = [base64.b64encode(b).decode() for b in batch]
+    raw = requests.post(f"{url}/predictions/{NAME}", data=batch[0], timeout=60)
+    same([raw.json()], want[:1])
+    listed = requests.post(f"{url}/predictions/{NAME}", json={"images": b64}, timeout=60).json()
+    v1 = requests.post(f"{url}/v1/models/{NAME}:predict", json={"instances": [{"b64": b} for b in b64]},
+                       timeout=60).json()["predictions"]
+    v2 = requests.post(f"{url}/v2/models/{NAME}/infer", json={"id": "r1", "inputs": [
+        {"name": "images", "shape": [3], "datatype": "BYTES", "data": b64}]}, timeout=60).json()
+    assert v2["id"] == "r1" and v2["model_name"] == NAME
+    for answer in (listed, v1, [json.loads(x) for x in v2["outputs"][0]["data"]]):
+        same(answer, want)
+    bad = requests.post(f"{url}/predictions/{NAME}", json={"images": [b64[0], base64.b64encode(b"nope").decode()]},
+                        timeout=60)
+    assert bad.status_code == 400, bad.text
+    assert bad.json()["error"] == "invalid_image" and bad.json()["images"][0]["index"] == 1
+    assert requests.get(f"{url}/predictions/other", timeout=30).status_code == 404
+    assert requests.post(f"{url}/predictions/{NAME}", data=batch[1], timeout=60).status_code == 200  # still serving
