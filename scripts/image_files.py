@@ -10,6 +10,8 @@ import threading
 from pathlib import Path
 from typing import Any, TextIO
 
+from handler.ray_data import error_row, result_row
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 
 
@@ -46,11 +48,11 @@ class Progress:
 
 
 def result_line(path: Path, scores: dict[str, float]) -> dict[str, Any]:
-    return {"path": str(path), "label": next(iter(scores)), "scores": scores}
+    return result_row(str(path), scores)
 
 
 def error_line(path: Path, error: str, reason: str) -> dict[str, Any]:
-    return {"path": str(path), "error": error, "reason": reason}
+    return error_row(str(path), error, reason)
 
 
 def write_lines(out: TextIO, lines: list[dict[str, Any]], progress: Progress) -> int:
@@ -62,10 +64,12 @@ def write_lines(out: TextIO, lines: list[dict[str, Any]], progress: Progress) ->
     return bad
 
 
-def finish(total: int, failed: int, out: Path) -> None:
-    """The summary on stderr (each failure named), and exit status 1 if any image failed."""
+def finish(total: int, failed: int, out: Path, failures: list[dict[str, Any]] | None = None) -> None:
+    """The summary on stderr (each failure named: ``failures``, or those in the JSONL ``out``), and
+    exit status 1 if any image failed."""
     sys.stderr.write(f"\n{total - failed} classified, {failed} failed; wrote {out}\n")
-    for line in (json.loads(x) for x in out.read_text().splitlines()):
-        if "error" in line:
-            sys.stderr.write(f"  {line['path']}: {line['error']}: {line['reason']}\n")
+    if failures is None:
+        failures = [line for line in (json.loads(x) for x in out.read_text().splitlines()) if "error" in line]
+    for line in failures:
+        sys.stderr.write(f"  {line['path']}: {line['error']}: {line['reason']}\n")
     sys.exit(1 if failed else 0)

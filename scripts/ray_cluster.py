@@ -6,7 +6,7 @@ Each node is its own ``ray start`` (raylet, object store, workers) with its own 
 ``127.0.0.1`` into the machine's network address ("remotely reachable"), but keeps other loopback
 addresses as given, so no traffic leaves loopback.
 
-    with RayCluster(tmp_dir, nodes=2) as cluster:
+    with RayCluster(nodes=2) as cluster:
         cluster.address            # "127.0.0.2:PORT", for ray.init / serve run -a
         cluster.run(["serve", "start", ...])
 """
@@ -18,6 +18,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -44,8 +45,9 @@ def ray_env() -> dict[str, str]:
 class RayCluster:
     """A head node and ``nodes - 1`` more, each a separate ``ray start``; stopped on exit whatever happened."""
 
-    def __init__(self, directory: Path, *, nodes: int = 2, cpus_per_node: int = 1) -> None:
-        self.directory = Path(directory)
+    def __init__(self, *, nodes: int = 2, cpus_per_node: int = 1) -> None:
+        # Short: Ray's socket paths (under its temp dir) must fit in 107 characters.
+        self.directory = Path(tempfile.mkdtemp(prefix="rc_", dir="/tmp"))
         self.nodes = nodes
         self.cpus_per_node = cpus_per_node
         self.port = free_port()
@@ -64,8 +66,7 @@ class RayCluster:
         self.stop()
 
     def start(self) -> None:
-        temp = self.directory / "ray"  # short: Ray's socket paths must fit in 107 characters
-        temp.mkdir(parents=True, exist_ok=True)
+        temp = self.directory
         self.run(["ray", "start", "--head", f"--node-ip-address={HEAD_IP}", f"--port={self.port}",
                   f"--num-cpus={self.cpus_per_node}", "--include-dashboard=false", f"--temp-dir={temp}",
                   "--disable-usage-stats"])
@@ -106,4 +107,4 @@ class RayCluster:
 
     def stop(self) -> None:
         subprocess.run([str(BIN / "ray"), "stop", "--force"], env=ray_env(), capture_output=True, timeout=120)
-        shutil.rmtree(self.directory / "ray", ignore_errors=True)
+        shutil.rmtree(self.directory, ignore_errors=True)

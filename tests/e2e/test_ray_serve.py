@@ -36,7 +36,7 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def serve_url(model_dir, tmp_path_factory):
-    with RayCluster(tmp_path_factory.mktemp("rc"), nodes=2) as cluster:
+    with RayCluster(nodes=2) as cluster:
         port = free_port()
         cluster.run(["serve", "start", f"--http-host={HEAD_IP}", f"--http-port={port}", "--proxy-location=HeadOnly"])
         cluster.run(["serve", "run", "--non-blocking", "handler.ray_serve:app", f"model={model_dir}",
