@@ -6,8 +6,10 @@ import base64
 import concurrent.futures as futures
 import json
 import shutil
+import threading
 import time
 
+import psutil
 import pytest
 import requests
 import yaml
@@ -131,3 +133,66 @@ def test_every_request_form_and_a_bad_request_failing_alone(serve_url, library):
     assert bad.json()["error"] == "invalid_image" and bad.json()["images"][0]["index"] == 1
     assert requests.get(f"{url}/predictions/other", timeout=30).status_code == 404
     assert requests.post(f"{url}/predictions/{NAME}", data=batch[1], timeout=60).status_code == 200  # still serving
+
+
+# ---- faults (last in this module: they change the cluster) ---------------------------------------
+
+
+def replica_pids(cluster):
+    """{node address: replica process id} of the live Serve replicas."""
+    return driver(cluster, "print(json.dumps({a['Address']['IPAddress']: a['Pid'] for a in "
+                           "ray._private.state.actors().values() if a['State'] == 'ALIVE' and "
+                           "'ServeReplica' in a['ActorClassName']}))")
+
+
+def send_while(url, stop, outcomes, timeout_s=30):
+    """A client sending one-image requests until ``stop`` is set; each outcome is a status code, or
+    the exception's name (a timeout would be "ReadTimeout")."""
+    image = images(1, seed=5)[0]
+    while not stop.is_set():
+        try:
+            outcomes.append(requests.post(f"{url}/predictions/{NAME}", data=image, timeout=timeout_s).status_code)
+        except requests.RequestException as exc:
+            outcomes.append(type(exc).__name__)
+
+
+def test_a_killed_loader_worker_is_healed_and_requests_keep_succeeding(serve_url):
+    url, cluster = serve_url
+    (pid,) = [p for ip, p in replica_pids(cluster).items() if ip == cluster.node_ips[1]]
+    workers = psutil.Process(pid).children()
+    assert workers, "the replica has no loader worker processes"
+    workers[0].kill()
+    statuses = [requests.post(f"{url}/predictions/{NAME}", data=image, timeout=60).status_code
+                for image in images(8, seed=300)]
+    assert statuses == [200] * 8, statuses  # the loader rebuilds its workers, or Ray replaces the replica
+    wait_for_replicas(cluster, 2)
+
+
+def test_killing_the_node_of_a_replica_while_clients_send(serve_url, library):
+    url, cluster = serve_url
+    victim = cluster.node_ips[1]
+    raylets = [p for p in psutil.process_iter(["cmdline"])
+               if any("raylet" in part for part in (p.info["cmdline"] or [])[:1])
+               and any(f"--node_ip_address={victim}" in part for part in p.info["cmdline"] or [])]
+    assert len(raylets) == 1, raylets
+    stop, outcomes = threading.Event(), []
+    clients = [threading.Thread(target=send_while, args=(url, stop, outcomes)) for _ in range(4)]
+    for client in clients:
+        client.start()
+    time.sleep(3)
+    raylets[0].kill()  # the node dies: its raylet, and with it the replica and workers on it
+    time.sleep(15)
+    stop.set()
+    for client in clients:
+        client.join(60)
+    assert not any(client.is_alive() for client in clients), "a client hangs"
+    assert "ReadTimeout" not in outcomes, outcomes  # every request was answered within its timeout
+    assert outcomes.count(200) > 0, outcomes
+    print("during the node's death, clients saw:", {o: outcomes.count(o) for o in set(outcomes)})
+    cluster.start_node("127.0.0.4")  # a replacement node: Ray restores the second replica there
+    wait_for_replicas(cluster, 2)
+    batch = images(6, seed=400)
+    for image, want in zip(batch, library.classify(batch)):
+        response = requests.post(f"{url}/predictions/{NAME}", data=image, timeout=60)
+        assert response.status_code == 200, response.text
+        same([response.json()], [want])
