@@ -1,0 +1,50 @@
+"""handler.ray_serve's application builder and the shipped `serve deploy` configs (no cluster:
+binding an application starts nothing)."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from handler.ray_serve import ImageClassifierDeployment, app, model_name
+from ts_server import ROOT
+
+CONFIGS = sorted((ROOT / "deploy" / "ray").glob("*.yaml"))
+
+
+def test_the_builder_names_the_deployment_after_the_model_and_takes_the_contract_arguments():
+    application = app({"model": str(ROOT / "models" / "shapes"), "num_replicas": "2", "num_cpus": "1"})
+    deployment = application._bound_deployment
+    assert deployment.name == "shapes" and deployment.num_replicas == 2
+    assert deployment.func_or_class is ImageClassifierDeployment
+    assert deployment.ray_actor_options == {"num_cpus": 1.0, "num_gpus": 0.0}
+    named = app({"model": str(ROOT / "models" / "shapes"), "name": "demo"})._bound_deployment
+    assert named.name == "demo"
+    assert model_name("/models/efficientnet_lite0.mar") == "efficientnet_lite0"
+    assert model_name(Path("models/shapes")) == "shapes"
+
+
+@pytest.mark.parametrize("args, message", [
+    pytest.param({}, "model=DIR_OR_MAR is required", id="no-model"),
+    pytest.param({"model": "/nowhere/x.mar"}, "does not exist", id="missing-model"),
+    pytest.param({"model": str(ROOT / "models" / "shapes"), "replicas": "2"}, "unknown arguments", id="typo"),
+])
+def test_bad_builder_arguments_are_clear_errors(args, message):
+    with pytest.raises(ValueError, match=message):
+        app(args)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_shipped_serve_configs_build_with_this_builder(path):
+    (application,) = yaml.safe_load(path.read_text())["applications"]
+    assert application["import_path"] == "handler.ray_serve:app"
+    args = {**application["args"], "model": str(ROOT / "models" / "efficientnet_lite0")}
+    deployment = app(args)._bound_deployment
+    assert [d["name"] for d in application["deployments"]] == [deployment.name] == ["efficientnet_lite0"]
+    options = deployment.ray_actor_options
+    assert options["num_cpus"] == float(application["args"]["num_cpus"])
+    assert options["num_gpus"] == float(application["args"].get("num_gpus", 0))
+
+
+def test_both_configs_are_shipped():
+    assert [p.name for p in CONFIGS] == ["serve-cpu.yaml", "serve-gpu.yaml"]
