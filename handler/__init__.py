@@ -34,5 +34,7 @@ Doors (each maps its server to the core, nothing more):
     service         -- the one TorchServe handler class: context <-> core
     torchserve_io   -- TorchServe's request rows, statuses, response headers and metrics
     kserve_server   -- the KServe model server door (python -m handler.kserve_server)
-    batcher         -- batching of concurrent requests, counted in images, for the KServe door
+    batcher         -- batching of concurrent requests, counted in images (KServe and Ray Serve doors)
+    ray_serve       -- the Ray Serve door (serve run handler.ray_serve:app model=...)
+    ray_data        -- offline classification of a dataset on a Ray cluster (Ray Data actors)
 """

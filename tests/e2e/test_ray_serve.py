@@ -9,10 +9,14 @@ import shutil
 import threading
 import time
 
+import numpy as np
 import psutil
 import pytest
 import requests
+import tritonclient.http as triton_http
 import yaml
+
+from client import multipart_mixed
 
 from handler.classifier import ImageClassifier
 from helpers import assert_same_answers as same, shape_image
@@ -127,6 +131,14 @@ def test_every_request_form_and_a_bad_request_failing_alone(serve_url, library):
     assert v2["id"] == "r1" and v2["model_name"] == NAME
     for answer in (listed, v1, [json.loads(x) for x in v2["outputs"][0]["data"]]):
         same(answer, want)
+    tensor = triton_http.InferInput("images", [3], "BYTES")  # tritonclient's binary tensor data
+    tensor.set_data_from_numpy(np.array(batch, dtype=np.object_), binary_data=True)
+    client = triton_http.InferenceServerClient(url.split("//", 1)[1])
+    result = client.infer(NAME, [tensor], outputs=[triton_http.InferRequestedOutput("predictions", binary_data=True)])
+    same([json.loads(x) for x in result.as_numpy("predictions")], want)
+    body, content_type = multipart_mixed([(f"f{i}", (f"f{i}.png", d, "image/png")) for i, d in enumerate(batch)])
+    mixed = requests.post(f"{url}/predictions/{NAME}", data=body, headers={"Content-Type": content_type}, timeout=60)
+    same(mixed.json(), want)
     bad = requests.post(f"{url}/predictions/{NAME}", json={"images": [b64[0], base64.b64encode(b"nope").decode()]},
                         timeout=60)
     assert bad.status_code == 400, bad.text

@@ -30,6 +30,8 @@ CONFIGS = {
                               "cpu_decode_share": 0.5, "loader_batch_size": 2},
     "fp16-nvjpeg-compile": {"precision": "fp16", "decode_device": "cuda", "batch_buckets": [8], "compile": True},
 }
+# Of mixed_rows' 27 images, the JPEGs nvJPEG takes: all but the PNG and the truncated one.
+WHOLE_JPEGS = 25
 
 
 @pytest.fixture(scope="module")
@@ -95,20 +97,34 @@ def test_cuda_answers_like_the_cpu(model_dir, cpu_answers, name):
     try:
         pipeline = handler.classifier.pipeline
         assert handler.classifier.device.type == "cuda"
+        compiled_runs: list[int] = []  # the batch size of each pass through the compiled model
         if CONFIGS[name].get("compile"):  # compiled, not the eager fallback
             assert pipeline._compiled is not None and pipeline._compiled_buckets == (8,), pipeline._compiled_buckets
-        nvjpeg = []
+            compiled = pipeline._compiled
+
+            def counted_compiled(x):
+                compiled_runs.append(x.shape[0])
+                return compiled(x)
+
+            pipeline._compiled = counted_compiled
+        offered: list[int] = []  # per run, how many JPEGs the decoder took from the items
+        nvjpeg: list[int] = []  # the keys nvJPEG decoded
         if "decode_device" in CONFIGS[name]:
             decoder = pipeline.jpeg_decoder
             assert decoder is not None, "nvJPEG did not warm up"
-            decode = decoder.decode
+            split, decode = decoder.split, decoder.decode
 
-            def counted(jobs):
+            def counted_split(items):
+                jobs, rest = split(items)
+                offered.append(len(jobs))
+                return jobs, rest
+
+            def counted_decode(jobs):
                 batch = decode(jobs)
                 nvjpeg.extend(batch.keys if batch is not None else [])
                 return batch
 
-            decoder.decode = counted
+            decoder.split, decoder.decode = counted_split, counted_decode
         for _ in range(2):  # the second round reuses ring slots, buffers and cuDNN plans
             got, statuses, context = answer(handler, mixed_rows())
             assert statuses == want_statuses and set(statuses) == {2}
@@ -118,9 +134,14 @@ def test_cuda_answers_like_the_cpu(model_dir, cpu_answers, name):
                 for g, w in zip(g_request, w_request):
                     assert next(iter(g)) == next(iter(w))  # top-1 label
                     assert g == pytest.approx(w, abs=0.03)
-        if "decode_device" in CONFIGS[name]:  # JPEGs went through nvJPEG (the rest through the workers)
-            share = CONFIGS[name].get("cpu_decode_share", 0.0)
-            assert 0 < len(nvjpeg) < 2 * 27 and (share == 0 or len(nvjpeg) <= 2 * 27 * (1 - share) + 2), nvjpeg
+        if CONFIGS[name].get("compile"):  # every batch (3 of 8, 1 of 3 padded to 8, per round) ran compiled
+            assert compiled_runs == [8] * 8, compiled_runs
+        if "decode_device" in CONFIGS[name]:  # the JPEGs went through nvJPEG, but for the CPU's share
+            on_gpu = WHOLE_JPEGS - round(WHOLE_JPEGS * CONFIGS[name].get("cpu_decode_share", 0.0))
+            assert offered == [WHOLE_JPEGS] * 2, offered
+            # nvJPEG decoded each of them, once per round: it rejected no list (the workers would
+            # have decoded a rejected list, with the same answers)
+            assert len(nvjpeg) == 2 * on_gpu and len(set(nvjpeg)) == on_gpu, (on_gpu, nvjpeg)
         stages = context.metrics.values
         assert stages["InferenceMs"][-1] > 0 and stages["HostToDeviceMs"][-1] > 0
         assert stages["ImagesPerBatch"][-1] == 27

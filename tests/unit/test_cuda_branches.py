@@ -2,20 +2,23 @@
 decoder that counts, ``torch.cuda`` functions patched), so that a refactor cannot break the GPU
 path unseen. ``test_cuda.py`` runs the same paths for real where there is a GPU."""
 
+import io
 import itertools
 import logging
 from types import SimpleNamespace
 
 import pytest
 import torch
+from PIL import Image
 
 import handler.assemble
+from handler import gpu_decode
 from handler.assemble import DeviceBatches
 from handler.classifier import ImageClassifier
 from handler.config import HandlerConfig
 from handler.dataset import DecodedBatch, LoaderItem
 from handler.devices import GPU_HOST_THREADS, autocast_dtype, copied_event, resolve_device, select_device, thread_budget
-from handler.gpu_decode import BatchedJpegDecoder, JpegJob
+from handler.gpu_decode import BatchedJpegDecoder, JpegJob, jpeg_job
 from handler.metrics import StageClock
 from handler.pipeline import Pipeline
 from handler.shared_memory import PixelRing
@@ -212,6 +215,27 @@ def test_stage_clock_on_cuda_times_with_events_and_synchronizes_once(fake_events
     assert [e.synchronized for e in fake_events] == [0, 0, 0, 0, 0, 1]  # only the last event, once
     clock.resolve()  # nothing pending: nothing added
     assert clock.ms["InferenceMs"] == 3
+
+
+def test_nvjpeg_decode_time_is_device_time_of_decoding(fake_events, monkeypatch):
+    """A nvJPEG list's timing events: started before the decode, ended after the resize, carried
+    by its batch, and added to DecodeTransformMs by DeviceBatches once the clock resolves."""
+    assert gpu_decode._recorded_events(CPU) is None
+    start, end = gpu_decode._recorded_events(CUDA)
+    assert start.enable_timing and end.enable_timing and start.tick is not None and end.tick is None
+    # The decoder runs on the CPU here; its events are that CUDA pair.
+    monkeypatch.setattr(gpu_decode, "_recorded_events", lambda device: (start, end))
+    buffer = io.BytesIO()
+    Image.new("RGB", (24, 16), (200, 30, 30)).save(buffer, format="JPEG")
+    job = jpeg_job(LoaderItem(5, buffer.getvalue()), max_pixels=10**6)
+    batch = BatchedJpegDecoder(HandlerConfig(image_size=16, resize_size=16), CPU).decode([job])
+    assert batch.keys == [5] and batch.device_events == (start, end) and end.tick == start.tick + 1
+    monkeypatch.setattr("handler.metrics.time", SimpleNamespace(perf_counter=lambda: 0.0))  # host stages: 0 ms
+    clock = StageClock(CUDA)
+    out = list(DeviceBatches([batch], size=1, device=CPU, normalize=lambda px: px.float(), clock=clock))
+    assert [keys for keys, _ in out] == [[5]]
+    clock.resolve()
+    assert clock.ms["DecodeTransformMs"] == 1  # the decode's pair, once
 
 
 # ---- the pipeline's CUDA set-up, nvJPEG routing and warm-up fallback ----------------------------
