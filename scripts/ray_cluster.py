@@ -53,6 +53,8 @@ class RayCluster:
         self.port = free_port()
         self.address = f"{HEAD_IP}:{self.port}"
         self.node_ips = [f"127.0.0.{2 + i}" for i in range(nodes)]
+        # Each node's Prometheus endpoint (Ray's metrics agent): http://IP:PORT/metrics.
+        self.metrics_ports: dict[str, int] = {}
 
     def __enter__(self) -> "RayCluster":
         try:
@@ -69,14 +71,18 @@ class RayCluster:
         temp = self.directory
         self.run(["ray", "start", "--head", f"--node-ip-address={HEAD_IP}", f"--port={self.port}",
                   f"--num-cpus={self.cpus_per_node}", "--include-dashboard=false", f"--temp-dir={temp}",
-                  "--disable-usage-stats"])
+                  "--disable-usage-stats", f"--metrics-export-port={self._metrics_port(HEAD_IP)}"])
         for ip in self.node_ips[1:]:
             self.start_node(ip)
         self.wait_for_nodes(self.nodes)
 
     def start_node(self, ip: str) -> None:
         self.run(["ray", "start", f"--address={self.address}", f"--node-ip-address={ip}",
-                  f"--num-cpus={self.cpus_per_node}"])
+                  f"--num-cpus={self.cpus_per_node}", f"--metrics-export-port={self._metrics_port(ip)}"])
+
+    def _metrics_port(self, ip: str) -> int:
+        self.metrics_ports[ip] = free_port(ip)
+        return self.metrics_ports[ip]
 
     def wait_for_nodes(self, count: int, timeout_s: float = 60) -> None:
         deadline = time.monotonic() + timeout_s

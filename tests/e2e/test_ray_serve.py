@@ -147,6 +147,20 @@ def test_every_request_form_and_a_bad_request_failing_alone(serve_url, library):
     assert requests.post(f"{url}/predictions/{NAME}", data=batch[1], timeout=60).status_code == 200  # still serving
 
 
+def test_stage_metrics_reach_rays_prometheus_endpoints(serve_url):
+    url, cluster = serve_url
+    requests.post(f"{url}/predictions/{NAME}", data=images(1, seed=3)[0], timeout=60).raise_for_status()
+    deadline = time.monotonic() + 90
+    while True:  # Ray's agents export what the replicas recorded every few seconds
+        pages = [requests.get(f"http://{ip}:{port}/metrics", timeout=10).text
+                 for ip, port in cluster.metrics_ports.items()]
+        lines = [line for page in pages for line in page.splitlines() if "image_classifier_stage_ms_count" in line]
+        if any('stage="InferenceMs"' in line and f'model_name="{NAME}"' in line for line in lines):
+            break
+        assert time.monotonic() < deadline, "no image_classifier_stage_ms in Ray's metrics"
+        time.sleep(3)
+
+
 # ---- faults (last in this module: they change the cluster) ---------------------------------------
 
 
