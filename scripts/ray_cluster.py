@@ -13,6 +13,7 @@ addresses as given, so no traffic leaves loopback.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -99,7 +100,7 @@ class RayCluster:
         out = subprocess.run([str(BIN / "python"), "-c", code], env=ray_env(), capture_output=True, text=True,
                              timeout=60)
         lines = [line for line in out.stdout.splitlines() if line.startswith("[")]
-        return __import__("json").loads(lines[-1]) if lines else []
+        return json.loads(lines[-1]) if lines else []
 
     def run(self, command: list[str], timeout_s: float = 180, check: bool = True) -> subprocess.CompletedProcess:
         """A Ray CLI command (``ray ...``, ``serve ...``) from this venv, against this cluster."""

@@ -38,6 +38,20 @@ def assert_same_answers(got: list[dict[str, float]], want: list[dict[str, float]
         assert all(abs(g[k] - w[k]) <= tolerance for k in w), (i, g, w)
 
 
+def demo_model_dir(directory: Path, **handler: Any) -> Path:
+    """A copy of the shipped demo model (models/shapes) in ``directory``, its ``handler:``
+    settings updated with ``handler`` (e.g. compile=False: compiling only lengthens a test's start)."""
+    import shutil
+
+    import yaml
+
+    shutil.copytree(Path(__file__).resolve().parents[1] / "models" / "shapes", directory)
+    config = yaml.safe_load((directory / "model-config.yaml").read_text())
+    config["handler"].update(handler)
+    (directory / "model-config.yaml").write_text(yaml.safe_dump(config))
+    return directory
+
+
 def write_model_dir(directory: Path, model: Any, labels: list[str]) -> Path:
     """A model directory as TorchServe unpacks a .mar: ``weights.pt`` (the state_dict) and
     ``index_to_name.json``."""

@@ -2,15 +2,13 @@
 loopback, one CPU each): `scripts/classify.py --ray ADDRESS` against `scripts/classify.py` alone."""
 
 import json
-import shutil
 import subprocess
 import sys
 
 import pyarrow.parquet as pq
 import pytest
-import yaml
 
-from helpers import shape_image
+from helpers import demo_model_dir, shape_image
 from ray_cluster import RayCluster, ray_env
 from ts_server import ROOT
 
@@ -37,12 +35,7 @@ def dataset(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("data_model") / "shapes"
-    shutil.copytree(ROOT / "models" / "shapes", directory)
-    config = yaml.safe_load((directory / "model-config.yaml").read_text())
-    config["handler"].update(compile=False, batch_size=16)
-    (directory / "model-config.yaml").write_text(yaml.safe_dump(config))
-    return directory
+    return demo_model_dir(tmp_path_factory.mktemp("data_model") / "shapes", compile=False, batch_size=16)
 
 
 def classify(*args):

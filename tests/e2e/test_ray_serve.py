@@ -5,7 +5,6 @@ called over HTTP like the TorchServe door."""
 import base64
 import concurrent.futures as futures
 import json
-import shutil
 import threading
 import time
 
@@ -14,14 +13,12 @@ import psutil
 import pytest
 import requests
 import tritonclient.http as triton_http
-import yaml
 
 from client import multipart_mixed
 
 from handler.classifier import ImageClassifier
-from helpers import assert_same_answers as same, shape_image
+from helpers import assert_same_answers as same, demo_model_dir, shape_image
 from ray_cluster import HEAD_IP, RayCluster, free_port
-from ts_server import ROOT
 
 pytestmark = pytest.mark.e2e
 
@@ -32,12 +29,8 @@ LABELS = ["circle", "square", "triangle"]
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """The demo model, eager and with small batches (compiling would only lengthen the start)."""
-    directory = tmp_path_factory.mktemp("ray_model") / NAME
-    shutil.copytree(ROOT / "models" / "shapes", directory)
-    config = yaml.safe_load((directory / "model-config.yaml").read_text())
-    config["handler"].update(compile=False, batch_size=8, max_image_pixels=1_000_000)
-    (directory / "model-config.yaml").write_text(yaml.safe_dump(config))
-    return directory
+    return demo_model_dir(tmp_path_factory.mktemp("ray_model") / NAME, compile=False, batch_size=8,
+                          max_image_pixels=1_000_000)
 
 
 @pytest.fixture(scope="module")
