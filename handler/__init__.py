@@ -22,7 +22,11 @@ The core (no server imported anywhere in it):
     devices       -- device choice, copy-done events, autocast dtype, thread budget
     architectures -- the demo model (ShapesNet), EfficientNet-Lite0 and the architecture registry
     model_loading -- build an architecture and load its weights and labels
-    optimize      -- inference-only rewrites: BatchNorm folding, optional torch.compile
+    optimize      -- inference-only rewrites: BatchNorm folding, optional torch.compile (frozen
+                     for bf16 and int8)
+    precision     -- which precision runs here (bf16 on CPUs with bf16 matrix units), and the
+                     accuracy measure and gates archive builds apply
+    quantize      -- int8: PT2E calibration into a saved program, and loading it
     memory        -- allocator settings: freed memory kept for the next batch (glibc)
     postprocess   -- logits -> top-k {label: score}
     metrics       -- per-stage timings (CUDA events on a GPU)

@@ -9,7 +9,7 @@ from typing import Any, Mapping
 
 RESIZE_MODES = ("center_crop", "letterbox", "squash")
 INTERPOLATIONS = ("bilinear", "bicubic")
-PRECISIONS = ("fp32", "fp16", "bf16")
+PRECISIONS = ("auto", "fp32", "fp16", "bf16", "int8")
 DECODE_DEVICES = ("cpu", "cuda")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -58,7 +58,11 @@ class HandlerConfig:
         jpeg_draft_margin: DCT scaling stops at this many times the size the resize needs, so the
             antialiased resize still downscales after it (1.0: fastest, further from the stock
             pipeline's pixels).
-        precision: ``fp32``, or autocast to ``fp16``/``bf16`` for the forward pass (fp16 needs CUDA).
+        precision: ``auto`` (the default): bf16 on a CPU with bf16 matrix units (AMX or
+            AVX512-BF16), fp32 elsewhere (GPUs included); ``fp32``; ``bf16`` or ``fp16`` (CUDA
+            only) autocast for the forward pass; ``int8``: the calibrated program that
+            ``build_mar.py --calibrate`` stores in the archive (CPU, compiled). What cannot run
+            here runs fp32, with an error in the log (``handler.precision``).
         batch_buckets: pad every forward pass to the smallest of these batch sizes that fits, so
             the model only ever sees a few fixed shapes (each is warmed up in initialize). Empty:
             no padding, except for a compiled model, which gets ``compile_buckets``.
@@ -109,7 +113,7 @@ class HandlerConfig:
     decode_ahead: bool = True
     jpeg_draft: bool = True
     jpeg_draft_margin: float = 1.5
-    precision: str = "fp32"
+    precision: str = "auto"
     batch_buckets: tuple[int, ...] = ()
     cudnn_benchmark: bool = False
     fuse_batchnorm: bool = True

@@ -68,8 +68,9 @@ def copied_event(device: torch.device) -> Any:
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``precision`` on ``device``; None runs in fp32."""
-    if precision == "fp32":
+    """The autocast dtype for ``precision`` on ``device``; None runs as the model is (fp32, or
+    int8's own program)."""
+    if precision not in ("fp16", "bf16"):
         return None
     if precision == "fp16" and device.type != "cuda":
         log.warning("precision fp16 needs CUDA; running in fp32 on %s", device)

@@ -4,6 +4,7 @@ A model is three files:
     index_to_name.json   {"0": "label", ...}
     the weights          a state_dict for ``handler.arch``, a TorchScript file or a .pt2 program
     model-config.yaml    optional: TorchServe keys and the ``handler:`` section (HandlerConfig)
+and, for ``handler.precision: int8``, the calibrated program (``handler.quantize.INT8_PROGRAM``).
 In a .mar (or the directory TorchServe or KServe unpacked one into) MAR-INF/MANIFEST.json names
 the weights file; elsewhere it is the one file with a weights suffix.
 """
@@ -20,6 +21,7 @@ import yaml
 
 from handler.config import HandlerConfig
 from handler.model_loading import parse_labels
+from handler.quantize import INT8_PROGRAM
 
 LABELS_FILE = "index_to_name.json"
 CONFIG_FILE = "model-config.yaml"
@@ -37,6 +39,7 @@ class ModelSpec:
         labels: class names by index.
         weights: the weights file, or its bytes when it came out of a .mar.
         model_yaml: the whole model-config.yaml (server keys such as ``batchSize`` included).
+        int8_program: the calibrated int8 program (its file, or bytes out of a .mar), if any.
     """
 
     name: str
@@ -44,6 +47,7 @@ class ModelSpec:
     labels: list[str]
     weights: Path | bytes = field(repr=False)
     model_yaml: dict[str, Any] = field(default_factory=dict)
+    int8_program: Path | bytes | None = field(default=None, repr=False)
 
 
 def read_model(
@@ -124,6 +128,7 @@ def _read(files: Any, default_name: str, overrides: Mapping[str, Any] | None,
         labels=parse_labels(files.read(LABELS_FILE).decode(), LABELS_FILE),
         weights=Path(weights) if weights is not None else files.weights(_weights_name(files, manifest)),
         model_yaml=dict(model_yaml),
+        int8_program=files.weights(INT8_PROGRAM) if files.has(INT8_PROGRAM) else None,
     )
 
 
@@ -137,7 +142,7 @@ def _parse_yaml(data: bytes, name: str) -> dict[str, Any]:
 def _weights_name(files: Any, manifest: Mapping[str, Any]) -> str:
     if manifest.get("serializedFile"):
         return str(manifest["serializedFile"])
-    candidates = [n for n in files.names() if PurePosixPath(n).suffix in WEIGHT_SUFFIXES]
+    candidates = [n for n in files.names() if PurePosixPath(n).suffix in WEIGHT_SUFFIXES and n != INT8_PROGRAM]
     if len(candidates) != 1:
         found = ", ".join(candidates) or "none"
         raise FileNotFoundError(f"expected exactly one weights file ({', '.join(WEIGHT_SUFFIXES)}); found {found}")

@@ -41,12 +41,31 @@ def fold_batchnorm(model: nn.Module, example: torch.Tensor) -> nn.Module:
     return folded
 
 
-def compile_model(model: nn.Module, mode: str) -> nn.Module:
+def compile_model(model: nn.Module, mode: str, *, freeze: bool = False) -> nn.Module:
     """``torch.compile`` for fixed shapes: the handler only ever runs the batch buckets, each
-    compiled once during warm-up. Compiled code is cached on disk by torch (inductor's FX graph
-    and AOTAutograd caches, in ``$TORCHINDUCTOR_CACHE_DIR``, by default
+    compiled once during warm-up. ``freeze``: inductor's freezing (the weights become constants
+    of the graph, packed once; inference only). Compiled code is cached on disk by torch
+    (inductor's FX graph and AOTAutograd caches, in ``$TORCHINDUCTOR_CACHE_DIR``, by default
     ``/tmp/torchinductor_<user>``): a restart on the same machine compiles from the cache."""
-    return torch.compile(model, mode=mode, dynamic=False)  # type: ignore[return-value]
+    compiled: nn.Module = torch.compile(model, mode=mode, dynamic=False)  # type: ignore[assignment]
+    return _Frozen(compiled) if freeze else compiled
+
+
+class _Frozen(nn.Module):
+    """Runs a compiled model with inductor's freezing on, so that compiling (lazily, on a
+    shape's first call) freezes. It must be inductor's config while compiling: passed through
+    ``torch.compile(options=...)`` instead, freezing fails on int8 programs (inductor cannot
+    constant-fold oneDNN's weight prepacking then)."""
+
+    def __init__(self, compiled: nn.Module) -> None:
+        super().__init__()
+        self.compiled = compiled
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from torch._inductor import config as inductor_config
+
+        with inductor_config.patch(freezing=True):
+            return self.compiled(x)
 
 
 def should_compile(setting: bool | str, device: torch.device, arch: str) -> tuple[bool, str]:

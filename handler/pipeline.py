@@ -4,7 +4,8 @@
                nvJPEG lists on the GPU), lazily: chunks as the workers finish them
     batches    chunks gathered into full batches on the device and normalized
                (``handler.assemble.DeviceBatches``)
-    forward    the model (BatchNorm folded, channels_last, optional buckets / compile / autocast)
+    forward    the model (BatchNorm folded, channels_last, optional buckets / compile), in the
+               precision ``handler.precision`` resolves to here (``handler.precision``)
     top-k      softmax and the k best labels per image, once the device is done
 """
 
@@ -31,6 +32,8 @@ from handler.model_loading import load_model
 from handler.normalize import Normalizer
 from handler.optimize import compile_model, fold_batchnorm, should_compile
 from handler.postprocess import top_k_labels
+from handler.precision import resolve_precision
+from handler.quantize import load_int8_program
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +52,13 @@ class RunResult:
 class Pipeline:
     """Decodes, batches and infers; owns the loader workers and the model."""
 
-    def __init__(self, config: HandlerConfig, labels: list[str], weights: Path | bytes, device: torch.device) -> None:
+    def __init__(self, config: HandlerConfig, labels: list[str], weights: Path | bytes, device: torch.device,
+                 int8_program: Path | bytes | None = None) -> None:
         self.config, self.labels, self.device = config, labels, device
+        self._weights, self._int8_program = weights, int8_program
+        self.precision, reason = resolve_precision(config.precision, device, has_int8_program=int8_program is not None)
+        honoured = self.precision == config.precision or config.precision == "auto"
+        (log.info if honoured else log.error)("precision %s (%s)", self.precision, reason)
         self.loader = PersistentImageLoader(
             ImageBytesDataset(ImageTransform(config)),
             batch_size=config.loader_chunk,
@@ -68,17 +76,25 @@ class Pipeline:
         try:
             # Fork the workers while this process is small and has no CUDA context.
             self.loader.start()
-            self.model = self._prepare_model(weights)
+            self.model = self._prepare_model()
             self.jpeg_decoder = self._prepare_device()
             self.warm_up()
         except BaseException:
             self.loader.close()
             raise
 
-    def _prepare_model(self, weights: Path | bytes) -> torch.nn.Module:
-        """Load, fold BatchNorm, move to the device in channels_last (eager; see _compile)."""
+    def _prepare_model(self) -> torch.nn.Module:
+        """Load, fold BatchNorm, move to the device in channels_last (eager; see _compile); for
+        int8, load the calibrated program (its BatchNorm is folded already)."""
         cfg = self.config
-        model = load_model(cfg.arch, weights, len(self.labels))
+        if self.precision == "int8":
+            assert self._int8_program is not None
+            try:
+                return load_int8_program(self._int8_program)
+            except Exception as exc:
+                self._log_fallback(f"the int8 program does not load: {type(exc).__name__}: {str(exc)[:300]}")
+                self.precision = "fp32"
+        model = load_model(cfg.arch, self._weights, len(self.labels))
         if cfg.fuse_batchnorm:
             example = torch.randn(2, 3, cfg.image_size, cfg.image_size, generator=torch.Generator().manual_seed(0))
             model = fold_batchnorm(model, example)
@@ -89,7 +105,7 @@ class Pipeline:
         autotuning and the nvJPEG decoder."""
         cfg = self.config
         self._normalize = Normalizer(cfg.mean, cfg.std, self.device)
-        self._autocast_dtype = autocast_dtype(cfg.precision, self.device)
+        self._autocast_dtype = autocast_dtype(self.precision, self.device)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
             if cfg.pin_memory:
@@ -182,12 +198,45 @@ class Pipeline:
 
     def warm_up(self) -> None:
         """Compile (as configured), then run each batch bucket once (and nvJPEG), so cuDNN tuning,
-        compilation and lazy initialization happen here, not in the first requests."""
+        compilation and lazy initialization happen here, not in the first requests. A model that
+        fails in bf16 or int8 (an error, or outputs that are not finite) serves fp32 instead."""
         if self.jpeg_decoder is not None and not self.jpeg_decoder.warm_up():  # nvJPEG sets up on first use
             log.warning("batched GPU JPEG decode does not work here; decoding every image on the CPU")
             self.jpeg_decoder = None
+        try:
+            self._warm_model()
+        except Exception as exc:
+            if self.precision == "fp32":
+                raise
+            self._fall_back_to_fp32(f"{type(exc).__name__}: {str(exc)[:300]}")
+            self._warm_model()
+
+    def _warm_model(self) -> None:
         self._compile()  # runs each bucket it compiles
         self._run_buckets(tuple(b for b in self.config.batch_buckets if b not in self._compiled_buckets))
+        if self.precision != "fp32":
+            self._check_outputs()
+
+    @torch.inference_mode()
+    def _check_outputs(self) -> None:
+        """Raise if the model's outputs on a few random images are not finite (a reduced
+        precision that overflows)."""
+        size = self.config.image_size
+        bucket = (self._compiled_buckets or self.config.batch_buckets or (2,))[0]
+        pixels = torch.randint(0, 256, (bucket, 3, size, size), dtype=torch.uint8,
+                               generator=torch.Generator().manual_seed(0))
+        if not bool(torch.isfinite(self.forward(self.to_model_input(pixels))).all()):
+            raise FloatingPointError(f"{self.precision} outputs are not finite")
+
+    def _log_fallback(self, why: str) -> None:
+        log.error("precision %s does not work for this model (%s); running fp32", self.precision, why)
+
+    def _fall_back_to_fp32(self, why: str) -> None:
+        """Serve the fp32 model instead of the chosen precision's, saying why in the log."""
+        self._log_fallback(why)
+        self.precision, self._autocast_dtype = "fp32", None
+        self._compiled, self._compiled_buckets = None, ()
+        self.model = self._prepare_model()
 
     @torch.inference_mode()
     def _compile(self) -> None:
@@ -197,9 +246,14 @@ class Pipeline:
         cfg = self.config
         wanted, reason = should_compile(cfg.compile, self.device, cfg.arch)
         if not wanted:
+            if self.precision == "int8":  # eagerly, the int8 program is a slow reference
+                raise RuntimeError(f"int8 runs compiled only, and torch.compile is off ({reason})")
             log.info("torch.compile off (%s): serving the eager model", reason)
             return
-        self._compiled = compile_model(self.model, cfg.compile_mode)
+        # Freezing folds the weights into the compiled graph as constants: inductor then packs
+        # them for oneDNN once, in bf16, and fuses int8's quantize/dequantize into its kernels.
+        freeze = self.device.type == "cpu" and self.precision in ("bf16", "int8")
+        self._compiled = compile_model(self.model, cfg.compile_mode, freeze=freeze)
         started = time.perf_counter()
         for bucket in sorted(cfg.compile_buckets, reverse=True):
             # The largest bucket (full batches: the throughput) is always compiled.
@@ -209,12 +263,15 @@ class Pipeline:
             try:
                 self._run_buckets((bucket,))  # forward() runs the compiled model for a compiled bucket
             except Exception as exc:
+                if self.precision != "fp32":
+                    raise  # warm_up falls back to fp32
                 log.error("torch.compile failed (%s: %s); serving the eager model", type(exc).__name__,
                           str(exc)[:300])
                 self._compiled, self._compiled_buckets = None, ()
                 return
         skipped = sorted(set(cfg.compile_buckets) - set(self._compiled_buckets))
-        log.info("torch.compile on (%s): batch sizes %s compiled in %.1f s%s", reason, list(self._compiled_buckets),
+        log.info("torch.compile on (%s)%s: batch sizes %s compiled in %.1f s%s", reason, " with freezing" if freeze else "",
+                 list(self._compiled_buckets),
                  time.perf_counter() - started,
                  f"; budget of {cfg.compile_budget_s:g} s spent: batch sizes {skipped} run eager" if skipped else "")
 

@@ -3,13 +3,16 @@
 difference, per photo size, beside the same stock pipeline on the photos merely re-encoded.
 
     .venv/bin/python scripts/agreement.py --model model_store/efficientnet_lite0.mar \\
-        [--sizes 640x480 1280x960 4032x3024] [--count 32] [--json docs/agreement.json]
+        [--sizes 640x480 1280x960 4032x3024] [--count 32] [--precisions fp32 bf16 int8] [--json docs/agreement.json]
 
 stock  PIL decode, Resize(resize_size, the model's interpolation), CenterCrop, ToTensor,
        Normalize(the model's mean/std), the plain eager model (what TorchServe's stock
        image_classifier does, with the model's own preprocessing)
 ours   the classifier's pipeline: DCT-scaled decode, uint8 resize, BatchNorm folded, ...
 yardstick  the stock pipeline on the same photos re-encoded at JPEG quality 95 instead of 90
+
+Ours runs in each precision side by side (fp32, bf16, and int8 when the model holds a calibrated
+program), each against the stock pipeline and against ours in fp32.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Callable
 
@@ -24,11 +28,12 @@ import torch
 from PIL import Image
 
 from bench_images import SIZES, photo_jpegs
-from handler.classifier import ImageClassifier
+from handler.classifier import ImageClassifier, read_model
 from handler.config import HandlerConfig
 from handler.dataset import LoaderItem
 from handler.devices import copied_event
 from handler.model_loading import load_model
+from handler.precision import agreement
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -57,19 +62,31 @@ def ours_probabilities(classifier: ImageClassifier, images: list[bytes]) -> torc
     return torch.cat(out)
 
 
+def probability_agreement(reference: torch.Tensor, probabilities: torch.Tensor) -> dict:
+    """Top-1 agreement and max probability difference of two sets of probabilities."""
+    # agreement() takes logits; the log of a probability is a logit with the same softmax.
+    result = agreement(reference.clamp_min(1e-30).log(), probabilities.clamp_min(1e-30).log())
+    return {"top1_agreement": round(result.top1_agreement, 3), "max_prob_diff": round(result.max_prob_diff, 5)}
+
+
 @torch.inference_mode()
-def output_agreement(classifier: ImageClassifier, stock_model: torch.nn.Module, size: str, count: int) -> dict:
-    """Stock against ours on ``count`` photos of ``size``; the re-encode yardstick beside it."""
-    stock_input_of = stock_pipeline(classifier.config)
+def output_agreement(classifiers: dict[str, ImageClassifier], stock_model: torch.nn.Module, size: str,
+                     count: int) -> dict:
+    """Stock against ours in each precision on ``count`` photos of ``size``; the re-encode
+    yardstick beside it."""
+    config = next(iter(classifiers.values())).config
+    stock_input_of = stock_pipeline(config)
     images = photo_jpegs(size, count)
     stock = stock_model(stock_input_of(images)).softmax(dim=1)
-    ours = ours_probabilities(classifier, images)
+    ours = {precision: ours_probabilities(clf, images) for precision, clf in classifiers.items()}
     reencoded = stock_model(stock_input_of(photo_jpegs(size, count, quality=95))).softmax(dim=1)
-    return {"top1_agreement": round(float((stock.argmax(1) == ours.argmax(1)).float().mean()), 3),
-            "max_prob_diff": round(float((stock - ours).abs().max()), 5),
-            "distinct_top1": len(set(stock.argmax(1).tolist())),
-            "reencode_q95_top1_agreement": round(float((stock.argmax(1) == reencoded.argmax(1)).float().mean()), 3),
-            "reencode_q95_max_prob_diff": round(float((stock - reencoded).abs().max()), 5)}
+    row: dict = {"distinct_top1": len(set(stock.argmax(1).tolist())),
+                 "reencode_q95": probability_agreement(stock, reencoded)}
+    for precision, probabilities in ours.items():
+        row[precision] = {"vs_stock": probability_agreement(stock, probabilities)}
+        if "fp32" in ours:
+            row[precision]["vs_ours_fp32"] = probability_agreement(ours["fp32"], probabilities)
+    return row
 
 
 def main() -> None:
@@ -77,21 +94,39 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=ROOT / "model_store" / "efficientnet_lite0.mar")
     parser.add_argument("--sizes", nargs="+", default=list(SIZES))
     parser.add_argument("--count", type=int, default=32)
+    parser.add_argument("--precisions", nargs="+", choices=["fp32", "bf16", "int8"],
+                        help="ours in these precisions (default: fp32, bf16, and int8 if the model has its program)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    with ImageClassifier.load(args.model, device="cpu") as classifier:
-        stock_model = load_model(classifier.config.arch, classifier.spec.weights, len(classifier.labels))
-        rows = {size: output_agreement(classifier, stock_model, size, args.count) for size in args.sizes}
-        config = classifier.config
+    precisions = args.precisions or ["fp32", "bf16"] + (["int8"] if read_model(args.model).int8_program else [])
+    with ExitStack() as stack:
+        classifiers = {}
+        for precision in precisions:
+            # One compiled batch size (the photos come in batches of up to batch_size).
+            config = read_model(args.model).config
+            clf = stack.enter_context(ImageClassifier.load(args.model, device="cpu", overrides={
+                "precision": precision, "batch_buckets": [config.batch_size]}))
+            if clf.pipeline.precision != precision:
+                raise SystemExit(f"{args.model} does not run in {precision} here (see the log)")
+            classifiers[precision] = clf
+        stock_model = load_model(config.arch, clf.spec.weights, len(clf.labels))
+        rows = {size: output_agreement(classifiers, stock_model, size, args.count) for size in args.sizes}
     print(f"\n{args.model.name}: {args.count} photos per size; {config.interpolation}, resize {config.resize_size}, "
-          f"crop {config.image_size}, mean {list(config.mean)}, std {list(config.std)}\n")
-    print("| image size | top-1 agreement | max probability difference | re-encoded at q95: top-1 agreement "
-          "| re-encoded: max probability difference |\n|---|---|---|---|---|")
+          f"crop {config.image_size}, mean {list(config.mean)}, std {list(config.std)}; stock: fp32\n")
+    print("| image size | ours in | top-1 agreement with stock | max probability difference | "
+          "with ours fp32: top-1 / max difference |\n|---|---|---|---|---|")
     for size, r in rows.items():
-        print(f"| {size} | {r['top1_agreement']:.1%} | {r['max_prob_diff']:.3f} | "
-              f"{r['reencode_q95_top1_agreement']:.1%} | {r['reencode_q95_max_prob_diff']:.3f} |")
+        for precision in precisions:
+            vs_stock, vs_fp32 = r[precision]["vs_stock"], r[precision].get("vs_ours_fp32")
+            fp32_cell = f"{vs_fp32['top1_agreement']:.1%} / {vs_fp32['max_prob_diff']:.3f}" if vs_fp32 else "n/a"
+            print(f"| {size} | {precision} | {vs_stock['top1_agreement']:.1%} | {vs_stock['max_prob_diff']:.3f} | "
+                  f"{fp32_cell} |")
+        q95 = r["reencode_q95"]
+        print(f"| {size} | yardstick: stock on a q95 re-encode | {q95['top1_agreement']:.1%} | "
+              f"{q95['max_prob_diff']:.3f} | |")
     if args.json:
-        args.json.write_text(json.dumps({"model": args.model.name, "count": args.count, "sizes": rows}, indent=2))
+        args.json.write_text(json.dumps({"model": args.model.name, "count": args.count, "precisions": precisions,
+                                         "sizes": rows}, indent=2))
 
 
 if __name__ == "__main__":

@@ -4,15 +4,23 @@
     build_mar.py              # the shipped models -> model_store/efficientnet_lite0.mar (ImageNet)
                               #                     and model_store/shapes.mar (the demo; trained if needed)
     build_mar.py --arch resnet18 --weights w.pth --labels index_to_name.json --name mymodel \
-                 [--export-path DIR] [--config model-config.yaml]
+                 [--export-path DIR] [--config model-config.yaml] [--precision int8 --calibrate DIR]
 
 ``--arch`` is ``efficientnet_lite0``, ``shapes_cnn`` or any torchvision classification model; the
 weights are a state_dict for ``torchvision.models.get_model(arch, num_classes=len(labels))``.
+
+Accuracy gates: an archive whose ``handler.precision`` is bf16 or int8 is refused when that
+precision's top-1 answers agree with fp32's on fewer than 99 % (bf16) or 98 % (int8) of the gate's
+images: those of ``--calibrate DIR``, else tests/data's photos and views of them. ``auto`` (the
+default: bf16 where the serving CPU has bf16 matrix units) is checked as bf16; below its gate the
+archive is built with ``precision: fp32`` instead, and says so. int8 needs ``--calibrate DIR``:
+its scales are observed on those images and the quantized program is stored in the archive.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import shutil
 import subprocess
@@ -21,10 +29,16 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
+from PIL import Image, ImageOps
 
 from handler.config import HandlerConfig
+from handler.images import ImageDecodeError
 from handler.model_loading import load_labels, load_model
+from handler.optimize import fold_batchnorm
+from handler.precision import GATES, Agreement, GateFailed, agreement, check_gate, model_inputs, run_in
+from handler.quantize import INT8_PROGRAM, quantize_int8, save_program
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -43,8 +57,16 @@ DEFAULT_FRONTEND_SETTINGS: dict[str, Any] = {
 }
 
 
-def model_config(arch: str, config_path: Path | None) -> dict[str, Any]:
-    """The model-config.yaml to ship: the user's file (or defaults) with ``handler.arch`` set."""
+GATE_PHOTOS = ROOT / "tests" / "data"
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+# Calibration and gate images read from --calibrate DIR, at most (sorted by path).
+MAX_CALIBRATION_IMAGES = 1024
+CALIBRATION_BATCH = 32
+
+
+def model_config(arch: str, config_path: Path | None, precision: str | None = None) -> dict[str, Any]:
+    """The model-config.yaml to ship: the user's file (or defaults) with ``handler.arch`` (and
+    ``handler.precision``, when given) set."""
     config: dict[str, Any] = dict(DEFAULT_FRONTEND_SETTINGS)
     if config_path is not None:
         loaded = yaml.safe_load(config_path.read_text()) or {}
@@ -55,19 +77,118 @@ def model_config(arch: str, config_path: Path | None) -> dict[str, Any]:
     if handler.get("arch", arch) != arch:
         raise SystemExit(f"{config_path}: handler.arch is {handler['arch']!r} but --arch is {arch!r}")
     handler["arch"] = arch
+    if precision is not None:
+        handler["precision"] = precision
     config["handler"] = handler
     HandlerConfig.from_mapping(handler)  # fail here, not when TorchServe loads the model
     return config
 
 
-def build(arch: str, weights: Path, labels: Path, name: str, export_path: Path, config_path: Path | None) -> Path:
-    """Validate the inputs by loading them once, stage the handler package, run the archiver."""
-    config = model_config(arch, config_path)
-    load_model(arch, weights, len(load_labels(labels)))
+def calibration_images(directory: Path) -> list[bytes]:
+    """The image files under ``directory`` (recursively, sorted, at most MAX_CALIBRATION_IMAGES)."""
+    if not directory.is_dir():
+        raise SystemExit(f"build_mar: --calibrate {directory}: not a directory")
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if len(files) < 2:
+        raise SystemExit(f"build_mar: --calibrate {directory}: found {len(files)} image file(s) "
+                         f"({', '.join(IMAGE_SUFFIXES)}); calibration needs at least 2, better hundreds")
+    return [p.read_bytes() for p in files[:MAX_CALIBRATION_IMAGES]]
+
+
+def default_gate_images() -> list[bytes]:
+    """tests/data's four photos, each with seven views of it (mirrored, cropped at three scales,
+    the corners): 32 JPEGs. Real content, but few scenes: give ``--calibrate DIR`` for a gate
+    on images like the ones the model will serve."""
+    images = []
+    for path in sorted(GATE_PHOTOS.glob("*.jpg")):
+        photo = Image.open(path).convert("RGB")
+        width, height = photo.size
+        views = [photo, ImageOps.mirror(photo)]
+        for scale in (0.8, 0.65, 0.5):
+            w, h = int(width * scale), int(height * scale)
+            views.append(photo.crop(((width - w) // 2, (height - h) // 2, (width + w) // 2, (height + h) // 2)))
+        w, h = int(width * 0.7), int(height * 0.7)
+        views += [photo.crop((0, 0, w, h)), photo.crop((width - w, height - h, width, height)),
+                  ImageOps.mirror(photo.crop((width - w, 0, width, h)))]
+        for view in views:
+            buffer = io.BytesIO()
+            view.save(buffer, format="JPEG", quality=90)
+            images.append(buffer.getvalue())
+    return images
+
+
+def measure_precision(config: HandlerConfig, weights: Path, classes: int, images: list[bytes],
+                      precision: str) -> tuple[Agreement, torch.export.ExportedProgram | None]:
+    """``precision``'s agreement with fp32 on ``images`` (through the handler's preprocessing,
+    the model as the handler prepares it), and for int8 the program quantized on them."""
+    inputs = []
+    for data in images:
+        try:
+            inputs.append(model_inputs(config, [data]))
+        except ImageDecodeError as exc:  # one unreadable file does not spoil a calibration set
+            print(f"build_mar: skipping an unreadable calibration image: {exc.reason}", file=sys.stderr)
+    if len(inputs) < 2:
+        raise SystemExit("build_mar: fewer than 2 readable calibration images")
+    batch = torch.cat(inputs)
+    model = load_model(config.arch, weights, classes)
+    if config.fuse_batchnorm:
+        model = fold_batchnorm(model, batch[:2])
+    reference = run_in(model, batch, "fp32")
+    program = None
+    candidate = model
+    if precision == "int8":
+        chunks = [c for c in batch.split(CALIBRATION_BATCH) if len(c) >= 2]
+        try:
+            program = quantize_int8(model, chunks)
+        except Exception as exc:
+            raise SystemExit(f"build_mar: this model cannot be quantized to int8 ({type(exc).__name__}: "
+                             f"{str(exc)[:300]}); use precision fp32 or bf16") from None
+        candidate = program.module()
+    return agreement(reference, run_in(candidate, batch, precision)), program
+
+
+def gate_precision(config: dict[str, Any], weights: Path, classes: int, calibrate: Path | None,
+                   stage: Path) -> None:
+    """Apply the accuracy gate of the archive's precision (see the module docstring): refuse it,
+    or (``auto``) pin fp32; an int8 program goes into ``stage``."""
+    handler = HandlerConfig.from_mapping(config["handler"])
+    precision = handler.precision
+    if precision == "int8" and calibrate is None:
+        raise SystemExit("build_mar: precision int8 needs calibration images: --calibrate DIR (a few hundred "
+                         "images like those the model will serve)")
+    checked = "bf16" if precision == "auto" else precision
+    if checked not in GATES:
+        return
+    images = calibration_images(calibrate) if calibrate is not None else default_gate_images()
+    source = str(calibrate) if calibrate is not None else "tests/data and views of it"
+    result, program = measure_precision(handler, weights, classes, images, checked)
+    print(f"build_mar: {checked}: top-1 agreement with fp32 {result.top1_agreement:.1%} on {result.images} images "
+          f"from {source} (max probability difference {result.max_prob_diff:.4f}; gate {GATES[checked]:.0%})",
+          file=sys.stderr)
+    try:
+        check_gate(checked, result)
+    except GateFailed as exc:
+        if precision != "auto":
+            raise SystemExit(f"build_mar: refused: {exc}") from None
+        print(f"build_mar: {exc}: the archive runs fp32 (precision: fp32)", file=sys.stderr)
+        config["handler"]["precision"] = "fp32"
+    if program is not None:
+        save_program(program, stage / INT8_PROGRAM)
+
+
+def build(arch: str, weights: Path, labels: Path, name: str, export_path: Path, config_path: Path | None,
+          *, precision: str | None = None, calibrate: Path | None = None) -> Path:
+    """Validate the inputs by loading them once, apply the precision's accuracy gate, stage the
+    handler package, run the archiver."""
+    config = model_config(arch, config_path, precision)
+    classes = len(load_labels(labels))
+    load_model(arch, weights, classes)
     export_path.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="build_mar_") as tmp:
         stage = Path(tmp)
         extra = stage / "extra"
+        extra.mkdir()
+        gate_precision(config, weights, classes, calibrate, extra)
         # TorchServe copies --extra-files directories flat: stage the package inside a folder.
         shutil.copytree(ROOT / "handler", extra / "handler", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         shutil.copy(labels, extra / "index_to_name.json")
@@ -127,15 +248,21 @@ def main() -> None:
     parser.add_argument("--name", help="model name (URL path /predictions/NAME)")
     parser.add_argument("--export-path", type=Path, default=ROOT / "model_store")
     parser.add_argument("--config", type=Path, help="model-config.yaml (TorchServe keys + handler: section)")
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16", "int8"],
+                        help="handler.precision of the archive (default: the config's, else auto)")
+    parser.add_argument("--calibrate", type=Path, metavar="DIR",
+                        help="images for int8 calibration and the accuracy gate (default gate: tests/data)")
     args = parser.parse_args()
 
     custom = [args.arch, args.weights, args.labels, args.name]
     if not any(custom):
-        if args.config:
-            parser.error("--config goes with --arch/--weights/--labels/--name (the shipped models have their own)")
+        if args.config or args.precision or args.calibrate:
+            parser.error("--config, --precision and --calibrate go with --arch/--weights/--labels/--name "
+                         "(the shipped models have their own)")
         mars = build_shipped(args.export_path)
     elif all(custom):
-        mars = [build(args.arch, args.weights, args.labels, args.name, args.export_path, args.config)]
+        mars = [build(args.arch, args.weights, args.labels, args.name, args.export_path, args.config,
+                      precision=args.precision, calibrate=args.calibrate)]
     else:
         parser.error("--arch, --weights, --labels and --name go together (or give none for the shipped models)")
     print(json.dumps({"mar": [str(m) for m in mars]}))

@@ -4,6 +4,10 @@ in a fresh process, in interleaved rounds: how the shipped defaults were chosen.
 
     .venv/bin/python scripts/sweep_defaults.py --grid batch_size=16,32 intra_op_threads=1,2 compile=false,auto \\
         [--arch mobilenet_v3_small] [--size 640x480] [--images 32] [--rounds 2]
+    .venv/bin/python scripts/sweep_defaults.py --grid precision=fp32,bf16 --arch resnet50
+
+A setting may be any handler key (``precision=fp32,bf16,auto``: each row also says which precision
+the model ran in; int8 needs an archive with a calibrated program, see build_mar.py --calibrate).
 
 Values are JSON (false, "auto" may be written bare). Prints ms per request (median of 15 after a
 warm-up) per round; compilation happens before the timing.
@@ -36,7 +40,8 @@ def one_setting(settings: dict, model_dir: Path, size: str, images: int) -> dict
 
     with ImageClassifier.for_serving(model_dir, device="cpu", overrides=settings) as classifier:
         timed = time_requests(classifier, photo_jpegs(size, images), 15, encoding="form")
-    return {"ms": round(timed["seconds"] * 1000, 1), "inference_ms": round(timed["InferenceMs"], 1),
+        ran_in = classifier.pipeline.precision
+    return {"ran_in": ran_in, "ms": round(timed["seconds"] * 1000, 1), "inference_ms": round(timed["InferenceMs"], 1),
             "decode_wait_ms": round(timed["DecodeTransformMs"], 1)}
 
 

@@ -27,8 +27,8 @@ def classifier():
         yield clf
 
 
-def same(got: dict, want: dict) -> None:
-    assert list(got) == list(want) and got == pytest.approx(want, abs=1e-5), (got, want)
+def same(got: dict, want: dict, tolerance: float = 1e-5) -> None:
+    assert list(got) == list(want) and got == pytest.approx(want, abs=tolerance), (got, want)
 
 
 def test_every_kind_of_input_gives_the_same_answer_in_order(classifier, tmp_path):
@@ -185,7 +185,9 @@ print(sorted(m for m, mod in sys.modules.items() if (m == "ts" or m.startswith("
     for line in answers:
         good, bad = json.loads(line)
         for got in good:
-            same(got, want)
+            # Another process: on a bf16 CPU (precision auto) its threads may round bf16 sums
+            # differently.
+            same(got, want, tolerance=2e-3)
         assert bad == ["ImageError", "invalid_image", 400]
     assert imported == "[]"
 

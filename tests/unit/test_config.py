@@ -46,7 +46,7 @@ def test_invalid_values_are_rejected_with_the_key(settings, message):
         pytest.param({"batch_buckets": [8, 4, 16]}, "increasing positive", id="unsorted-buckets"),
         pytest.param({"batch_buckets": [2, 4]}, "size >= batch_size", id="buckets-below-batch"),
         pytest.param({"batch_buckets": [4, "8"]}, "list of integers", id="string-bucket"),
-        pytest.param({"precision": "int8"}, "precision must be one of", id="bad-precision"),
+        pytest.param({"precision": "int4"}, "precision must be one of", id="bad-precision"),
         pytest.param({"compile": "sometimes"}, "compile must be true, false or auto", id="compile-sometimes"),
         pytest.param({"compile": 1}, "compile must be true, false or auto", id="compile-number"),
         pytest.param({"compile_budget_s": 0}, "compile_budget_s must be > 0", id="no-compile-budget"),

@@ -256,7 +256,9 @@ class FakeLoader:
 
 
 def stand_in(config: HandlerConfig, device: torch.device, **extra) -> SimpleNamespace:
-    return SimpleNamespace(config=config, device=device, loader=FakeLoader(), **extra)
+    # The precision Pipeline.__init__ resolves; auto is fp32 on a GPU.
+    precision = "fp32" if config.precision == "auto" else config.precision
+    return SimpleNamespace(config=config, device=device, loader=FakeLoader(), precision=precision, **extra)
 
 
 @pytest.mark.parametrize("benchmark", [False, True], ids=["cudnn-fixed", "cudnn-benchmark"])
@@ -356,7 +358,8 @@ def test_warm_up_falls_back_to_cpu_decoding_when_nvjpeg_does_not_work(caplog):
     ran: list = []
     pipeline = SimpleNamespace(
         jpeg_decoder=SimpleNamespace(warm_up=lambda: False), config=HandlerConfig(batch_size=8, batch_buckets=(4, 8)),
-        _compiled_buckets=(8,), _compile=lambda: ran.append("compile"), _run_buckets=ran.append)
+        _compiled_buckets=(8,), _compile=lambda: ran.append("compile"), _run_buckets=ran.append, precision="fp32")
+    pipeline._warm_model = lambda: Pipeline._warm_model(pipeline)
     with caplog.at_level(logging.WARNING, logger="handler.pipeline"):
         Pipeline.warm_up(pipeline)
     assert pipeline.jpeg_decoder is None and "decoding every image on the CPU" in caplog.text

@@ -1,0 +1,152 @@
+"""handler.precision: bf16 detection and its override, what each setting resolves to, the
+accuracy measure and gates; and the pipeline serving the resolved precision (or fp32 when that
+precision fails)."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from handler.classifier import ImageClassifier
+from handler.precision import (
+    BF16_CPU_FEATURES, BF16_ENV, GATES, GateFailed, agreement, check_gate, cpu_bf16_feature, resolve_precision,
+)
+from helpers import shape_image
+from ts_server import ROOT
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda", 0)
+DEMO = ROOT / "models" / "shapes"
+LABELS = ["circle", "square", "triangle"]
+IMAGES = [shape_image(LABELS[i % 3], seed=40 + i, fmt="JPEG") for i in range(12)]
+
+
+def cpuinfo_flags() -> set[str]:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            return set(line.partition(":")[2].split())
+    return set()
+
+
+def test_bf16_detection_reads_the_cpu_and_the_override_forces_it(monkeypatch):
+    monkeypatch.delenv(BF16_ENV, raising=False)
+    flags = cpuinfo_flags()
+    expected = next((f for f in BF16_CPU_FEATURES if f in flags), None)
+    assert cpu_bf16_feature() == expected
+    monkeypatch.setenv(BF16_ENV, "0")
+    assert cpu_bf16_feature() is None
+    monkeypatch.setenv(BF16_ENV, "1")
+    assert cpu_bf16_feature() == "forced"
+
+
+@pytest.mark.parametrize(("setting", "device", "bf16_cpu", "program", "want", "why"), [
+    ("auto", CPU, "1", False, "bf16", "this CPU has forced"),
+    ("auto", CPU, "0", False, "fp32", "no bf16 matrix units"),
+    ("auto", CUDA, "1", False, "fp32", "the model is on cuda"),
+    ("fp32", CPU, "1", False, "fp32", "is fp32"),
+    ("bf16", CPU, "1", False, "bf16", "is bf16"),
+    ("bf16", CPU, "0", False, "bf16", "expect it slower"),
+    ("fp16", CPU, "1", False, "fp32", "fp16 needs CUDA"),
+    ("fp16", CUDA, "1", False, "fp16", "is fp16"),
+    ("int8", CPU, "1", True, "int8", "is int8"),
+    ("int8", CPU, "1", False, "fp32", "--calibrate"),
+    ("int8", CUDA, "1", True, "fp32", "CPU only"),
+])
+def test_each_setting_resolves_to_what_can_run_here(monkeypatch, setting, device, bf16_cpu, program, want, why):
+    monkeypatch.setenv(BF16_ENV, bf16_cpu)
+    precision, reason = resolve_precision(setting, device, has_int8_program=program)
+    assert precision == want and why in reason, (precision, reason)
+
+
+def test_agreement_counts_top1_matches_and_the_largest_probability_difference():
+    reference = torch.tensor([[3.0, 0.0, 0.0], [0.0, 3.0, 0.0], [0.0, 0.0, 3.0], [1.0, 0.0, 0.0]])
+    same = agreement(reference, reference.clone())
+    assert (same.images, same.top1_agreement, same.max_prob_diff) == (4, 1.0, 0.0)
+    moved = reference.clone()
+    moved[3] = torch.tensor([0.0, 1.0, 0.0])  # one answer flips
+    result = agreement(reference, moved)
+    want = float((reference[3].softmax(0) - moved[3].softmax(0)).abs().max())
+    assert result.top1_agreement == 0.75 and result.max_prob_diff == pytest.approx(want)
+    with pytest.raises(ValueError, match="one shape"):
+        agreement(reference, reference[:2])
+
+
+def test_gates_refuse_below_their_figure_and_name_it():
+    check_gate("bf16", agreement(torch.eye(100), torch.eye(100)))  # 100 %: passes
+    logits = torch.eye(100)
+    logits[:2] = logits[:2].roll(1, dims=1)  # 98 % agree: int8 passes, bf16 does not
+    result = agreement(torch.eye(100), logits)
+    check_gate("int8", result)
+    with pytest.raises(GateFailed, match=r"98\.0% of top-1 answers .*the gate is 99%"):
+        check_gate("bf16", result)
+    check_gate("fp32", agreement(torch.eye(3), torch.eye(3).flip(0)))  # fp32 has no gate
+    assert GATES == {"bf16": 0.99, "int8": 0.98}
+
+
+def scores(classifier: ImageClassifier) -> list[dict[str, float]]:
+    results = classifier.classify(IMAGES)
+    assert all(isinstance(r, dict) for r in results), results
+    return results  # type: ignore[return-value]
+
+
+def test_auto_serves_bf16_on_a_bf16_cpu_and_fp32_with_detection_forced_off(monkeypatch):
+    overrides = {"batch_size": 4, "compile": False}
+    monkeypatch.setenv(BF16_ENV, "0")
+    with ImageClassifier.load(DEMO, device="cpu", overrides=overrides) as clf:
+        assert clf.pipeline.precision == "fp32" and clf.pipeline._autocast_dtype is None
+        fp32 = scores(clf)
+    monkeypatch.setenv(BF16_ENV, "1")
+    with ImageClassifier.load(DEMO, device="cpu", overrides=overrides) as clf:
+        assert clf.pipeline.precision == "bf16" and clf.pipeline._autocast_dtype is torch.bfloat16
+        bf16 = scores(clf)
+    assert [next(iter(r)) for r in bf16] == [next(iter(r)) for r in fp32]
+    # The model really ran in bf16: its scores moved a little (bf16 keeps 8 bits of mantissa).
+    moved = max(abs(b[k] - f[k]) for b, f in zip(bf16, fp32) for k in f)
+    assert 0 < moved < 0.05, moved
+
+
+class BreaksUnderAutocast(torch.nn.Module):
+    """A model with an operation that has no bf16 path (it raises under CPU autocast)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = torch.nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_autocast_enabled("cpu"):
+            raise RuntimeError("no bf16 kernel for this operation")
+        return self.head(x.mean(dim=(2, 3)))
+
+
+def test_a_model_that_fails_in_bf16_serves_fp32_with_an_error(monkeypatch, caplog):
+    monkeypatch.setenv(BF16_ENV, "1")
+    monkeypatch.setattr("handler.pipeline.load_model", lambda *args: BreaksUnderAutocast().eval())
+    with ImageClassifier.load(DEMO, device="cpu", overrides={"batch_size": 4, "compile": False,
+                                                             "fuse_batchnorm": False}) as clf:
+        assert clf.pipeline.precision == "fp32"
+        assert all(isinstance(r, dict) for r in clf.classify(IMAGES[:3]))
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert any("precision bf16 does not work" in m and "no bf16 kernel" in m for m in errors), errors
+
+
+def test_int8_without_a_calibrated_program_runs_fp32_and_says_so(caplog):
+    with ImageClassifier.load(DEMO, device="cpu", overrides={"batch_size": 4, "precision": "int8"}) as clf:
+        assert clf.pipeline.precision == "fp32" and clf.spec.int8_program is None
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert any("no calibrated int8 program" in m and "--calibrate" in m for m in errors), errors
+
+
+def test_compiled_bf16_freezes_and_answers_like_fp32(monkeypatch, real_compiler, caplog):
+    from handler.optimize import _Frozen
+
+    caplog.set_level("INFO", logger="handler.pipeline")
+    monkeypatch.setenv(BF16_ENV, "1")
+    overrides = {"batch_size": 4, "batch_buckets": [4]}
+    with ImageClassifier.load(DEMO, device="cpu", overrides=overrides) as clf:
+        assert clf.pipeline.precision == "bf16" and isinstance(clf.pipeline._compiled, _Frozen)
+        assert clf.pipeline._compiled_buckets == (4,)
+        bf16 = scores(clf)
+    with ImageClassifier.load(DEMO, device="cpu", overrides={**overrides, "precision": "fp32", "compile": False}) as clf:
+        fp32 = scores(clf)
+    assert [next(iter(r)) for r in bf16] == [next(iter(r)) for r in fp32]
+    assert 0 < max(abs(b[k] - f[k]) for b, f in zip(bf16, fp32) for k in f) < 0.05
+    assert any("with freezing" in r.getMessage() for r in caplog.records)
