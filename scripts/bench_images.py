@@ -55,11 +55,11 @@ def photo_jpegs(size: str, count: int, quality: int = 90) -> list[bytes]:
         zoom = 1 + 0.25 * (i // (2 * len(sources)))
         scale = max(width / image.width, height / image.height) * zoom
         resized = image.resize((max(width, round(image.width * scale)), max(height, round(image.height * scale))),
-                               Image.BICUBIC)
+                               Image.Resampling.BICUBIC)
         left, top = (resized.width - width) // 2, (resized.height - height) // 2
         image = resized.crop((left, top, left + width, top + height))
         if (i // len(sources)) % 2:
-            image = image.transpose(Image.FLIP_LEFT_RIGHT)
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         buffer = io.BytesIO()
         image.save(buffer, format="JPEG", quality=quality)
         out.append(buffer.getvalue())

@@ -15,6 +15,8 @@ images: those of ``--calibrate DIR``, else tests/data's photos and views of them
 default: bf16 where the serving CPU has bf16 matrix units) is checked as bf16; below its gate the
 archive is built with ``precision: fp32`` instead, and says so. int8 needs ``--calibrate DIR``:
 its scales are observed on those images and the quantized program is stored in the archive.
+``--no-gate`` skips the gate: only for speed stand-ins with random weights (benchmarks), whose
+answers mean nothing.
 """
 
 from __future__ import annotations
@@ -148,9 +150,10 @@ def measure_precision(config: HandlerConfig, weights: Path, classes: int, images
 
 
 def gate_precision(config: dict[str, Any], weights: Path, classes: int, calibrate: Path | None,
-                   stage: Path) -> None:
+                   stage: Path, gate: bool = True) -> None:
     """Apply the accuracy gate of the archive's precision (see the module docstring): refuse it,
-    or (``auto``) pin fp32; an int8 program goes into ``stage``."""
+    or (``auto``) pin fp32; an int8 program goes into ``stage``. ``gate`` False: measure and
+    report, refuse nothing."""
     handler = HandlerConfig.from_mapping(config["handler"])
     precision = handler.precision
     if precision == "int8" and calibrate is None:
@@ -168,16 +171,19 @@ def gate_precision(config: dict[str, Any], weights: Path, classes: int, calibrat
     try:
         check_gate(checked, result)
     except GateFailed as exc:
-        if precision != "auto":
+        if not gate:
+            print(f"build_mar: {exc}: ignored (--no-gate)", file=sys.stderr)
+        elif precision != "auto":
             raise SystemExit(f"build_mar: refused: {exc}") from None
-        print(f"build_mar: {exc}: the archive runs fp32 (precision: fp32)", file=sys.stderr)
-        config["handler"]["precision"] = "fp32"
+        else:
+            print(f"build_mar: {exc}: the archive runs fp32 (precision: fp32)", file=sys.stderr)
+            config["handler"]["precision"] = "fp32"
     if program is not None:
         save_program(program, stage / INT8_PROGRAM)
 
 
 def build(arch: str, weights: Path, labels: Path, name: str, export_path: Path, config_path: Path | None,
-          *, precision: str | None = None, calibrate: Path | None = None) -> Path:
+          *, precision: str | None = None, calibrate: Path | None = None, gate: bool = True) -> Path:
     """Validate the inputs by loading them once, apply the precision's accuracy gate, stage the
     handler package, run the archiver."""
     config = model_config(arch, config_path, precision)
@@ -188,7 +194,7 @@ def build(arch: str, weights: Path, labels: Path, name: str, export_path: Path, 
         stage = Path(tmp)
         extra = stage / "extra"
         extra.mkdir()
-        gate_precision(config, weights, classes, calibrate, extra)
+        gate_precision(config, weights, classes, calibrate, extra, gate)
         # TorchServe copies --extra-files directories flat: stage the package inside a folder.
         shutil.copytree(ROOT / "handler", extra / "handler", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         shutil.copy(labels, extra / "index_to_name.json")
@@ -252,17 +258,19 @@ def main() -> None:
                         help="handler.precision of the archive (default: the config's, else auto)")
     parser.add_argument("--calibrate", type=Path, metavar="DIR",
                         help="images for int8 calibration and the accuracy gate (default gate: tests/data)")
+    parser.add_argument("--no-gate", action="store_true",
+                        help="build even below the accuracy gate: only for speed stand-ins with random weights")
     args = parser.parse_args()
 
     custom = [args.arch, args.weights, args.labels, args.name]
     if not any(custom):
-        if args.config or args.precision or args.calibrate:
+        if args.config or args.precision or args.calibrate or args.no_gate:
             parser.error("--config, --precision and --calibrate go with --arch/--weights/--labels/--name "
                          "(the shipped models have their own)")
         mars = build_shipped(args.export_path)
     elif all(custom):
         mars = [build(args.arch, args.weights, args.labels, args.name, args.export_path, args.config,
-                      precision=args.precision, calibrate=args.calibrate)]
+                      precision=args.precision, calibrate=args.calibrate, gate=not args.no_gate)]
     else:
         parser.error("--arch, --weights, --labels and --name go together (or give none for the shipped models)")
     print(json.dumps({"mar": [str(m) for m in mars]}))

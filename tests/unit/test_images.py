@@ -175,3 +175,129 @@ def test_each_interpolation_stays_close_to_the_stock_pil_pipeline_on_a_real_phot
     assert diff.mean() < 0.05 and diff.max() <= 2, (diff.mean(), diff.max())
     # The filter is really applied: the other one is measurably further from this stock pipeline.
     assert (other.float() - stock.float()).abs().mean() > 0.3
+
+
+# ---- DCT-scaled decodes by simplejpeg (handler.images.decode_jpeg_scaled) ----------------------
+
+
+def _photo_jpeg(size=(1600, 1200), mode="RGB", **save_args) -> bytes:
+    """tests/data/coffee.jpg enlarged to ``size`` (a real photo, not a flat colour), re-encoded."""
+    from ts_server import ROOT
+
+    image = Image.open(ROOT / "tests" / "data" / "coffee.jpg").convert("RGB").resize(size, Image.Resampling.BICUBIC)
+    return encode(image.convert(mode), "JPEG", quality=90, **save_args)
+
+
+@pytest.fixture
+def decodes(monkeypatch):
+    """Spies: the (H, W) of every image that reaches the resize, and the simplejpeg decodes made."""
+    import handler.images as images
+
+    seen = {"resize": [], "simplejpeg": 0}
+    resize = images.resize_to_input
+
+    def spy_resize(pixels, config):
+        seen["resize"].append(tuple(pixels.shape[-2:]))
+        return resize(pixels, config)
+
+    monkeypatch.setattr(images, "resize_to_input", spy_resize)
+    if images.simplejpeg is not None:
+        decode = images.simplejpeg.decode_jpeg
+
+        def spy_decode(*args, **kwargs):
+            seen["simplejpeg"] += 1
+            return decode(*args, **kwargs)
+
+        monkeypatch.setattr(images.simplejpeg, "decode_jpeg", spy_decode)
+    return seen
+
+
+@pytest.mark.parametrize(
+    ("settings", "source", "decoded"),
+    [
+        pytest.param({}, (4032, 3024), (756, 1008), id="margin-1.5-quarter"),
+        pytest.param({"jpeg_draft_margin": 1.0}, (4032, 3024), (378, 504), id="margin-1-eighth"),
+        pytest.param({}, (1600, 1200), (600, 800), id="half-not-3/8"),  # 3/8 (450) would also fit 384
+        pytest.param({}, (1080, 1920), (960, 540), id="portrait-half-not-3/8"),
+    ],
+)
+def test_large_jpeg_is_dct_scaled_by_simplejpeg_at_the_drafts_factor(decodes, settings, source, decoded):
+    pytest.importorskip("simplejpeg")
+    ImageTransform(HandlerConfig(**settings))(_photo_jpeg(source))
+    assert decodes["resize"] == [decoded]
+    assert decodes["simplejpeg"] == 1
+
+
+def test_small_jpeg_and_disabled_draft_decode_full_size_without_simplejpeg(decodes):
+    pytest.importorskip("simplejpeg")
+    ImageTransform(HandlerConfig())(_photo_jpeg((640, 480)))  # short side < 2 x 384
+    ImageTransform(HandlerConfig(jpeg_draft=False))(_photo_jpeg((1600, 1200)))
+    assert decodes["resize"] == [(480, 640), (1200, 1600)]
+    assert decodes["simplejpeg"] == 0
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+def test_scaled_decode_matches_pillows_draft(monkeypatch, decodes, interpolation):
+    """The same factor as Pillow's draft, so (libjpeg-turbo on both sides) the same input."""
+    pytest.importorskip("simplejpeg")
+    import handler.images as images
+
+    data, config = _photo_jpeg((1600, 1200)), HandlerConfig(interpolation=interpolation)
+    fast = ImageTransform(config)(data).float()
+    monkeypatch.setattr(images, "simplejpeg", None)  # as if not installed: Pillow's draft
+    draft = ImageTransform(config)(data).float()
+    assert decodes["simplejpeg"] == 1 and decodes["resize"] == [(600, 800), (600, 800)]
+    diff = (fast - draft).abs()
+    assert diff.mean() < 0.05 and diff.max() <= 2, (diff.mean(), diff.max())
+
+
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_exif_rotated_large_jpeg_is_still_rotated(decodes, orientation):
+    # Top half red, bottom half blue as displayed; stored as the inverse of the EXIF rotation.
+    upright = Image.new("RGB", (1200, 1600), (0, 0, 255))
+    upright.paste((255, 0, 0), (0, 0, 1200, 800))
+    stored = upright.transpose({3: Image.Transpose.ROTATE_180, 6: Image.Transpose.ROTATE_90, 8: Image.Transpose.ROTATE_270}[orientation])
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    pixels = ImageTransform(HandlerConfig())(encode(stored, "JPEG", quality=95, exif=exif)).float()
+    top, bottom = pixels[:, :50, :], pixels[:, -50:, :]
+    assert top[0].mean() > 200 and top[2].mean() < 60, top.mean(dim=(1, 2))
+    assert bottom[2].mean() > 200 and bottom[0].mean() < 60, bottom.mean(dim=(1, 2))
+    assert decodes["simplejpeg"] == 0  # simplejpeg ignores EXIF: Pillow decoded it
+
+
+def test_exif_without_rotation_still_takes_simplejpeg(decodes):
+    pytest.importorskip("simplejpeg")
+    exif = Image.Exif()
+    exif[0x0112] = 1
+    ImageTransform(HandlerConfig())(_photo_jpeg((1600, 1200), exif=exif))
+    assert decodes["simplejpeg"] == 1
+
+
+@pytest.mark.parametrize("cut", [0.5, 0.9])
+def test_truncated_large_jpeg_fails_as_invalid_image(cut):
+    data = _photo_jpeg((1600, 1200))
+    with pytest.raises(ImageDecodeError) as caught:
+        ImageTransform(HandlerConfig())(data[: int(len(data) * cut)])
+    assert caught.value.code == "invalid_image", caught.value.reason
+
+
+@pytest.mark.parametrize(
+    ("mode", "colour", "expected"),
+    [
+        pytest.param("L", 90, (90, 90, 90), id="grayscale"),
+        pytest.param("CMYK", (0, 255, 255, 0), (255, 0, 0), id="cmyk-red"),
+        pytest.param("CMYK", (255, 0, 255, 0), (0, 255, 0), id="cmyk-green"),
+    ],
+)
+@pytest.mark.parametrize("installed", [True, False], ids=["simplejpeg", "no-simplejpeg"])
+def test_large_grayscale_and_cmyk_jpegs_decode(monkeypatch, decodes, mode, colour, expected, installed):
+    import handler.images as images
+
+    if not installed:
+        monkeypatch.setattr(images, "simplejpeg", None)
+    pixels = ImageTransform(HandlerConfig())(encode(Image.new(mode, (1600, 1200), colour), "JPEG", quality=95))
+    assert decodes["resize"] == [(600, 800)]
+    mean = pixels.float().mean(dim=(1, 2))
+    assert (mean - torch.tensor(expected, dtype=torch.float)).abs().max() < 4, mean
+    assert decodes["simplejpeg"] == (1 if mode == "L" and installed and images.simplejpeg is not None else 0)

@@ -72,6 +72,12 @@ def test_auto_below_the_bf16_gate_builds_an_fp32_archive_and_says_why(tmp_path, 
     assert "the archive runs fp32" in capsys.readouterr().err
 
 
+def test_no_gate_builds_below_the_gate_and_reports_the_figure(tmp_path, near_tie_weights, capsys):
+    mar = build(tmp_path, near_tie_weights, precision="bf16", gate=False)
+    assert shipped_precision(mar) == "bf16"
+    assert "the gate is 99%: ignored (--no-gate)" in capsys.readouterr().err
+
+
 def test_int8_is_refused_without_calibration_images(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="int8 needs calibration images: --calibrate DIR"):
         build(tmp_path, precision="int8")
