@@ -32,7 +32,7 @@ from handler.model_loading import load_model
 from handler.normalize import Normalizer
 from handler.optimize import compile_model, fold_batchnorm, should_compile
 from handler.postprocess import top_k_labels
-from handler.precision import resolve_precision
+from handler.precision import Bf16Model, resolve_precision
 from handler.quantize import load_int8_program
 
 log = logging.getLogger(__name__)
@@ -84,8 +84,9 @@ class Pipeline:
             raise
 
     def _prepare_model(self) -> torch.nn.Module:
-        """Load, fold BatchNorm, move to the device in channels_last (eager; see _compile); for
-        int8, load the calibrated program (its BatchNorm is folded already)."""
+        """Load, fold BatchNorm, move to the device in channels_last (eager; see _compile); bf16
+        on the CPU: its weights converted (``Bf16Model``); int8: the calibrated program (its
+        BatchNorm is folded already)."""
         cfg = self.config
         if self.precision == "int8":
             assert self._int8_program is not None
@@ -98,14 +99,22 @@ class Pipeline:
         if cfg.fuse_batchnorm:
             example = torch.randn(2, 3, cfg.image_size, cfg.image_size, generator=torch.Generator().manual_seed(0))
             model = fold_batchnorm(model, example)
-        return model.to(self.device).to(memory_format=torch.channels_last)
+        model = model.to(self.device).to(memory_format=torch.channels_last)
+        if self.precision == "bf16" and self.device.type == "cpu":
+            try:
+                return Bf16Model(model)
+            except Exception as exc:
+                self._log_fallback(f"its weights do not convert: {type(exc).__name__}: {str(exc)[:300]}")
+                self.precision = "fp32"
+        return model
 
     def _prepare_device(self) -> BatchedJpegDecoder | None:
         """Normalization constants on the device; on CUDA the pinned pixel ring, cuDNN
         autotuning and the nvJPEG decoder."""
         cfg = self.config
         self._normalize = Normalizer(cfg.mean, cfg.std, self.device)
-        self._autocast_dtype = autocast_dtype(self.precision, self.device)
+        # A GPU autocasts; on the CPU a bf16 model has bf16 weights (Bf16Model) instead.
+        self._autocast_dtype = autocast_dtype(self.precision, self.device) if self.device.type == "cuda" else None
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
             if cfg.pin_memory:

@@ -9,7 +9,8 @@ import torch
 
 from handler.classifier import ImageClassifier
 from handler.precision import (
-    BF16_CPU_FEATURES, BF16_ENV, GATES, GateFailed, agreement, check_gate, cpu_bf16_feature, resolve_precision,
+    BF16_CPU_FEATURES, BF16_ENV, GATES, Bf16Model, GateFailed, agreement, check_gate, cpu_bf16_feature,
+    resolve_precision,
 )
 from helpers import shape_image
 from ts_server import ROOT
@@ -96,7 +97,10 @@ def test_auto_serves_bf16_on_a_bf16_cpu_and_fp32_with_detection_forced_off(monke
         fp32 = scores(clf)
     monkeypatch.setenv(BF16_ENV, "1")
     with ImageClassifier.load(DEMO, device="cpu", overrides=overrides) as clf:
-        assert clf.pipeline.precision == "bf16" and clf.pipeline._autocast_dtype is torch.bfloat16
+        assert clf.pipeline.precision == "bf16" and isinstance(clf.pipeline.model, Bf16Model)
+        dtypes = {name: p.dtype for name, p in clf.pipeline.model.named_parameters()}
+        assert {d for n, d in dtypes.items() if "classifier" not in n} == {torch.bfloat16}
+        assert {d for n, d in dtypes.items() if "classifier" in n} == {torch.float32}  # the head
         bf16 = scores(clf)
     assert [next(iter(r)) for r in bf16] == [next(iter(r)) for r in fp32]
     # The model really ran in bf16: its scores moved a little (bf16 keeps 8 bits of mantissa).
@@ -104,22 +108,34 @@ def test_auto_serves_bf16_on_a_bf16_cpu_and_fp32_with_detection_forced_off(monke
     assert 0 < moved < 0.05, moved
 
 
-class BreaksUnderAutocast(torch.nn.Module):
-    """A model with an operation that has no bf16 path (it raises under CPU autocast)."""
+class BreaksInBf16(torch.nn.Module):
+    """A model with an operation that has no bf16 path (it raises on bf16 input)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.head = torch.nn.Linear(3, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_autocast_enabled("cpu"):
+        if x.dtype == torch.bfloat16:
             raise RuntimeError("no bf16 kernel for this operation")
         return self.head(x.mean(dim=(2, 3)))
 
 
+def test_bf16_models_keep_their_classifier_head_in_fp32():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.Flatten(), torch.nn.Linear(16, 8),
+                                torch.nn.ReLU(), torch.nn.Linear(8, 5)).eval()
+    converted = Bf16Model(model)
+    assert converted.model[0].weight.dtype == torch.bfloat16 and converted.model[2].weight.dtype == torch.bfloat16
+    assert converted.model[4].linear.weight.dtype == torch.float32  # the last Linear: the head
+    assert model[0].weight.dtype == torch.float32  # the original is left as it was
+    x = torch.randn(2, 3, 2, 2)
+    out = converted(x)
+    assert out.dtype == torch.float32 and torch.allclose(out, model(x), atol=0.05)
+
+
 def test_a_model_that_fails_in_bf16_serves_fp32_with_an_error(monkeypatch, caplog):
     monkeypatch.setenv(BF16_ENV, "1")
-    monkeypatch.setattr("handler.pipeline.load_model", lambda *args: BreaksUnderAutocast().eval())
+    monkeypatch.setattr("handler.pipeline.load_model", lambda *args: BreaksInBf16().eval())
     with ImageClassifier.load(DEMO, device="cpu", overrides={"batch_size": 4, "compile": False,
                                                              "fuse_batchnorm": False}) as clf:
         assert clf.pipeline.precision == "fp32"

@@ -43,11 +43,12 @@ def calibration(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def near_tie_weights(tmp_path_factory) -> Path:
-    """The demo weights with logits squeezed to 1000 ± 0.002: fp32 still tells the classes apart,
-    bf16 (a step of 8 at 1000) cannot."""
+    """The demo model with 1000 added to its last features (and taken off again by the head's
+    bias): in fp32 the same function, in bf16 (a step of 8 at 1000) the features are lost."""
     state = torch.load(DEMO / "shapes_cnn.pt", weights_only=True)
-    state["classifier.1.weight"] = state["classifier.1.weight"] * 1e-4
-    state["classifier.1.bias"] = torch.full_like(state["classifier.1.bias"], 1000.0)
+    state["features.7.1.bias"] = state["features.7.1.bias"] + 1000.0  # after it: ReLU, pooling
+    head = state["classifier.1.weight"]
+    state["classifier.1.bias"] = state["classifier.1.bias"] - 1000.0 * head.sum(dim=1)
     path = tmp_path_factory.mktemp("near_tie") / "weights.pt"
     torch.save(state, path)
     return path
