@@ -135,13 +135,17 @@ def measure_precision(config: HandlerConfig, weights: Path, classes: int, images
     model = load_model(config.arch, weights, classes)
     if config.fuse_batchnorm:
         model = fold_batchnorm(model, batch[:2])
+    # As the handler runs it: channels_last (bf16 rounds differently in another layout).
+    model = model.to(memory_format=torch.channels_last)
     reference = run_in(model, batch, "fp32")
     program = None
     candidate = model
     if precision == "int8":
         chunks = [c for c in batch.split(CALIBRATION_BATCH) if len(c) >= 2]
         try:
-            program = quantize_int8(model, chunks)
+            # The model as loaded: PT2E folds BatchNorm itself (and its x86 quantizer does not
+            # take every graph torch.fx's folding leaves, e.g. resnet50's).
+            program = quantize_int8(load_model(config.arch, weights, classes), chunks)
         except Exception as exc:
             raise SystemExit(f"build_mar: this model cannot be quantized to int8 ({type(exc).__name__}: "
                              f"{str(exc)[:300]}); use precision fp32 or bf16") from None

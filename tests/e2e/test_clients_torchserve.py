@@ -86,7 +86,8 @@ def test_tritonclient_http_gets_the_same_answers_as_rest(server, triton, binary,
     got = triton_infer(client, auth, PHOTOS, binary=binary, binary_output=binary_output,
                        json_content_type=json_content_type)
     same(got, want)
-    assert [next(iter(g)) for g in got][:2] == ["tiger cat", "espresso"]
+    # cat.jpg is a near-tie (fp32: tiger cat 0.372, Egyptian cat 0.370); bf16 may say either.
+    assert next(iter(got[0])) in {"tiger cat", "Egyptian cat"} and next(iter(got[1])) == "espresso"
 
 
 def test_tritonclient_http_a_bad_image_is_a_400_for_that_request_only(server, triton):

@@ -78,7 +78,8 @@ def test_tritonclient_http_gets_the_torchserve_door_s_scores(door, reference, bi
     client = triton_http.InferenceServerClient(door.http_url.removeprefix("http://"), network_timeout=120)
     got = infer_http(client, PHOTOS, binary=binary, binary_output=binary_output)
     same(got, reference)
-    assert [next(iter(g)) for g in got][:2] == ["tiger cat", "espresso"]
+    # cat.jpg is a near-tie (fp32: tiger cat 0.372, Egyptian cat 0.370); bf16 may say either.
+    assert next(iter(got[0])) in {"tiger cat", "Egyptian cat"} and next(iter(got[1])) == "espresso"
 
 
 def test_tritonclient_grpc_and_v1_get_the_torchserve_door_s_scores(door, reference):

@@ -42,12 +42,12 @@ def alone(server, images: list[tuple[str, bytes]]) -> list[dict[str, float]]:
     return results
 
 
-def same_results(got: list[dict[str, float]], want: list[dict[str, float]]) -> None:
+def same_results(got: list[dict[str, float]], want: list[dict[str, float]], tolerance: float = 1e-3) -> None:
     """Same images in the same order: identical labels, scores equal up to batching noise."""
     assert len(got) == len(want), (len(got), len(want))
     for i, (g, w) in enumerate(zip(got, want)):
         assert list(g) == list(w), (i, g, w)
-        assert g == pytest.approx(w, abs=1e-3), (i, g, w)
+        assert g == pytest.approx(w, abs=tolerance), (i, g, w)
 
 
 def check_scores(result: dict[str, float]) -> None:
@@ -318,4 +318,6 @@ def test_torchscript_and_exported_archives_serve_like_the_state_dict_one(server,
     reference = server.predict("shapes", files=files)
     response = server.predict(model, files=files)
     assert response.status_code == 200, response.text
-    same_results(response.json(), reference.json())
+    # On a bf16 CPU (precision auto) these eager models round differently from the compiled
+    # reference: scores move by up to about 0.01 (in fp32, by less than 1e-3).
+    same_results(response.json(), reference.json(), tolerance=0.02)
