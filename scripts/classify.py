@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -60,6 +62,7 @@ def main() -> None:
     if args.out.suffix == ".parquet":
         raise SystemExit("classify: Parquet output is written with --ray; without it, use .jsonl")
     paths = expand(args.paths, "classify")
+    began = time.perf_counter()
     try:
         spec = with_batch_size(read_model(args.model), args.batch_size)
         classifier = ImageClassifier.for_serving(spec, device=args.device)
@@ -68,6 +71,7 @@ def main() -> None:
     per_call = spec.config.batch_size * BATCHES_PER_CALL
     progress = Progress(len(paths))
     failed = 0
+    ready = time.perf_counter()
     with classifier, args.out.open("w") as out:
         for start in range(0, len(paths), per_call):
             chunk = paths[start : start + per_call]
@@ -75,6 +79,10 @@ def main() -> None:
             lines = [error_line(path, r.code, r.reason) if isinstance(r, ImageError) else result_line(path, r)
                      for path, r in zip(chunk, results)]
             failed += write_lines(out, lines, progress)
+        elapsed = time.perf_counter() - ready
+    # Start-up (model read, compiled batch sizes warmed up) apart from the images' own time.
+    print(f"\nclassify: {len(paths)} images in {elapsed:.2f} s ({len(paths) / max(elapsed, 1e-9):.1f} images/s) "
+          f"after {ready - began:.1f} s of start-up", file=sys.stderr)
     finish(len(paths), failed, args.out)
 
 
