@@ -59,10 +59,11 @@ class HandlerConfig:
             antialiased resize still downscales after it (1.0: fastest, further from the stock
             pipeline's pixels).
         precision: ``auto`` (the default): bf16 on a CPU with bf16 matrix units (AMX or
-            AVX512-BF16), fp32 elsewhere (GPUs included); ``fp32``; ``bf16`` or ``fp16`` (CUDA
-            only) autocast for the forward pass; ``int8``: the calibrated program that
-            ``build_mar.py --calibrate`` stores in the archive (CPU, compiled). What cannot run
-            here runs fp32, with an error in the log (``handler.precision``).
+            AVX512-BF16), fp32 elsewhere (GPUs included); ``fp32``; ``bf16`` (on the CPU the
+            weights converted, ``handler.precision.Bf16Model``; on a GPU autocast); ``fp16``
+            (CUDA autocast); ``int8``: the calibrated program that ``build_mar.py --calibrate``
+            stores in the archive (CPU, compiled only). What cannot run here runs fp32, with an
+            error in the log (``handler.precision``).
         batch_buckets: pad every forward pass to the smallest of these batch sizes that fits, so
             the model only ever sees a few fixed shapes (each is warmed up in initialize). Empty:
             no padding, except for a compiled model, which gets ``compile_buckets``.

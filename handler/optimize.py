@@ -55,7 +55,9 @@ class _Frozen(nn.Module):
     """Runs a compiled model with inductor's freezing on, so that compiling (lazily, on a
     shape's first call) freezes. It must be inductor's config while compiling: passed through
     ``torch.compile(options=...)`` instead, freezing fails on int8 programs (inductor cannot
-    constant-fold oneDNN's weight prepacking then)."""
+    constant-fold oneDNN's weight prepacking then). The patch is process-wide while it lasts:
+    classifiers compiling in several threads of one process at once could see each other's
+    setting (each door runs one model per process)."""
 
     def __init__(self, compiled: nn.Module) -> None:
         super().__init__()

@@ -251,7 +251,8 @@ class Pipeline:
     def _compile(self) -> None:
         """torch.compile the model for each of ``compile_buckets``, largest first; once
         ``compile_budget_s`` is spent no further bucket starts. One log line says what was
-        decided; a failed compile falls back to the eager model."""
+        decided. A failed compile serves the eager model in fp32; in bf16 or int8 it raises, and
+        warm_up falls back to fp32 (int8 also raises when compiling is off)."""
         cfg = self.config
         wanted, reason = should_compile(cfg.compile, self.device, cfg.arch)
         if not wanted:

@@ -150,7 +150,12 @@ class Bf16Model(nn.Module):
         import copy
 
         self.model = copy.deepcopy(model).to(torch.bfloat16)
+        # "Last" in registration order: the head, in the classifiers torchvision and timm build.
+        # If it is not the last layer run, the model fails on a dtype mismatch at warm-up, and
+        # the pipeline serves fp32.
         heads = [name for name, module in self.model.named_modules() if isinstance(module, nn.Linear)]
+        if not heads:  # a conv head, or TorchScript / export modules, whose layers are not nn.Linear
+            log.warning("bf16: no nn.Linear classifier head found; the logits are computed in bf16 too")
         if heads:
             parent_name, _, attr = heads[-1].rpartition(".")
             parent = self.model.get_submodule(parent_name)

@@ -145,7 +145,8 @@ def build_archives(arch: str, store: Path, work: Path) -> None:
 
 
 def ours_precision(store: Path) -> str:
-    """The precision ours runs in on this machine (what its worker's log line says)."""
+    """The precision ours is set to run in on this machine (resolved as its worker resolves it;
+    a fallback at warm-up, which its worker would log as an error, is not seen here)."""
     from handler.model_files import read_model
     from handler.precision import resolve_precision
 

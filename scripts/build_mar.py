@@ -165,6 +165,8 @@ def gate_precision(config: dict[str, Any], weights: Path, classes: int, calibrat
                          "images like those the model will serve)")
     checked = "bf16" if precision == "auto" else precision
     if checked not in GATES:
+        if calibrate is not None:
+            print(f"build_mar: --calibrate is not used: precision {precision} has no gate", file=sys.stderr)
         return
     images = calibration_images(calibrate) if calibrate is not None else default_gate_images()
     source = str(calibrate) if calibrate is not None else "tests/data and views of it"

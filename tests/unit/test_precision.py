@@ -166,3 +166,12 @@ def test_compiled_bf16_freezes_and_answers_like_fp32(monkeypatch, real_compiler,
     assert [next(iter(r)) for r in bf16] == [next(iter(r)) for r in fp32]
     assert 0 < max(abs(b[k] - f[k]) for b, f in zip(bf16, fp32) for k in f) < 0.05
     assert any("with freezing" in r.getMessage() for r in caplog.records)
+
+
+def test_a_model_without_a_linear_head_runs_all_in_bf16_and_says_so(caplog):
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 5, 2), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()).eval()
+    converted = Bf16Model(model)
+    assert {p.dtype for p in converted.parameters()} == {torch.bfloat16}
+    out = converted(torch.randn(2, 3, 4, 4))
+    assert out.dtype == torch.float32 and torch.equal(out, out.to(torch.bfloat16).float())  # bf16 logits
+    assert any("no nn.Linear classifier head" in r.getMessage() for r in caplog.records)
