@@ -5,9 +5,13 @@ from __future__ import annotations
 import functools
 import logging
 import subprocess
+from pathlib import Path
 
 import torch
 from torch import nn
+
+from handler.config import HandlerConfig
+from handler.model_loading import load_model
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +43,17 @@ def fold_batchnorm(model: nn.Module, example: torch.Tensor) -> nn.Module:
         log.warning("BatchNorm folding skipped: outputs moved by %.2g (relative)", drift)
         return model
     return folded
+
+
+def prepare_for_inference(config: HandlerConfig, weights: Path | bytes, num_classes: int,
+                          device: torch.device = torch.device("cpu")) -> nn.Module:
+    """The fp32 model as the handler serves it, before compiling: loaded, BatchNorm folded (as
+    ``config.fuse_batchnorm`` says), on ``device``, channels_last."""
+    model = load_model(config.arch, weights, num_classes)
+    if config.fuse_batchnorm:
+        size = config.image_size
+        model = fold_batchnorm(model, torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0)))
+    return model.to(device).to(memory_format=torch.channels_last)
 
 
 def compile_model(model: nn.Module, mode: str, *, freeze: bool = False) -> nn.Module:

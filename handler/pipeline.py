@@ -28,9 +28,8 @@ from handler.gpu_decode import BatchedJpegDecoder
 from handler.images import ImageTransform
 from handler.loader import PersistentImageLoader
 from handler.metrics import StageClock
-from handler.model_loading import load_model
 from handler.normalize import Normalizer
-from handler.optimize import compile_model, fold_batchnorm, should_compile
+from handler.optimize import compile_model, prepare_for_inference, should_compile
 from handler.postprocess import top_k_labels
 from handler.precision import Bf16Model, resolve_precision
 from handler.quantize import load_int8_program
@@ -90,16 +89,17 @@ class Pipeline:
         cfg = self.config
         if self.precision == "int8":
             assert self._int8_program is not None
-            try:
-                return load_int8_program(self._int8_program)
-            except Exception as exc:
-                self._log_fallback(f"the int8 program does not load: {type(exc).__name__}: {str(exc)[:300]}")
+            compiled, reason = should_compile(cfg.compile, self.device, cfg.arch)
+            if not compiled:  # eagerly, the int8 program is a slow reference: not worth loading
+                self._log_fallback(f"int8 runs compiled only, and torch.compile is off ({reason})")
                 self.precision = "fp32"
-        model = load_model(cfg.arch, self._weights, len(self.labels))
-        if cfg.fuse_batchnorm:
-            example = torch.randn(2, 3, cfg.image_size, cfg.image_size, generator=torch.Generator().manual_seed(0))
-            model = fold_batchnorm(model, example)
-        model = model.to(self.device).to(memory_format=torch.channels_last)
+            else:
+                try:
+                    return load_int8_program(self._int8_program)
+                except Exception as exc:
+                    self._log_fallback(f"the int8 program does not load: {type(exc).__name__}: {str(exc)[:300]}")
+                    self.precision = "fp32"
+        model = prepare_for_inference(cfg, self._weights, len(self.labels), self.device)
         if self.precision == "bf16" and self.device.type == "cpu":
             try:
                 return Bf16Model(model)
@@ -252,12 +252,10 @@ class Pipeline:
         """torch.compile the model for each of ``compile_buckets``, largest first; once
         ``compile_budget_s`` is spent no further bucket starts. One log line says what was
         decided. A failed compile serves the eager model in fp32; in bf16 or int8 it raises, and
-        warm_up falls back to fp32 (int8 also raises when compiling is off)."""
+        warm_up falls back to fp32."""
         cfg = self.config
         wanted, reason = should_compile(cfg.compile, self.device, cfg.arch)
         if not wanted:
-            if self.precision == "int8":  # eagerly, the int8 program is a slow reference
-                raise RuntimeError(f"int8 runs compiled only, and torch.compile is off ({reason})")
             log.info("torch.compile off (%s): serving the eager model", reason)
             return
         # Freezing folds the weights into the compiled graph as constants: inductor then packs

@@ -89,10 +89,6 @@ class Agreement:
     top1_agreement: float
     max_prob_diff: float
 
-    def as_dict(self) -> dict[str, float | int]:
-        return {"images": self.images, "top1_agreement": round(self.top1_agreement, 4),
-                "max_prob_diff": round(self.max_prob_diff, 5)}
-
 
 def agreement(reference_logits: torch.Tensor, logits: torch.Tensor) -> Agreement:
     """Top-1 agreement and the largest probability difference of ``logits`` against fp32's."""

@@ -11,15 +11,12 @@ reference of the same arithmetic.
 from __future__ import annotations
 
 import io
-import logging
 import warnings
 from pathlib import Path
 from typing import Iterable
 
 import torch
 from torch import nn
-
-log = logging.getLogger(__name__)
 
 # The program's file name in a model directory or archive.
 INT8_PROGRAM = "int8_program.pt2"

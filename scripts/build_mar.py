@@ -35,12 +35,13 @@ import torch
 import yaml
 from PIL import Image, ImageOps
 
-from handler.config import HandlerConfig
+from handler.config import PRECISIONS, HandlerConfig
 from handler.images import ImageDecodeError
 from handler.model_loading import load_labels, load_model
-from handler.optimize import fold_batchnorm
+from handler.optimize import prepare_for_inference
 from handler.precision import GATES, Agreement, GateFailed, agreement, check_gate, model_inputs, run_in
 from handler.quantize import INT8_PROGRAM, quantize_int8, save_program
+from image_files import IMAGE_SUFFIXES, expand
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -60,7 +61,6 @@ DEFAULT_FRONTEND_SETTINGS: dict[str, Any] = {
 
 
 GATE_PHOTOS = ROOT / "tests" / "data"
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 # Calibration and gate images read from --calibrate DIR, at most (sorted by path).
 MAX_CALIBRATION_IMAGES = 1024
 CALIBRATION_BATCH = 32
@@ -90,10 +90,10 @@ def calibration_images(directory: Path) -> list[bytes]:
     """The image files under ``directory`` (recursively, sorted, at most MAX_CALIBRATION_IMAGES)."""
     if not directory.is_dir():
         raise SystemExit(f"build_mar: --calibrate {directory}: not a directory")
-    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    files = expand([str(directory)], "build_mar")
     if len(files) < 2:
         raise SystemExit(f"build_mar: --calibrate {directory}: found {len(files)} image file(s) "
-                         f"({', '.join(IMAGE_SUFFIXES)}); calibration needs at least 2, better hundreds")
+                         f"({', '.join(sorted(IMAGE_SUFFIXES))}); calibration needs at least 2, better hundreds")
     return [p.read_bytes() for p in files[:MAX_CALIBRATION_IMAGES]]
 
 
@@ -132,11 +132,8 @@ def measure_precision(config: HandlerConfig, weights: Path, classes: int, images
     if len(inputs) < 2:
         raise SystemExit("build_mar: fewer than 2 readable calibration images")
     batch = torch.cat(inputs)
-    model = load_model(config.arch, weights, classes)
-    if config.fuse_batchnorm:
-        model = fold_batchnorm(model, batch[:2])
-    # As the handler runs it: channels_last (bf16 rounds differently in another layout).
-    model = model.to(memory_format=torch.channels_last)
+    # As the handler prepares it (channels_last included: bf16 rounds differently in another layout).
+    model = prepare_for_inference(config, weights, classes)
     reference = run_in(model, batch, "fp32")
     program = None
     candidate = model
@@ -260,7 +257,7 @@ def main() -> None:
     parser.add_argument("--name", help="model name (URL path /predictions/NAME)")
     parser.add_argument("--export-path", type=Path, default=ROOT / "model_store")
     parser.add_argument("--config", type=Path, help="model-config.yaml (TorchServe keys + handler: section)")
-    parser.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16", "int8"],
+    parser.add_argument("--precision", choices=PRECISIONS,
                         help="handler.precision of the archive (default: the config's, else auto)")
     parser.add_argument("--calibrate", type=Path, metavar="DIR",
                         help="images for int8 calibration and the accuracy gate (default gate: tests/data)")

@@ -135,7 +135,7 @@ def test_bf16_models_keep_their_classifier_head_in_fp32():
 
 def test_a_model_that_fails_in_bf16_serves_fp32_with_an_error(monkeypatch, caplog):
     monkeypatch.setenv(BF16_ENV, "1")
-    monkeypatch.setattr("handler.pipeline.load_model", lambda *args: BreaksInBf16().eval())
+    monkeypatch.setattr("handler.optimize.load_model", lambda *args: BreaksInBf16().eval())
     with ImageClassifier.load(DEMO, device="cpu", overrides={"batch_size": 4, "compile": False,
                                                              "fuse_batchnorm": False}) as clf:
         assert clf.pipeline.precision == "fp32"

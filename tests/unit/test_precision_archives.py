@@ -119,7 +119,7 @@ def test_int8_without_a_compiler_serves_fp32_and_says_why(int8_mar, caplog):
     assert any("precision int8 does not work" in m and "int8 runs compiled only" in m for m in errors), errors
 
 
-def test_a_broken_int8_program_serves_fp32_and_says_why(int8_mar, tmp_path, caplog):
+def test_a_broken_int8_program_serves_fp32_and_says_why(int8_mar, tmp_path, real_compiler, caplog):
     with zipfile.ZipFile(int8_mar) as archive:
         archive.extractall(tmp_path / "model")
     (tmp_path / "model" / INT8_PROGRAM).write_bytes(b"not a program")
