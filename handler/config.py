@@ -7,7 +7,10 @@ import multiprocessing
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-RESIZE_MODES = ("center_crop", "letterbox", "squash")
+RESIZE_MODES = ("center_crop", "letterbox", "squash", "squash_center_crop", "border")
+# Which pixel a centre crop starts at when the margin is odd: torchvision's CenterCrop rounds half
+# the margin (timm uses it); Hugging Face's image processors take its floor.
+CROP_OFFSETS = ("round", "floor")
 INTERPOLATIONS = ("bilinear", "bicubic")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16", "int8")
 DECODE_DEVICES = ("cpu", "cuda")
@@ -26,14 +29,25 @@ class HandlerConfig:
             ``torchvision.models`` classification name, e.g. ``resnet18``; or the format of a
             whole serialized model: ``torchscript`` (.pt) or ``torch_export`` (.pt2).
         image_size: side of the square tensor the model sees.
-        resize_size: ``center_crop`` mode: the shorter side is resized to this before cropping.
-        resize_mode: ``center_crop`` (torchvision eval preset), ``letterbox`` (whole image,
-            aspect kept, padded) or ``squash`` (whole image stretched to a square).
+        resize_size: the size resized to before the crop: in ``center_crop`` the shorter side,
+            in ``squash_center_crop`` both sides, in ``border`` the longer side.
+        resize_mode: ``center_crop`` (torchvision eval preset: shorter side to ``resize_size``,
+            centre crop), ``letterbox`` (whole image, aspect kept, padded), ``squash`` (whole
+            image stretched to a square), ``squash_center_crop`` (stretched to ``resize_size``
+            square, then the centre crop: timm's ``squash`` with a crop_pct below 1, Hugging
+            Face's height x width resize followed by a centre crop) or ``border`` (timm's: the
+            longer side to ``resize_size``, aspect kept, then centre crop or pad to
+            ``image_size`` with ``pad_value``).
+        crop_offset: where an odd crop margin puts its extra pixel: ``round`` (torchvision's
+            CenterCrop, as timm crops) or ``floor`` (Hugging Face's image processors).
         interpolation: ``bilinear`` or ``bicubic``, antialiased (as the model was trained).
         weights: a torchvision weights enum (``ResNet50_Weights.IMAGENET1K_V2``) whose eval
             preprocessing (crop, resize, interpolation, mean, std) fills the keys not given
             explicitly; nothing is downloaded (the weights themselves come with the model).
-        pad_value: ``letterbox`` fill, 0-255 on every channel.
+        pad_value: ``letterbox`` and ``border`` fill, 0-255: one value for every channel, or
+            three (red, green, blue).
+        use_test_size: a timm model folder's ``test_input_size`` / ``test_crop_pct`` instead of
+            its ``input_size`` / ``crop_pct`` (timm's ``use_test_size``); timm folders only.
         mean, std: per-channel normalization applied to pixels scaled to [0, 1].
         top_k: classes returned per image.
         batch_size: images per model forward pass (decoded chunks are gathered up to it).
@@ -95,9 +109,11 @@ class HandlerConfig:
     image_size: int = 224
     resize_size: int = 256
     resize_mode: str = "center_crop"
+    crop_offset: str = "round"
     interpolation: str = "bilinear"
     weights: str = ""
-    pad_value: int = 0
+    pad_value: int | tuple[int, int, int] = 0
+    use_test_size: bool = False
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     top_k: int = 5
@@ -129,6 +145,12 @@ class HandlerConfig:
     def loader_chunk(self) -> int:
         """Images per DataLoader batch, at most."""
         return self.loader_batch_size or self.batch_size
+
+    @property
+    def pad_rgb(self) -> tuple[int, int, int]:
+        """``pad_value`` as one value per channel."""
+        value = self.pad_value
+        return (value, value, value) if isinstance(value, int) else value
 
     @property
     def compile_buckets(self) -> tuple[int, ...]:
@@ -195,11 +217,14 @@ class HandlerConfig:
             raise ValueError(
                 f"handler.resize_mode must be one of {', '.join(RESIZE_MODES)}; got {self.resize_mode!r}"
             )
-        if self.resize_mode == "center_crop" and self.resize_size < self.image_size:
+        if self.resize_mode in ("center_crop", "squash_center_crop") and self.resize_size < self.image_size:
             raise ValueError(
-                f"handler.resize_size ({self.resize_size}) must be >= image_size ({self.image_size})"
+                f"handler.resize_size ({self.resize_size}) must be >= image_size ({self.image_size}) "
+                f"in resize_mode {self.resize_mode}"
             )
-        if not 0 <= self.pad_value <= 255:
+        if self.crop_offset not in CROP_OFFSETS:
+            raise ValueError(f"handler.crop_offset must be one of {', '.join(CROP_OFFSETS)}; got {self.crop_offset!r}")
+        if not all(0 <= v <= 255 for v in self.pad_rgb):
             raise ValueError(f"handler.pad_value must be within 0..255, got {self.pad_value}")
         if any(s <= 0 for s in self.std):
             raise ValueError(f"handler.std values must be > 0, got {list(self.std)}")
@@ -262,6 +287,13 @@ def _coerce(name: str, default: Any, value: Any) -> Any:
     where = f"handler.{name}"
     if name == "compile":  # a switch with a third state: __post_init__ checks it
         return value
+    if name == "pad_value":  # one value, or one per channel
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, (list, tuple)) and len(value) == 3 and all(
+                isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return tuple(value)
+        raise ValueError(f"{where} must be an integer or a list of 3 integers, got {value!r}")
     if isinstance(default, bool):
         if not isinstance(value, bool):
             raise ValueError(f"{where} must be true or false, got {value!r}")

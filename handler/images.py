@@ -27,9 +27,10 @@ except ImportError:  # pragma: no cover - exercised by monkeypatching it to None
     simplejpeg = None
 
 
-# center_crop resizes the whole image first unless its longer side would exceed this many times
-# resize_size (then it crops first).
-MAX_CROP_INTERMEDIATE = 4
+# center_crop resizes the whole image first (the exact pixels of resize-then-crop) unless its
+# longer side would exceed this many times resize_size (then it crops first: an 8000x16 banner
+# would otherwise make a huge intermediate image).
+MAX_CROP_INTERMEDIATE = 32
 
 EXIF_ORIENTATION = 0x0112
 
@@ -205,35 +206,78 @@ def _high_depth_to_rgb(image: Image.Image) -> np.ndarray:
 
 def resize_to_input(pixels: torch.Tensor, config: HandlerConfig) -> torch.Tensor:
     """(..., 3, H, W) uint8 -> (..., 3, S, S) uint8 by the configured resize mode, antialiased.
-    Leading dimensions (a stack of same-sized images) are resized together."""
+    Leading dimensions (a stack of same-sized images) are resized together. Sizes, crop offsets
+    and padding follow the libraries each mode comes from (torchvision, timm, Hugging Face)
+    exactly; only the resampling itself is torch's (PIL's filters, rounded slightly apart)."""
     size = config.image_size
     height, width = pixels.shape[-2:]
-    if config.resize_mode == "squash":
+    mode = config.resize_mode
+    if mode == "squash":
         return _resize(pixels, size, size, config.interpolation)
-    if config.resize_mode == "letterbox":
+    if mode == "squash_center_crop":
+        squashed = _resize(pixels, config.resize_size, config.resize_size, config.interpolation)
+        return center_crop(squashed, size, config.crop_offset)
+    if mode == "letterbox":
         scale = size / max(height, width)
         new_h, new_w = max(1, round(height * scale)), max(1, round(width * scale))
-        resized = _resize(pixels, new_h, new_w, config.interpolation)
-        top, left = (size - new_h) // 2, (size - new_w) // 2
-        # Pad in HWC order: the batch is collated channels_last, so this layout copies fastest.
-        lead = pixels.shape[:-3]
-        canvas = torch.full((*lead, size, size, 3), config.pad_value, dtype=torch.uint8, device=pixels.device)
-        canvas[..., top : top + new_h, left : left + new_w, :].copy_(resized.movedim(-3, -1))
-        return canvas.movedim(-1, -3)
+        return _pad_to(_resize(pixels, new_h, new_w, config.interpolation), size, config.pad_rgb)
+    if mode == "border":
+        return _border(pixels, config)
     # center_crop, exactly as torchvision's Resize(resize_size) + CenterCrop(image_size) do it
     # (same output size rounding, same crop offsets), so outputs match the stock pipeline.
     short, long = min(height, width), max(height, width)
     new_long = int(config.resize_size * long / short)
     if new_long <= MAX_CROP_INTERMEDIATE * config.resize_size:
         new_h, new_w = (config.resize_size, new_long) if height <= width else (new_long, config.resize_size)
-        return TF.center_crop(_resize(pixels, new_h, new_w, config.interpolation), [size, size])
+        return center_crop(_resize(pixels, new_h, new_w, config.interpolation), size, config.crop_offset)
     # An extreme aspect ratio (8000x16) would make a huge intermediate image: crop in source
-    # pixels first, then resize only the crop.
+    # pixels first, then resize only the crop (close to, not exactly, the full resize's pixels).
     scale = config.resize_size / short
     crop_h = min(height, max(1, round(size / scale)))
     crop_w = min(width, max(1, round(size / scale)))
     top, left = (height - crop_h) // 2, (width - crop_w) // 2
     return _resize(pixels[..., top : top + crop_h, left : left + crop_w], size, size, config.interpolation)
+
+
+def center_crop(pixels: torch.Tensor, size: int, offset: str = "round") -> torch.Tensor:
+    """The centre ``size`` x ``size`` of (..., H, W) pixels, both sides at least ``size``.
+    ``offset`` places an odd margin's extra pixel: ``round`` as torchvision's CenterCrop (half
+    the margin rounded, halves to even), ``floor`` as Hugging Face's ``center_crop``."""
+    height, width = pixels.shape[-2:]
+    if offset == "floor":
+        top, left = (height - size) // 2, (width - size) // 2
+    else:
+        top, left = int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
+    return pixels[..., top : top + size, left : left + size]
+
+
+def _border(pixels: torch.Tensor, config: HandlerConfig) -> torch.Tensor:
+    """timm's ``border`` crop mode: ResizeKeepRatio(resize_size, longest=1) then
+    CenterCropOrPad(image_size, fill=pad_value), with timm's own rounding."""
+    height, width = pixels.shape[-2:]
+    ratio = max(height / config.resize_size, width / config.resize_size)
+    new_h, new_w = max(1, round(height / ratio)), max(1, round(width / ratio))
+    resized = _resize(pixels, new_h, new_w, config.interpolation)
+    size = config.image_size
+    if new_h < size or new_w < size:
+        resized = _pad_to(resized, size, config.pad_rgb, keep_larger=True)
+    return center_crop(resized, size, config.crop_offset)
+
+
+def _pad_to(pixels: torch.Tensor, size: int, fill: tuple[int, int, int], *, keep_larger: bool = False,
+            ) -> torch.Tensor:
+    """(..., 3, h, w) placed in the middle of a ``size`` canvas of ``fill`` (the smaller half of
+    an odd margin before the image, as timm and our letterbox pad). ``keep_larger``: a side
+    already above ``size`` keeps its length (a later crop takes it down)."""
+    height, width = pixels.shape[-2:]
+    out_h, out_w = (max(height, size), max(width, size)) if keep_larger else (size, size)
+    top, left = (out_h - height) // 2, (out_w - width) // 2
+    # Pad in HWC order: the batch is collated channels_last, so this layout copies fastest.
+    lead = pixels.shape[:-3]
+    canvas = torch.empty((*lead, out_h, out_w, 3), dtype=torch.uint8, device=pixels.device)
+    canvas[...] = torch.tensor(fill, dtype=torch.uint8, device=pixels.device)
+    canvas[..., top : top + height, left : left + width, :].copy_(pixels.movedim(-3, -1))
+    return canvas.movedim(-1, -3)
 
 
 def _resize(pixels: torch.Tensor, height: int, width: int, interpolation: str) -> torch.Tensor:
@@ -249,7 +293,8 @@ def draft_target(config: HandlerConfig) -> int:
     """The smallest side a DCT-scaled JPEG decode may produce: the side the resize needs, times
     ``jpeg_draft_margin``. With a margin the antialiased resize still downscales afterwards and
     smooths what DCT scaling does differently from it."""
-    need = config.resize_size if config.resize_mode == "center_crop" else config.image_size
+    resized_first = config.resize_mode in ("center_crop", "squash_center_crop", "border")
+    need = config.resize_size if resized_first else config.image_size
     return math.ceil(need * config.jpeg_draft_margin)
 
 

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from handler.architectures import build_model
+from handler.zoo import ZOO_ARCHS, ZooFiles, load_zoo_model
 
 
 def load_labels(path: Path) -> list[str]:
@@ -35,10 +36,15 @@ def parse_labels(text: str, name: str = "index_to_name.json") -> list[str]:
 SERIALIZED_FORMATS = ("torchscript", "torch_export")
 
 
-def load_model(arch: str, weights: Path | bytes, num_classes: int) -> nn.Module:
-    """The model in eval mode: a TorchScript file, a ``torch.export`` program (.pt2), or ``arch``
-    built and given a state_dict (weights only, never arbitrary pickles). ``weights`` is a file,
-    or its bytes (read from an archive)."""
+def load_model(arch: str, weights: Path | bytes | ZooFiles, num_classes: int) -> nn.Module:
+    """The model in eval mode: a TorchScript file, a ``torch.export`` program (.pt2), a timm or
+    transformers model (``weights`` its ZooFiles: built by its own library), or ``arch`` built
+    and given a state_dict (weights only, never arbitrary pickles). ``weights`` is a file, or
+    its bytes (read from an archive)."""
+    if isinstance(weights, ZooFiles) or arch in ZOO_ARCHS:
+        if not isinstance(weights, ZooFiles) or weights.kind != arch:
+            raise ValueError(f"arch {arch!r} is loaded from a {arch} model folder's files")
+        return load_zoo_model(weights, num_classes)
     source = io.BytesIO(weights) if isinstance(weights, bytes) else str(weights)
     name = "the archive's weights" if isinstance(weights, bytes) else weights.name
     if arch == "torchscript":

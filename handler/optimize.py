@@ -12,6 +12,7 @@ from torch import nn
 
 from handler.config import HandlerConfig
 from handler.model_loading import load_model
+from handler.zoo import ZooFiles
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ def fold_batchnorm(model: nn.Module, example: torch.Tensor) -> nn.Module:
     return folded
 
 
-def prepare_for_inference(config: HandlerConfig, weights: Path | bytes, num_classes: int,
+def prepare_for_inference(config: HandlerConfig, weights: Path | bytes | ZooFiles, num_classes: int,
                           device: torch.device = torch.device("cpu")) -> nn.Module:
     """The fp32 model as the handler serves it, before compiling: loaded, BatchNorm folded (as
     ``config.fuse_batchnorm`` says), on ``device``, channels_last."""

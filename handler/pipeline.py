@@ -33,6 +33,7 @@ from handler.optimize import compile_model, prepare_for_inference, should_compil
 from handler.postprocess import top_k_labels
 from handler.precision import Bf16Model, resolve_precision
 from handler.quantize import load_int8_program
+from handler.zoo import ZooFiles
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +52,8 @@ class RunResult:
 class Pipeline:
     """Decodes, batches and infers; owns the loader workers and the model."""
 
-    def __init__(self, config: HandlerConfig, labels: list[str], weights: Path | bytes, device: torch.device,
-                 int8_program: Path | bytes | None = None) -> None:
+    def __init__(self, config: HandlerConfig, labels: list[str], weights: Path | bytes | ZooFiles,
+                 device: torch.device, int8_program: Path | bytes | None = None) -> None:
         self.config, self.labels, self.device = config, labels, device
         self._weights, self._int8_program = weights, int8_program
         self.precision, reason = resolve_precision(config.precision, device, has_int8_program=int8_program is not None)
