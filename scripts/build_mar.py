@@ -5,9 +5,17 @@
                               #                     and model_store/shapes.mar (the demo; trained if needed)
     build_mar.py --arch resnet18 --weights w.pth --labels index_to_name.json --name mymodel \
                  [--export-path DIR] [--config model-config.yaml] [--precision int8 --calibrate DIR]
+    build_mar.py --from MODEL_FOLDER [--name NAME] [--export-path DIR] [--config model-config.yaml] ...
 
 ``--arch`` is ``efficientnet_lite0``, ``shapes_cnn`` or any torchvision classification model; the
 weights are a state_dict for ``torchvision.models.get_model(arch, num_classes=len(labels))``.
+
+``--from`` takes a timm or Hugging Face transformers model folder (``config.json`` and
+``model.safetensors``, plus ``preprocessor_config.json`` for transformers): the name (the
+folder's, unless ``--name``), labels and evaluation preprocessing come from the folder
+(``handler.zoo``); the archive keeps its files and says ``handler.arch: timm`` (or
+``transformers``). ``--config`` (or a model-config.yaml in the folder) adds TorchServe keys and
+handler settings, which win over the folder's.
 
 Accuracy gates: an archive whose ``handler.precision`` is bf16 or int8 is refused when that
 precision's top-1 answers agree with fp32's on fewer than 99 % (bf16) or 98 % (int8) of the gate's
@@ -24,6 +32,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -37,7 +46,9 @@ from PIL import Image, ImageOps
 
 from handler.config import PRECISIONS, HandlerConfig
 from handler.images import ImageDecodeError
+from handler.model_files import CONFIG_FILE, ModelSpec, read_model
 from handler.model_loading import load_labels, load_model
+from handler.zoo import CONFIG as ZOO_CONFIG, PROCESSOR, ZooFiles
 from handler.optimize import prepare_for_inference
 from handler.precision import GATES, Agreement, GateFailed, agreement, check_gate, model_inputs, run_in
 from handler.quantize import INT8_PROGRAM, quantize_int8, save_program
@@ -66,9 +77,11 @@ MAX_CALIBRATION_IMAGES = 1024
 CALIBRATION_BATCH = 32
 
 
-def model_config(arch: str, config_path: Path | None, precision: str | None = None) -> dict[str, Any]:
+def model_config(arch: str, config_path: Path | None, precision: str | None = None, *,
+                 validate: bool = True) -> dict[str, Any]:
     """The model-config.yaml to ship: the user's file (or defaults) with ``handler.arch`` (and
-    ``handler.precision``, when given) set."""
+    ``handler.precision``, when given) set. ``validate``: check the handler settings alone (a
+    zoo folder's are checked with the folder's own settings under them)."""
     config: dict[str, Any] = dict(DEFAULT_FRONTEND_SETTINGS)
     if config_path is not None:
         loaded = yaml.safe_load(config_path.read_text()) or {}
@@ -77,12 +90,13 @@ def model_config(arch: str, config_path: Path | None, precision: str | None = No
         config = loaded
     handler = dict(config.get("handler") or {})
     if handler.get("arch", arch) != arch:
-        raise SystemExit(f"{config_path}: handler.arch is {handler['arch']!r} but --arch is {arch!r}")
+        raise SystemExit(f"{config_path}: handler.arch is {handler['arch']!r} but the model is {arch!r}")
     handler["arch"] = arch
     if precision is not None:
         handler["precision"] = precision
     config["handler"] = handler
-    HandlerConfig.from_mapping(handler)  # fail here, not when TorchServe loads the model
+    if validate:
+        HandlerConfig.from_mapping(handler)  # fail here, not when TorchServe loads the model
     return config
 
 
@@ -119,7 +133,7 @@ def default_gate_images() -> list[bytes]:
     return images
 
 
-def measure_precision(config: HandlerConfig, weights: Path, classes: int, images: list[bytes],
+def measure_precision(config: HandlerConfig, weights: Path | ZooFiles, classes: int, images: list[bytes],
                       precision: str) -> tuple[Agreement, torch.export.ExportedProgram | None]:
     """``precision``'s agreement with fp32 on ``images`` (through the handler's preprocessing,
     the model as the handler prepares it), and for int8 the program quantized on them."""
@@ -150,12 +164,13 @@ def measure_precision(config: HandlerConfig, weights: Path, classes: int, images
     return agreement(reference, run_in(candidate, batch, precision)), program
 
 
-def gate_precision(config: dict[str, Any], weights: Path, classes: int, calibrate: Path | None,
-                   stage: Path, gate: bool = True) -> None:
+def gate_precision(config: dict[str, Any], weights: Path | ZooFiles, classes: int, calibrate: Path | None,
+                   stage: Path, gate: bool = True, handler: HandlerConfig | None = None) -> None:
     """Apply the accuracy gate of the archive's precision (see the module docstring): refuse it,
     or (``auto``) pin fp32; an int8 program goes into ``stage``. ``gate`` False: measure and
-    report, refuse nothing."""
-    handler = HandlerConfig.from_mapping(config["handler"])
+    report, refuse nothing. ``handler``: the settings the model is served with, where they are
+    more than ``config``'s (a zoo folder's own preprocessing)."""
+    handler = handler or HandlerConfig.from_mapping(config["handler"])
     precision = handler.precision
     if precision == "int8" and calibrate is None:
         raise SystemExit("build_mar: precision int8 needs calibration images: --calibrate DIR (a few hundred "
@@ -203,19 +218,93 @@ def build(arch: str, weights: Path, labels: Path, name: str, export_path: Path, 
         shutil.copy(labels, extra / "index_to_name.json")
         config_file = stage / "model-config.yaml"
         config_file.write_text(yaml.safe_dump(config, sort_keys=False))
-        command = [
-            str(Path(sys.executable).parent / "torch-model-archiver"),
-            "--model-name", name,
-            "--version", "1.0",
-            "--serialized-file", str(weights),
-            "--handler", str(extra / "handler" / "service.py"),
-            "--extra-files", str(extra),
-            "--config-file", str(config_file),
-            "--export-path", str(export_path),
-            "--force",
-        ]
-        subprocess.run(command, check=True)
+        archive(name, weights, extra, config_file, export_path)
     return export_path / f"{name}.mar"
+
+
+def build_from_folder(folder: Path, name: str | None, export_path: Path, config_path: Path | None, *,
+                      precision: str | None = None, calibrate: Path | None = None, gate: bool = True) -> Path:
+    """The archive of a timm or transformers model folder: read (and so validated) as the
+    handler will read it, its model loaded once, the precision's gate applied; the folder's
+    files, its labels and the handler package staged."""
+    try:
+        probe = read_model(folder)
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"build_mar: {folder}: {exc}") from None
+    if not isinstance(probe.weights, ZooFiles):
+        raise SystemExit(f"build_mar: {folder} is not a timm or transformers model folder (config.json with "
+                         "model.safetensors); for other models give --arch, --weights and --labels")
+    kind = probe.weights.kind
+    name = name or folder.resolve().name
+    if not MODEL_NAME.fullmatch(name):
+        raise SystemExit(f"build_mar: model name {name!r} must be letters, digits, '_', '-' or '.' (starting "
+                         "with a letter or digit); give one with --name")
+    if config_path is None and (folder / CONFIG_FILE).is_file():
+        config_path = folder / CONFIG_FILE
+    config = model_config(kind, config_path, precision, validate=False)
+    try:
+        # The folder's settings under the archive's own: what TorchServe will serve, checked now.
+        spec = read_model(folder, model_yaml=config)
+        load_model(spec.config.arch, spec.weights, len(spec.labels))
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"build_mar: {folder}: {exc}") from None
+    zoo = spec.weights
+    assert isinstance(zoo, ZooFiles)
+    print(f"build_mar: {kind} model {name}: {len(spec.labels)} classes; preprocessing {describe(spec)}",
+          file=sys.stderr)
+    export_path.mkdir(parents=True, exist_ok=True)
+    weights = zoo.files[zoo.weights_name]
+    assert isinstance(weights, Path)
+    with tempfile.TemporaryDirectory(prefix="build_mar_") as tmp:
+        stage = Path(tmp)
+        extra = stage / "extra"
+        extra.mkdir()
+        gate_precision(config, zoo, len(spec.labels), calibrate, extra, gate, handler=spec.config)
+        shutil.copytree(ROOT / "handler", extra / "handler", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        for part in (ZOO_CONFIG, PROCESSOR):
+            if part in zoo.files:
+                source = zoo.files[part]
+                assert isinstance(source, Path)
+                shutil.copy(source, extra / part)
+        (extra / "index_to_name.json").write_text(json.dumps({str(i): label for i, label in enumerate(spec.labels)},
+                                                             indent=0))
+        config_file = stage / "model-config.yaml"
+        config_file.write_text(yaml.safe_dump(config, sort_keys=False))
+        archive(name, weights, extra, config_file, export_path)
+    return export_path / f"{name}.mar"
+
+
+# torch-model-archiver's rule for model names.
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-.]*")
+
+
+def describe(spec: ModelSpec) -> str:
+    """The preprocessing of ``spec`` in one line."""
+    c = spec.config
+    sizes = {"center_crop": f"shorter side to {c.resize_size}, centre {c.image_size} crop",
+             "squash": f"stretched to {c.image_size}x{c.image_size}",
+             "squash_center_crop": f"stretched to {c.resize_size}x{c.resize_size}, centre {c.image_size} crop",
+             "border": f"longer side to {c.resize_size}, centre {c.image_size} crop or pad",
+             "letterbox": f"longer side to {c.image_size}, padded"}[c.resize_mode]
+    mean = ", ".join(f"{v:.4g}" for v in c.mean)
+    std = ", ".join(f"{v:.4g}" for v in c.std)
+    return f"{sizes} ({c.interpolation}, crop offset {c.crop_offset}), mean [{mean}], std [{std}]"
+
+
+def archive(name: str, weights: Path, extra: Path, config_file: Path, export_path: Path) -> None:
+    """Run torch-model-archiver on staged files."""
+    command = [
+        str(Path(sys.executable).parent / "torch-model-archiver"),
+        "--model-name", name,
+        "--version", "1.0",
+        "--serialized-file", str(weights),
+        "--handler", str(extra / "handler" / "service.py"),
+        "--extra-files", str(extra),
+        "--config-file", str(config_file),
+        "--export-path", str(export_path),
+        "--force",
+    ]
+    subprocess.run(command, check=True)
 
 
 def ensure_demo_weights() -> None:
@@ -251,6 +340,8 @@ def build_shipped(export_path: Path) -> list[Path]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--from", dest="folder", type=Path, metavar="DIR",
+                        help="a timm or transformers model folder (config.json, model.safetensors, ...)")
     parser.add_argument("--arch", help="shapes_cnn or a torchvision classification model name")
     parser.add_argument("--weights", type=Path, help="state_dict file (.pth/.pt)")
     parser.add_argument("--labels", type=Path, help='index_to_name.json: {"0": "label", ...}')
@@ -266,7 +357,13 @@ def main() -> None:
     args = parser.parse_args()
 
     custom = [args.arch, args.weights, args.labels, args.name]
-    if not any(custom):
+    if args.folder is not None:
+        if args.arch or args.weights or args.labels:
+            parser.error("--from takes its architecture, weights and labels from the folder: drop --arch, "
+                         "--weights and --labels")
+        mars = [build_from_folder(args.folder, args.name, args.export_path, args.config, precision=args.precision,
+                                  calibrate=args.calibrate, gate=not args.no_gate)]
+    elif not any(custom):
         if args.config or args.precision or args.calibrate or args.no_gate:
             parser.error("--config, --precision and --calibrate go with --arch/--weights/--labels/--name "
                          "(the shipped models have their own)")
