@@ -2,7 +2,10 @@
 
 The core (no server imported anywhere in it):
     classifier    -- ImageClassifier: load / for_serving / classify / classify_requests / close
-    model_files   -- read_model: a model directory or .mar -> ModelSpec (config, labels, weights)
+    model_files   -- read_model: a model directory, a timm or transformers model folder, or a .mar
+                     -> ModelSpec (config, labels, weights)
+    zoo           -- timm and transformers model folders: their evaluation preprocessing as
+                     handler settings, their labels, the model built by its own library
     process       -- configure_process: allocator, Pillow's pixel limit, torch threads (applied
                      by ImageClassifier.for_serving, the start-up every door shares)
     config        -- HandlerConfig, validated once from model-config.yaml's ``handler:`` section

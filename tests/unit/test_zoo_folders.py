@@ -13,13 +13,10 @@ import yaml
 from handler.classifier import ImageClassifier
 from handler.model_files import read_model
 from handler.zoo import ZooFolderError, imagenet_labels
-from zoo_folders import LABELS, hf_folder, hf_reference, photos, reference_answers, timm_folder, timm_reference
+from zoo_folders import (LABELS, PARITY_CASES, assert_answers_match, hf_folder, hf_reference, photos, reference_answers,
+                         timm_folder, timm_reference)
 
 PHOTOS = [data for _, data in photos()]
-# Every answer's probabilities within this of the zoo's own fp32 pipeline's. What limits it: the
-# pixels (README, "Serving your own model"): a few levels apart at most, which moves these
-# image-sensitive random models' probabilities by about 1e-3.
-PROB_TOLERANCE = 0.01
 
 
 @pytest.fixture(scope="module")
@@ -49,37 +46,10 @@ def edit_json(path, **changes):
 
 # ---- answers --------------------------------------------------------------------------------
 
-ANSWER_CASES = [
-    pytest.param("timm", "resnet18.a1_in1k", None, id="timm-center-bicubic-0.95"),
-    pytest.param("timm", "resnet18.tv_in1k", None, id="timm-center-bilinear-0.875"),
-    pytest.param("timm", "vit_tiny_patch16_224.augreg_in21k_ft_in1k", None, id="timm-vit-0.9-mean-std-0.5"),
-    pytest.param("timm", "convnext_atto.d2_in1k", {"crop_mode": "squash", "crop_pct": 1.0, "interpolation": "bilinear"},
-                 id="timm-squash-bilinear-1.0"),
-    pytest.param("transformers", "vit", None, id="transformers-vit"),
-    pytest.param("transformers", "convnext", None, id="transformers-convnext"),
-]
-
-
-def zoo_model(zoo_dir, zoo, name, data_config):
-    folder = zoo_dir / f"answers-{zoo}-{name}-{len(list(zoo_dir.iterdir()))}"
-    if zoo == "timm":
-        return timm_reference(timm_folder(folder, name, data_config=data_config)), folder
-    return hf_reference(hf_folder(folder, name)), folder
-
-
-def assert_answers_match(got, probabilities, labels):
-    """Our top-k answers against the zoo's probabilities: the same top-1, every score close."""
-    assert len(got) == len(probabilities)
-    for i, (answer, row) in enumerate(zip(got, probabilities)):
-        assert next(iter(answer)) == labels[int(row.argmax())], (i, answer, row)
-        for label, score in answer.items():
-            assert abs(score - float(row[labels.index(label)])) <= PROB_TOLERANCE, (i, label, score, row)
-
-
-@pytest.mark.parametrize(("zoo", "name", "data_config"), ANSWER_CASES)
-def test_library_answers_equal_the_zoos_own_pipeline_in_fp32(zoo_dir, zoo, name, data_config):
-    (model, transform), folder = zoo_model(zoo_dir, zoo, name, data_config)
-    want = reference_answers(model, transform, PHOTOS)
+@pytest.mark.parametrize("case", PARITY_CASES, ids=[case.name for case in PARITY_CASES])
+def test_library_answers_equal_the_zoos_own_pipeline_in_fp32(zoo_dir, case):
+    folder = case.build(zoo_dir / case.name)
+    want = case.reference(folder, PHOTOS)
     assert len(set(want.argmax(1).tolist())) > 1, "the model answers one class for every photo"
     with ImageClassifier.load(folder, device="cpu", overrides={"precision": "fp32", "top_k": 3}) as clf:
         assert clf.labels == LABELS

@@ -1,5 +1,5 @@
 """timm and transformers model folders built offline, as the zoos' own save helpers write them, and
-the zoos' own evaluation pipelines to compare the handler against.
+the zoos' own evaluation pipelines to compare the handler against (tests, scripts/zoo_parity.py).
 
 No hub is reachable here: timm models are created with ``pretrained=False`` and saved with
 ``timm.models.save_for_hf``; transformers models are built from small configs with random weights
@@ -12,13 +12,14 @@ means something.
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 from PIL import Image
 
-DATA = Path(__file__).resolve().parent / "data"
+DATA = Path(__file__).resolve().parent.parent / "tests" / "data"
 LABELS = [f"class_{i}" for i in range(10)]
 
 
@@ -128,6 +129,7 @@ def hf_folder(directory: Path, kind: str, *, processor: dict[str, Any] | None = 
     keyword arguments)."""
     import transformers as hf
 
+    hf.utils.logging.disable_progress_bar()
     torch.manual_seed(seed)
     id2label = {i: (labels[i] if labels is not None else f"LABEL_{i}") for i in range(num_labels)}
     common = {"id2label": id2label, "label2id": {v: k for k, v in id2label.items()}}
@@ -161,7 +163,9 @@ def hf_reference(folder: Path) -> tuple[torch.nn.Module, Callable]:
     """The folder as transformers loads it (fp32) with its image processor's PIL backend, the
     model returning logits."""
     from transformers import AutoImageProcessor, AutoModelForImageClassification
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     model = AutoModelForImageClassification.from_pretrained(folder, dtype=torch.float32).eval()
     processor = AutoImageProcessor.from_pretrained(folder, backend="pil")
 
@@ -177,3 +181,53 @@ def reference_answers(model: torch.nn.Module, transform: Callable, images: Seque
     """The zoo's own pipeline in fp32: class probabilities per image."""
     inputs = torch.stack([transform(decoded(data)) for data in images])
     return torch.softmax(_logits(model(inputs)).float(), dim=1)
+
+
+# Every answer's probabilities within this of the zoo's own fp32 pipeline's. What limits it: the
+# pixels (README, "Serving your own model"): a level or two apart, a few values up to 9, which moves
+# these image-sensitive random models' probabilities by up to 7e-3 (scripts/zoo_parity.py).
+PROB_TOLERANCE = 0.02
+
+
+def assert_answers_match(got: Sequence[dict[str, float]], probabilities: torch.Tensor, labels: Sequence[str]) -> None:
+    """Our top-k answers against the zoo's probabilities: the same top-1, every score close."""
+    assert len(got) == len(probabilities)
+    for i, (answer, row) in enumerate(zip(got, probabilities)):
+        assert next(iter(answer)) == labels[int(row.argmax())], (i, answer, row)
+        for label, score in answer.items():
+            assert abs(score - float(row[list(labels).index(label)])) <= PROB_TOLERANCE, (i, label, score, row)
+
+
+@dataclass(frozen=True)
+class ParityCase:
+    """A zoo folder the parity tests serve: which zoo, which model (and preprocessing)."""
+
+    name: str
+    zoo: str
+    model: str
+    data_config: dict[str, Any] | None = None
+
+    def build(self, directory: Path) -> Path:
+        if self.zoo == "timm":
+            return timm_folder(directory, self.model, data_config=self.data_config)
+        return hf_folder(directory, self.model)
+
+    def reference(self, folder: Path, images: Sequence[bytes]) -> torch.Tensor:
+        """The zoo's own pipeline's probabilities, fp32."""
+        model, transform = timm_reference(folder) if self.zoo == "timm" else hf_reference(folder)
+        return reference_answers(model, transform, images)
+
+
+# Covering crop modes center and squash, bicubic and bilinear, crop_pct 0.875 / 0.95 / 1.0 (and 0.9),
+# ImageNet and 0.5 mean/std, and a ConvNeXt-type and a ViT-type transformers processor. The models
+# are ones that random weights leave well-conditioned (depthwise nets with squeeze-and-excitation
+# amplify a quarter-level of noise into 0.1 of probability, far from what trained weights do).
+PARITY_CASES = [
+    ParityCase("timm_resnet18_a1", "timm", "resnet18.a1_in1k"),  # center, bicubic, 0.95, ImageNet
+    ParityCase("timm_resnet18_tv", "timm", "resnet18.tv_in1k"),  # center, bilinear, 0.875, ImageNet
+    ParityCase("timm_vit_tiny", "timm", "vit_tiny_patch16_224.augreg_in21k_ft_in1k"),  # bicubic, 0.9, 0.5
+    ParityCase("timm_convnext_squash", "timm", "convnext_atto.d2_in1k",
+               {"crop_mode": "squash", "crop_pct": 1.0, "interpolation": "bilinear"}),
+    ParityCase("hf_vit", "transformers", "vit"),  # 224 x 224 squash, bilinear, 0.5
+    ParityCase("hf_convnext", "transformers", "convnext"),  # shortest edge 256, crop 224, bicubic
+]
