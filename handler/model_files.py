@@ -36,9 +36,9 @@ from handler.zoo import (CONFIG as ZOO_CONFIG, PROCESSOR, WEIGHT_NAMES, ZOO_ARCH
 LABELS_FILE = "index_to_name.json"
 CONFIG_FILE = "model-config.yaml"
 MANIFEST = "MAR-INF/MANIFEST.json"
+WEIGHT_SUFFIXES = (".pt", ".pth", ".pt2", ".bin", ".ckpt")
 
 log = logging.getLogger(__name__)
-WEIGHT_SUFFIXES = (".pt", ".pth", ".pt2", ".bin", ".ckpt")
 
 
 @dataclass(frozen=True)
@@ -141,12 +141,17 @@ def _read(files: Any, where: str, default_name: str, overrides: Mapping[str, Any
         labels = _zoo_labels(files, zoo, found.labels, found.num_classes)
     elif settings.get("use_test_size"):
         raise ValueError("handler.use_test_size applies to timm model folders only")
-    config = HandlerConfig.from_mapping(settings)
+    try:
+        config = HandlerConfig.from_mapping(settings)
+    except ValueError as exc:
+        if zoo is None:
+            raise
+        raise ZooFolderError(f"{where}: {exc} (with the folder's preprocessing under your settings)") from None
     if labels is None:
         if not files.has(LABELS_FILE):
-            raise FileNotFoundError(
-                f"{LABELS_FILE} is missing from the model; add it (build_mar.py --labels), or give a timm or "
-                f"transformers model folder (its {ZOO_CONFIG} names the model)")
+            hint = ("; an archive of a timm or transformers model says so in handler.arch" if files.has(MANIFEST)
+                    else f", or give a timm or transformers model folder (its {ZOO_CONFIG} names the model)")
+            raise FileNotFoundError(f"{LABELS_FILE} is missing from the model; add it (build_mar.py --labels){hint}")
         labels = parse_labels(files.read(LABELS_FILE).decode(), LABELS_FILE)
     if zoo is not None:
         model_weights: Path | bytes | ZooFiles = zoo
@@ -171,10 +176,20 @@ def _zoo_files(files: Any, where: str, manifest: Mapping[str, Any], arch: Any,
         if not files.has(ZOO_CONFIG):
             raise ZooFolderError(f"{where}: handler.arch is {kind} but {ZOO_CONFIG} is missing")
     elif files.has(ZOO_CONFIG) and not files.has(MANIFEST):
-        found = zoo_kind(read_json(files.weights(ZOO_CONFIG), f"{where}/{ZOO_CONFIG}"))
+        # A model directory (index_to_name.json and its own weights) may hold an unrelated
+        # config.json: a zoo folder has a zoo's weights file and a config.json a zoo reads.
+        plain = files.has(LABELS_FILE) and not any(files.has(name) for name in WEIGHT_NAMES)
+        if plain:
+            return None
+        try:
+            found = zoo_kind(read_json(files.weights(ZOO_CONFIG), f"{where}/{ZOO_CONFIG}"))
+        except ZooFolderError:
+            if files.has(LABELS_FILE):
+                return None
+            raise
         if found is None:
             if files.has(LABELS_FILE):
-                return None  # a model directory with an unrelated config.json
+                return None
             raise ZooFolderError(f"{where}/{ZOO_CONFIG} is neither a timm config ('architecture', "
                                  "'pretrained_cfg') nor a transformers one ('architectures', 'model_type')")
         if arch is not None and arch != found:

@@ -43,7 +43,8 @@ def load_model(arch: str, weights: Path | bytes | ZooFiles, num_classes: int) ->
     its bytes (read from an archive)."""
     if isinstance(weights, ZooFiles) or arch in ZOO_ARCHS:
         if not isinstance(weights, ZooFiles) or weights.kind != arch:
-            raise ValueError(f"arch {arch!r} is loaded from a {arch} model folder's files")
+            given = f"a {weights.kind} model folder" if isinstance(weights, ZooFiles) else "a weights file"
+            raise ValueError(f"arch {arch!r} does not load from {given}")
         return load_zoo_model(weights, num_classes)
     source = io.BytesIO(weights) if isinstance(weights, bytes) else str(weights)
     name = "the archive's weights" if isinstance(weights, bytes) else weights.name

@@ -225,8 +225,8 @@ def build(arch: str, weights: Path, labels: Path, name: str, export_path: Path, 
 def build_from_folder(folder: Path, name: str | None, export_path: Path, config_path: Path | None, *,
                       precision: str | None = None, calibrate: Path | None = None, gate: bool = True) -> Path:
     """The archive of a timm or transformers model folder: read (and so validated) as the
-    handler will read it, its model loaded once, the precision's gate applied; the folder's
-    files, its labels and the handler package staged."""
+    handler will read it, its model built (a folder that cannot be served stops here), the
+    precision's gate applied; the folder's files, its labels and the handler package staged."""
     try:
         probe = read_model(folder)
     except (OSError, ValueError) as exc:

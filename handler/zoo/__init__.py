@@ -48,17 +48,19 @@ class ZooModel:
 
 def read_zoo(files: ZooFiles, *, use_test_size: bool = False) -> ZooModel:
     """The preprocessing, labels and class count of a timm or transformers model's files."""
+    where = f"{files.where}/{CONFIG}"
     if files.kind == "timm":
-        from handler.zoo.timm_folder import timm_labels, timm_settings
+        from handler.zoo.timm_folder import timm_config, timm_labels, timm_settings
 
-        labels, classes = timm_labels(files)
-        settings = timm_settings(files, use_test_size)
+        pretrained_cfg, _, _ = timm_config(files)
+        labels, classes = timm_labels(pretrained_cfg, where)
+        settings = timm_settings(pretrained_cfg, use_test_size, where)
     else:
-        from handler.zoo.hf_folder import hf_labels, hf_settings
+        from handler.zoo.hf_folder import hf_labels, hf_model_config, hf_settings
 
         if use_test_size:
             raise ZooFolderError(f"{files.where}: handler.use_test_size applies to timm folders only")
-        labels, classes = hf_labels(files)
+        labels, classes = hf_labels(hf_model_config(files), where)
         settings = hf_settings(files)
     # The zoos decode JPEGs in full before resizing: DCT-scaled decoding would change the pixels.
     settings["jpeg_draft"] = False

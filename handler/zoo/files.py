@@ -40,7 +40,11 @@ class ZooFiles:
 
     @property
     def weights_name(self) -> str:
-        return next(name for name in WEIGHT_NAMES if name in self.files)
+        """The weights file's name (one of WEIGHT_NAMES)."""
+        names = [name for name in WEIGHT_NAMES if name in self.files]
+        if not names:
+            raise ZooFolderError(f"{self.where}: no weights ({' or '.join(WEIGHT_NAMES)})")
+        return names[0]
 
     def config(self) -> dict[str, Any]:
         """config.json, parsed; a clear error if it is not a JSON object."""

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from handler.zoo.files import CONFIG, PROCESSOR, ZooFiles, ZooFolderError
+from handler.zoo.files import CONFIG, PROCESSOR, ZooFiles, ZooFolderError, read_json
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +28,8 @@ BASE_PROCESSORS = ("ViTImageProcessor", "DeiTImageProcessor", "BitImageProcessor
 PROCESSOR_TYPES = BASE_PROCESSORS + ("ConvNextImageProcessor",)
 # PIL's resampling filters by number, as processors store them.
 RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+# Types whose PIL backend never pads (their own _preprocess has no padding step).
+NEVER_PAD = ("ConvNextImageProcessor", "BeitImageProcessor")
 # ConvNeXt's processor warps to a square without a crop at this size and above.
 CONVNEXT_WARP_SIZE = 384
 # Labels transformers makes up when a config names none.
@@ -35,7 +37,8 @@ PLACEHOLDER_LABEL = re.compile(r"LABEL_\d+")
 
 
 def hf_model_config(files: ZooFiles) -> Any:
-    """The folder's model config as transformers reads it (AutoConfig)."""
+    """The folder's model config as transformers reads it (AutoConfig); a ZooFolderError unless
+    it names an image classification model."""
     from transformers import AutoConfig
 
     files.config()  # a clear error for a config.json that is not a JSON object
@@ -45,8 +48,7 @@ def hf_model_config(files: ZooFiles) -> Any:
         except (ValueError, KeyError, OSError) as exc:
             raise ZooFolderError(f"{files.where}/{CONFIG} does not load as a transformers config: "
                                  f"{str(exc)[:300]}") from None
-    architecture = classification_architecture(config, files.where)
-    log.debug("%s: transformers %s", files.where, architecture)
+    classification_architecture(config, files.where)
     return config
 
 
@@ -68,18 +70,16 @@ def classification_architecture(config: Any, where: str) -> str:
                          "is not a transformers image classification model (…ForImageClassification)")
 
 
-def hf_labels(files: ZooFiles) -> tuple[list[str] | None, int]:
-    """The config's ``id2label`` in class order (None if they are transformers' LABEL_i
+def hf_labels(config: Any, where: str) -> tuple[list[str] | None, int]:
+    """The model config's ``id2label`` in class order (None if they are transformers' LABEL_i
     placeholders), and the number of classes."""
-    config = hf_model_config(files)
     if getattr(config, "problem_type", None) == "multi_label_classification":
-        raise ZooFolderError(f"{files.where}/{CONFIG}: problem_type multi_label_classification is not served: "
+        raise ZooFolderError(f"{where}: problem_type multi_label_classification is not served: "
                              "the pipeline scores classes with a softmax (one label per image)")
     id2label = {int(k): str(v) for k, v in (config.id2label or {}).items()}
     classes = len(id2label) or int(config.num_labels)
     if sorted(id2label) != list(range(len(id2label))):
-        raise ZooFolderError(f"{files.where}/{CONFIG}: id2label keys must be 0..{len(id2label) - 1}, "
-                             f"got {sorted(id2label)[:10]}")
+        raise ZooFolderError(f"{where}: id2label keys must be 0..{len(id2label) - 1}, got {sorted(id2label)[:10]}")
     labels = [id2label[i] for i in range(len(id2label))]
     if all(PLACEHOLDER_LABEL.fullmatch(label) for label in labels):
         return None, classes
@@ -94,7 +94,7 @@ def hf_settings(files: ZooFiles) -> dict[str, Any]:
     if kind not in PROCESSOR_TYPES:
         raise ZooFolderError(f"{where}: image processor {kind} is not one the pipeline reproduces "
                              f"({', '.join(PROCESSOR_TYPES)})")
-    if getattr(processor, "do_pad", None):
+    if getattr(processor, "do_pad", None) and kind not in NEVER_PAD:
         raise ZooFolderError(f"{where}: do_pad is not reproduced by the pipeline")
     if not processor.do_resize:
         raise ZooFolderError(f"{where}: do_resize is false: images of every size would reach the model "
@@ -116,8 +116,6 @@ def _processor(files: ZooFiles) -> Any:
     if PROCESSOR not in files.files:
         raise ZooFolderError(f"{files.where}: {PROCESSOR} is missing: a transformers image classifier folder "
                              "holds its image processor (processor.save_pretrained(DIR) writes it)")
-    from handler.zoo.files import read_json
-
     read_json(files.files[PROCESSOR], f"{files.where}/{PROCESSOR}")
     with files.directory(weights=False) as directory:
         try:
@@ -144,12 +142,16 @@ def _geometry(processor: Any, kind: str, where: str) -> dict[str, Any]:
         if not size.shortest_edge:
             raise ZooFolderError(f"{where}: ConvNeXt's processor needs size.shortest_edge, got {dict(size)}")
         edge = int(size.shortest_edge)
+        crop_pct = processor.crop_pct
+        if edge < CONVNEXT_WARP_SIZE and not (isinstance(crop_pct, (int, float)) and 0 < crop_pct <= 1):
+            raise ZooFolderError(f"{where}: crop_pct must be a number in (0, 1], got {crop_pct!r} (above 1 "
+                                 "would pad the image; the pipeline does not reproduce that)")
         if edge < CONVNEXT_WARP_SIZE:
             # Shortest edge to int(edge / crop_pct), then the centre edge x edge.
             if crop is not None and crop != edge:
                 raise ZooFolderError(f"{where}: do_center_crop with crop_size {crop} after ConvNeXt's own "
                                      f"{edge} crop is not reproduced")
-            return {"resize_mode": "center_crop", "resize_size": int(edge / processor.crop_pct),
+            return {"resize_mode": "center_crop", "resize_size": int(edge / crop_pct),
                     "image_size": edge, "crop_offset": "floor"}
         return _squashed(edge, crop, where)
     if size.shortest_edge and not size.longest_edge:
@@ -179,7 +181,10 @@ def _squashed(side: int, crop: int | None, where: str) -> dict[str, Any]:
 def _normalization(processor: Any, where: str) -> dict[str, Any]:
     """mean and std for pixels scaled to [0, 1] equal to the processor's
     ``(pixel * rescale_factor - image_mean) / image_std`` (each step only where it is on)."""
-    factor = float(processor.rescale_factor) if processor.do_rescale else 1.0
+    factor = processor.rescale_factor if processor.do_rescale else 1.0
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0:
+        raise ZooFolderError(f"{where}: rescale_factor must be a number above 0, got {factor!r}")
+    factor = float(factor)
     if processor.do_normalize:
         mean, std = _three(processor.image_mean, "image_mean", where), _three(processor.image_std, "image_std", where)
     else:
@@ -189,9 +194,14 @@ def _normalization(processor: Any, where: str) -> dict[str, Any]:
 
 
 def _three(values: Any, what: str, where: str) -> tuple[float, float, float]:
-    values = [values] * 3 if isinstance(values, (int, float)) else list(values)
-    if len(values) != 3:
-        raise ZooFolderError(f"{where}: {what} {values} must have 3 values (RGB)")
+    """One number for every channel, or three (RGB)."""
+    if isinstance(values, (int, float)) and not isinstance(values, bool):
+        values = [values] * 3
+    if not (isinstance(values, (list, tuple)) and len(values) == 3
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)):
+        raise ZooFolderError(f"{where}: {what} must be a number or 3 numbers (RGB), got {values!r}")
+    if what == "image_std" and not all(v > 0 for v in values):
+        raise ZooFolderError(f"{where}: image_std must be above 0, got {list(values)}")
     return (float(values[0]), float(values[1]), float(values[2]))
 
 

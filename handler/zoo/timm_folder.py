@@ -28,28 +28,44 @@ def timm_config(files: ZooFiles) -> tuple[dict[str, Any], str, dict[str, Any]]:
     from timm.models._hub import load_model_config_from_path
 
     files.config()  # a clear error for a config.json that is not a JSON object
+    where = f"{files.where}/{CONFIG}"
     with files.directory(weights=False) as directory:
         try:
-            return load_model_config_from_path(directory)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ZooFolderError(f"{files.where}/{CONFIG} is not a timm model config ({type(exc).__name__}: "
-                                 f"{exc}); expected 'architecture' and 'pretrained_cfg'") from None
+            pretrained_cfg, architecture, model_args = load_model_config_from_path(directory)
+        except Exception as exc:  # timm indexes and updates what it finds: any type may be wrong
+            raise ZooFolderError(f"{where} is not a timm model config ({type(exc).__name__}: {exc}); expected "
+                                 "'architecture' and a 'pretrained_cfg' object") from None
+    if not isinstance(model_args, dict):
+        raise ZooFolderError(f"{where}: model_args must be an object, got {model_args!r}")
+    # timm drops the classifier's weights (and loads the rest non-strictly) when the model is
+    # built for another class count than its pretrained config's: a random head, served.
+    declared = pretrained_cfg.get("num_classes")
+    if model_args.get("num_classes") is not None and declared is not None and model_args["num_classes"] != declared:
+        raise ZooFolderError(f"{where}: model_args.num_classes {model_args['num_classes']} differs from num_classes "
+                             f"{declared}: timm would load the weights without their classifier")
+    return pretrained_cfg, architecture, model_args
 
 
-def timm_settings(files: ZooFiles, use_test_size: bool) -> dict[str, Any]:
-    """The handler settings that reproduce the folder's timm evaluation transform."""
+def timm_settings(pretrained_cfg: Mapping[str, Any], use_test_size: bool, where: str) -> dict[str, Any]:
+    """The handler settings that reproduce timm's evaluation transform for ``pretrained_cfg``."""
     from timm.data import resolve_data_config
 
-    pretrained_cfg, _, _ = timm_config(files)
-    data = resolve_data_config(pretrained_cfg=pretrained_cfg, use_test_size=use_test_size)
-    return settings_from_data_config(data, f"{files.where}/{CONFIG}")
+    try:
+        data = resolve_data_config(pretrained_cfg=dict(pretrained_cfg), use_test_size=use_test_size)
+    except Exception as exc:  # a field of the wrong type
+        raise ZooFolderError(f"{where}: pretrained_cfg does not resolve to a data config ({type(exc).__name__}: "
+                             f"{exc})") from None
+    return settings_from_data_config(data, where)
 
 
 def settings_from_data_config(data: Mapping[str, Any], where: str) -> dict[str, Any]:
     """Handler settings for a resolved timm data config (``input_size``, ``interpolation``,
     ``mean``, ``std``, ``crop_pct``, ``crop_mode``), as ``transforms_imagenet_eval`` applies it;
     ZooFolderError for what the pipeline cannot reproduce."""
-    channels, height, width = (int(v) for v in data["input_size"])
+    size = data["input_size"]
+    if not (isinstance(size, (list, tuple)) and len(size) == 3 and all(isinstance(v, int) for v in size)):
+        raise ZooFolderError(f"{where}: input_size must be [channels, height, width], got {size!r}")
+    channels, height, width = size
     if channels != 3:
         raise ZooFolderError(f"{where}: input_size {list(data['input_size'])} has {channels} channels; "
                              "the pipeline feeds RGB (3 channels)")
@@ -60,10 +76,13 @@ def settings_from_data_config(data: Mapping[str, Any], where: str) -> dict[str, 
     if interpolation not in INTERPOLATIONS:
         raise ZooFolderError(f"{where}: interpolation {interpolation!r} cannot be reproduced (the pipeline "
                              f"resizes with {' or '.join(INTERPOLATIONS)})")
-    mean, std = tuple(float(v) for v in data["mean"]), tuple(float(v) for v in data["std"])
-    if len(mean) != 3 or len(std) != 3:
-        raise ZooFolderError(f"{where}: mean {list(mean)} and std {list(std)} must have 3 values (RGB)")
-    crop_pct = float(data["crop_pct"])
+    mean, std = _rgb(data["mean"], "mean", where), _rgb(data["std"], "std", where)
+    if not all(0.0 <= m <= 1.0 for m in mean) or not all(s > 0 for s in std):
+        raise ZooFolderError(f"{where}: mean {list(mean)} must be within 0..1 and std {list(std)} above 0 "
+                             "(pixels scaled to [0, 1])")
+    crop_pct = data["crop_pct"]
+    if isinstance(crop_pct, bool) or not isinstance(crop_pct, (int, float)) or not crop_pct > 0:
+        raise ZooFolderError(f"{where}: crop_pct must be a number above 0, got {crop_pct!r}")
     crop_mode = data["crop_mode"]
     # timm: scale_size = floor(img_size / crop_pct), the size resized to before the crop.
     scale = math.floor(height / crop_pct)
@@ -88,14 +107,28 @@ def settings_from_data_config(data: Mapping[str, Any], where: str) -> dict[str, 
     return settings
 
 
-def timm_labels(files: ZooFiles) -> tuple[list[str] | None, int]:
+def _rgb(values: Any, what: str, where: str) -> tuple[float, float, float]:
+    if not (isinstance(values, (list, tuple)) and len(values) == 3
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)):
+        raise ZooFolderError(f"{where}: {what} must be 3 numbers (RGB), got {values!r}")
+    return (float(values[0]), float(values[1]), float(values[2]))
+
+
+def timm_labels(pretrained_cfg: Mapping[str, Any], where: str) -> tuple[list[str] | None, int]:
     """The folder's class names (``label_descriptions`` in ``label_names`` order where both are
-    given, else ``label_names``), or None; and the model's number of classes."""
-    pretrained_cfg, _, model_args = timm_config(files)
-    classes = int(model_args.get("num_classes") or pretrained_cfg.get("num_classes") or 1000)
+    given, else ``label_names``), or None; and the model's number of classes (timm builds the
+    model for the pretrained config's, 1000 where it names none)."""
+    classes = int(pretrained_cfg.get("num_classes") or 1000)
     names = pretrained_cfg.get("label_names")
     descriptions = pretrained_cfg.get("label_descriptions")
     if isinstance(names, dict):  # {class index: name}, timm's form for indices with gaps
+        try:
+            indices = sorted(int(key) for key in names)
+        except ValueError:
+            raise ZooFolderError(f"{where}: label_names keys must be class indices") from None
+        if indices != list(range(len(indices))):
+            raise ZooFolderError(f"{where}: label_names must name classes 0..{len(indices) - 1} without gaps, "
+                                 f"got indices {indices[:10]}...")
         names = [names[key] for key in sorted(names, key=int)]
     if isinstance(names, list) and names:
         if isinstance(descriptions, dict):

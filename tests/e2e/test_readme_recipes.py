@@ -55,9 +55,14 @@ def test_readme_recipe_runs_as_written(name, tmp_path):
     # Eager (as on a machine without a C++ compiler): compiling a 1,000-class model's batch sizes
     # would only lengthen the test; compiled zoo models are tested in the unit tests.
     env = {**os.environ, "CXX": "/nonexistent/c++"}
+    printed = ""
     for line in (line for block in blocks for line in block):
         done = subprocess.run(line, shell=True, cwd=tmp_path, env=env, capture_output=True, text=True)
         assert done.returncode == 0, (line, done.stderr[-3000:])
+        printed += done.stderr
+    # What the README says build_mar prints for these folders' preprocessing.
+    found = {"timm": "shorter side to 235, centre 224 crop (bicubic", "transformers": "stretched to 224x224 (bilinear"}
+    assert found[name] in printed, printed[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
     assert len(rows) == len(list((ROOT / "tests" / "data").glob("*.jpg")))
     assert all(next(iter(row["scores"])) in imagenet_labels() for row in rows), rows

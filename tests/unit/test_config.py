@@ -32,6 +32,13 @@ def test_unknown_key_is_named():
         pytest.param({"std": [1, 0, 1]}, "std values must be > 0", id="zero-std"),
         pytest.param({"mp_context": "threads"}, "mp_context must be one of", id="bad-mp-context"),
         pytest.param({"pad_value": 300}, "pad_value must be within", id="pad-out-of-range"),
+        pytest.param({"pad_value": [1, 2, 300]}, "pad_value must be within", id="pad-channel-out-of-range"),
+        pytest.param({"pad_value": [1, 2]}, "pad_value must be an integer or a list of 3", id="pad-two-values"),
+        pytest.param({"crop_offset": "ceil"}, "crop_offset must be one of round, floor", id="bad-crop-offset"),
+        pytest.param({"resize_mode": "squash_center_crop", "resize_size": 200},
+                     "resize_size .200. must be >= image_size .224. in resize_mode squash_center_crop",
+                     id="squash-crop-below-crop"),
+        pytest.param({"use_test_size": "yes"}, "use_test_size must be true or false", id="test-size-string"),
     ],
 )
 def test_invalid_values_are_rejected_with_the_key(settings, message):
@@ -79,3 +86,17 @@ def test_compiling_is_the_default_with_buckets_derived_from_the_batch_size():
     assert HandlerConfig(batch_size=24).compile_buckets == (1, 2, 4, 8, 16, 24)
     assert HandlerConfig(batch_size=1).compile_buckets == (1,)
     assert HandlerConfig(batch_size=16, batch_buckets=(4, 16)).compile_buckets == (4, 16)
+
+
+def test_pad_value_takes_one_value_or_one_per_channel():
+    assert HandlerConfig.from_mapping({"pad_value": 7}).pad_rgb == (7, 7, 7)
+    assert HandlerConfig.from_mapping({"pad_value": [124, 116, 104]}).pad_rgb == (124, 116, 104)
+
+
+def test_use_test_size_is_refused_for_models_that_are_not_timm_folders():
+    from pathlib import Path
+
+    from handler.model_files import read_model
+
+    with pytest.raises(ValueError, match="use_test_size applies to timm model folders only"):
+        read_model(Path(__file__).resolve().parents[2] / "models" / "shapes", {"use_test_size": True})

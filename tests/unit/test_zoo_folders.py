@@ -283,3 +283,87 @@ def test_nothing_is_served_half_configured(timm_resnet, tmp_path):
     with pytest.raises(ZooFolderError):
         ImageClassifier.load(folder, device="cpu")
     assert len(multiprocessing.active_children()) <= before
+
+
+def test_a_classifier_timm_would_drop_is_refused(timm_resnet, tmp_path):
+    """model_args building another class count than the weights': timm would load them without
+    their classifier (a random head, and only a log line)."""
+    folder = copy_of(timm_resnet, tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    config["model_args"]["num_classes"] = 1000
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ZooFolderError, match=r"model_args\.num_classes 1000 differs from num_classes 10"):
+        read_model(folder)
+
+
+def test_label_names_with_gaps_are_refused(timm_resnet, tmp_path):
+    folder = copy_of(timm_resnet, tmp_path)
+    edit_json(folder / "config.json", label_names={str(i): f"l{i}" for i in (*range(9), 12)})
+    with pytest.raises(ZooFolderError, match=r"label_names must name classes 0\.\.9 without gaps"):
+        read_model(folder)
+
+
+def test_a_model_directory_with_an_unrelated_config_json_is_still_a_model_directory(tmp_path):
+    from helpers import demo_model_dir
+
+    folder = demo_model_dir(tmp_path / "demo")
+    for content in ('{"model_type": "something else"}', "[1, 2]"):
+        (folder / "config.json").write_text(content)
+        spec = read_model(folder)
+        assert spec.config.arch == "shapes_cnn" and spec.labels == ["circle", "square", "triangle"]
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    pytest.param({"crop_pct": 1.1}, r"crop_pct 1\.1 above 1 in crop_mode center would pad", id="crop-pct-above-1"),
+    pytest.param({"crop_pct": None, "mean": [0.5, 0.5]}, r"mean must be 3 numbers \(RGB\), got \[0\.5, 0\.5\]",
+                 id="two-means"),
+    pytest.param({"input_size": [224, 224]}, r"input_size must be \[channels, height, width\]", id="input-size"),
+    pytest.param({"mean": [2.0, 0.5, 0.5]}, r"mean \[2\.0, 0\.5, 0\.5\] must be within 0\.\.1", id="mean-range"),
+])
+def test_a_timm_field_value_is_named(timm_resnet, tmp_path, edit, message):
+    folder = copy_of(timm_resnet, tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    config["pretrained_cfg"].update(edit)
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ZooFolderError, match=message):
+        read_model(folder)
+
+
+def test_a_timm_config_whose_pretrained_cfg_is_not_an_object(timm_resnet, tmp_path):
+    folder = copy_of(timm_resnet, tmp_path)
+    edit_json(folder / "config.json", pretrained_cfg=[])
+    with pytest.raises(ZooFolderError, match=r"config\.json is not a timm model config"):
+        read_model(folder)
+
+
+@pytest.mark.parametrize(("processor", "message"), [
+    pytest.param({"image_processor_type": "BitImageProcessor", "size": {"shortest_edge": 200},
+                  "crop_size": {"height": 224, "width": 224}}, r"crop_size 224 above shortest_edge 200 pads",
+                 id="crop-above-edge"),
+    pytest.param({"image_processor_type": "ConvNextImageProcessor", "size": {"shortest_edge": 224},
+                  "do_center_crop": True, "crop_size": {"height": 200, "width": 200}},
+                 r"do_center_crop with crop_size 200 after ConvNeXt's own 224 crop", id="convnext-second-crop"),
+    pytest.param({"image_processor_type": "ConvNextImageProcessor", "size": {"shortest_edge": 224},
+                  "crop_pct": 1.2}, r"crop_pct must be a number in \(0, 1\], got 1\.2", id="convnext-crop-pct"),
+    pytest.param({"image_processor_type": "ViTImageProcessor", "image_mean": None},
+                 r"image_mean must be a number or 3 numbers", id="mean-null"),
+    pytest.param({"image_processor_type": "ViTImageProcessor", "rescale_factor": 0},
+                 r"rescale_factor must be a number above 0, got 0", id="rescale-zero"),
+])
+def test_a_processor_field_value_is_named(hf_vit, tmp_path, processor, message):
+    folder = copy_of(hf_vit, tmp_path)
+    (folder / "preprocessor_config.json").write_text(json.dumps(processor))
+    with pytest.raises(ZooFolderError, match=message):
+        read_model(folder)
+
+
+def test_a_multi_label_model_is_refused(hf_vit, tmp_path):
+    folder = copy_of(hf_vit, tmp_path)
+    edit_json(folder / "config.json", problem_type="multi_label_classification")
+    with pytest.raises(ZooFolderError, match="multi_label_classification is not served"):
+        read_model(folder)
+
+
+def test_a_setting_that_does_not_fit_the_folders_preprocessing_names_the_folder(timm_resnet):
+    with pytest.raises(ZooFolderError, match=r"resnet18-a1: handler\.resize_size \(200\) must be >= image_size"):
+        read_model(timm_resnet, {"resize_size": 200})

@@ -139,7 +139,7 @@ def test_centre_crop_offsets_are_each_librarys(size):
 
 
 @pytest.mark.parametrize("size", [(300, 451), (451, 300), (100, 67), (224, 224), (1000, 90)])
-@pytest.mark.parametrize("crop_pct", [1.0, 0.9])
+@pytest.mark.parametrize("crop_pct", [1.0, 0.9, 0.95])  # 224, 248, 235: even and odd margins
 def test_border_is_timms_resize_keep_ratio_then_centre_crop_or_pad(size, crop_pct):
     from timm.data.transforms import CenterCropOrPad, ResizeKeepRatio
 
@@ -162,10 +162,15 @@ def test_border_is_timms_resize_keep_ratio_then_centre_crop_or_pad(size, crop_pc
 
 
 @pytest.mark.parametrize("size", [(300, 451), (451, 300), (100, 67)])
-def test_squash_center_crop_is_resize_to_a_square_then_centre_crop(size):
+@pytest.mark.parametrize("scale", [248, 235])  # even and odd margins
+def test_squash_center_crop_is_resize_to_a_square_then_centre_crop(size, scale):
     from torchvision.transforms import v2
+    from transformers.image_transforms import center_crop as hf_center_crop
 
-    config = HandlerConfig(image_size=224, resize_size=248, resize_mode="squash_center_crop")
     pixels = torch.randint(0, 256, (3, *size), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
-    reference = v2.Compose([v2.Resize((248, 248), antialias=True), v2.CenterCrop(224)])(pixels)
-    assert torch.equal(resize_to_input(pixels, config), reference)
+    squashed = v2.Resize((scale, scale), antialias=True)(pixels)
+    config = HandlerConfig(image_size=224, resize_size=scale, resize_mode="squash_center_crop")
+    assert torch.equal(resize_to_input(pixels, config), v2.CenterCrop(224)(squashed))  # timm's, round
+    floor = HandlerConfig(image_size=224, resize_size=scale, resize_mode="squash_center_crop", crop_offset="floor")
+    expected = torch.from_numpy(hf_center_crop(squashed.numpy(), (224, 224), input_data_format="channels_first"))
+    assert torch.equal(resize_to_input(pixels, floor), expected)  # Hugging Face's (DeiT), floor
