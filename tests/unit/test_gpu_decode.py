@@ -145,13 +145,13 @@ def test_warm_up_tells_whether_the_decoder_works(monkeypatch):
     assert not decoder.warm_up()
 
 
-@pytest.mark.parametrize("mode", ["center_crop", "letterbox", "squash"])
+@pytest.mark.parametrize("mode", ["center_crop", "letterbox", "squash", "squash_center_crop", "border"])
 def test_same_sized_images_resized_together_equal_one_by_one(mode):
     from torchvision.io import decode_jpeg
 
     from handler.images import resize_to_input
 
-    config = HandlerConfig(image_size=48, resize_size=56, resize_mode=mode, pad_value=9)
+    config = HandlerConfig(image_size=48, resize_size=55, resize_mode=mode, pad_value=(9, 8, 7), crop_offset="floor")
     rng = np.random.default_rng(1)
     sizes = [(120, 90), (120, 90), (90, 120), (120, 90), (64, 200)]
     data = [encode(Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)), "JPEG") for w, h in sizes]
