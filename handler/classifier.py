@@ -183,6 +183,22 @@ class ImageClassifier:
     def closed(self) -> bool:
         return self._pipeline is None
 
+    def healthy(self) -> bool:
+        """Whether this classifier can serve: open, with its loader workers alive. A dead worker
+        is replaced here and now (as the next batch would replace it), so unhealthy means one
+        that cannot be replaced, or a closed classifier. What every door's health probe answers.
+        While a batch runs, the batch itself replaces dead workers: the answer is then "open"."""
+        if not self._lock.acquire(blocking=False):
+            return self._pipeline is not None
+        try:
+            pipeline = self._pipeline
+            return pipeline is not None and pipeline.loader.heal()
+        except Exception:
+            log.exception("the image loader's workers cannot be replaced")
+            return False
+        finally:
+            self._lock.release()
+
     def __enter__(self) -> "ImageClassifier":
         return self
 

@@ -9,7 +9,8 @@ Both carry a failure ``code`` (``invalid_image``, ``image_too_large``, ``invalid
 The HTTP status is derived from the code here, at the edge: the decoder and the pipeline say
 what went wrong, never which status that is: 413 for a request above the limits, 500 for a
 fault of the server itself (``internal_error``, e.g. a batch whose run failed: the client may
-retry it unchanged), 400 for everything else.
+retry it unchanged), 404 / 405 for a path or method a self-routing door does not serve, 400 for
+everything else.
 """
 
 from __future__ import annotations
@@ -27,11 +28,17 @@ PAYLOAD_TOO_LARGE = frozenset({"image_too_large", "too_many_images"})
 # Failure codes that mean "the server failed, not the request" (a 500).
 SERVER_FAULT = frozenset({"internal_error"})
 
+# Failure codes of a request sent to the wrong place: a door that routes itself (Ray Serve) answers
+# a path it does not serve, or a method a path does not take, with these.
+ROUTING = {"not_found": 404, "method_not_allowed": 405}
+
 
 def http_status(code: str) -> int:
     """The HTTP status a failure ``code`` is answered with."""
     if code in SERVER_FAULT:
         return 500
+    if code in ROUTING:
+        return ROUTING[code]
     return 413 if code in PAYLOAD_TOO_LARGE else 400
 
 

@@ -9,8 +9,9 @@ Inference Protocol v2 over REST and gRPC, health, readiness, model metadata and 
 metrics (``/metrics`` on the HTTP port); this module adds what it lacks for images:
 - BYTES elements sent with the binary tensor data extension over REST reach the model as bytes
   (KServe 0.21 would decode them as UTF-8 text and fail on any JPEG);
-- concurrent requests are batched, counted in images (``handler.batcher``);
-- a bad request gets its own 4xx with the same JSON error body as the TorchServe door.
+- concurrent requests are batched, counted in images (``handler.serving``'s loop);
+- a bad request gets its own 4xx with the same JSON error body as the TorchServe door;
+- readiness follows the model's health (``ServingLoop.healthy``).
 Answers are those of the TorchServe door: v2 has one BYTES output ``predictions``, one JSON
 string per image; v1 ``{"predictions": [...]}``.
 """
@@ -33,22 +34,45 @@ from kserve.protocol.dataplane import DataPlane
 from kserve.protocol.infer_type import RequestedOutput
 from prometheus_client import Counter, Histogram
 
-from handler.batcher import ImageBatcher
-from handler.classifier import BatchResult, ImageClassifier
+from handler import telemetry
+from handler.classifier import ImageClassifier
 from handler.errors import RequestError
-from handler.protocols import ParsedRequest, Prediction, decode_request, kserve_v2
+from handler.protocols import ParsedRequest, Prediction, kserve_v2
+from handler.serving import ServingLoop
+from handler.telemetry import BatchFigures, MetricSpec
 
 log = logging.getLogger(__name__)
 
 INPUT = "images"
-STAGE_MS = Histogram("image_classifier_stage_ms", "Milliseconds per stage of one batch", ["model_name", "stage"],
-                     buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000))
-BATCH_IMAGES = Histogram("image_classifier_batch_images", "Images per batch", ["model_name"],
-                         buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
-BATCH_REQUESTS = Histogram("image_classifier_batch_requests", "Requests per batch", ["model_name"],
-                           buckets=(1, 2, 4, 8, 16, 32, 64))
-BAD_IMAGES = Counter("image_classifier_bad_images", "Images that could not be classified", ["model_name"])
-REJECTED = Counter("image_classifier_rejected_requests", "Requests answered with a 4xx", ["model_name"])
+
+
+def _labels(spec: MetricSpec) -> list[str]:
+    return ["model_name", *spec.labels]
+
+
+# Registered once per process, in prometheus_client's default registry (KServe's /metrics).
+HISTOGRAMS = {spec.name: Histogram(spec.name, spec.help, _labels(spec), buckets=spec.buckets)
+              for spec in telemetry.METRICS if spec.kind == "histogram"}
+COUNTERS = {spec.name: Counter(spec.name, spec.help, _labels(spec))
+            for spec in telemetry.METRICS if spec.kind == "counter"}
+
+
+class PrometheusMetrics:
+    """The METRICS (``handler.telemetry``) into Prometheus, labelled with the model's name."""
+
+    def __init__(self, model_name: str) -> None:
+        self.model_name = model_name
+
+    def batch(self, figures: BatchFigures) -> None:
+        stage = HISTOGRAMS[telemetry.STAGE_MS.name]
+        for name, ms in figures.timings.items():
+            stage.labels(self.model_name, name).observe(ms)
+        HISTOGRAMS[telemetry.BATCH_IMAGES.name].labels(self.model_name).observe(figures.images)
+        HISTOGRAMS[telemetry.BATCH_REQUESTS.name].labels(self.model_name).observe(figures.requests)
+        COUNTERS[telemetry.BAD_IMAGES.name].labels(self.model_name).inc(figures.bad_images)
+
+    def rejected(self, count: int) -> None:
+        COUNTERS[telemetry.REJECTED.name].labels(self.model_name).inc(count)
 
 
 class RequestRejected(InvalidInput):
@@ -125,71 +149,70 @@ def infer_response(document: dict[str, Any], request: InferRequest) -> InferResp
 
 
 class ImageClassifierModel(Model):
-    """One model of the core classifier behind KServe's protocols: ``preprocess`` decodes the
-    request (``handler.protocols.decode_request``), ``predict`` classifies its images in a batch
-    shared with concurrent requests, ``postprocess`` answers in the request's format."""
+    """One model behind KServe's protocols, its hooks the serving loop's steps as KServe means
+    them: ``preprocess`` decodes the request, ``predict`` classifies its images in a batch shared
+    with concurrent requests, ``postprocess`` answers in the request's format; a failure leaves as
+    the exception KServe answers with the request's status and our JSON error body."""
 
     def __init__(self, name: str, model_dir: Path, *, device: str = "auto", max_batch_delay_s: float = 0.005) -> None:
         super().__init__(name)
         self.model_dir = model_dir
         self.device = device
         self.max_batch_delay_s = max_batch_delay_s
-        self.classifier: ImageClassifier | None = None
-        self.batcher: ImageBatcher | None = None
+        self.loop: ServingLoop | None = None
 
     def load(self) -> bool:
-        self.classifier = ImageClassifier.for_serving(self.model_dir, device=self.device)
-        config = self.classifier.config
-        self.batcher = ImageBatcher(self.classifier.classify_requests, max_images=config.batch_size,
-                                    max_delay_s=self.max_batch_delay_s, on_batch=self._record)
+        classifier = ImageClassifier.for_serving(self.model_dir, device=self.device)
+        self.loop = ServingLoop(classifier, self.name, PrometheusMetrics(self.name),
+                                max_batch_delay_s=self.max_batch_delay_s)
         self.ready = True
-        log.info("model %s ready on %s (batch %d images, delay %.1f ms)", self.name, self.classifier.device,
-                 config.batch_size, self.max_batch_delay_s * 1000)
+        log.info("model %s ready on %s (batch %d images, delay %.1f ms)", self.name, classifier.device,
+                 classifier.config.batch_size, self.max_batch_delay_s * 1000)
         return self.ready
+
+    async def healthy(self) -> bool:
+        """Readiness (``/v2/models/NAME/ready``, gRPC ModelReady): loaded, and the model healthy."""
+        return bool(self.ready and self.loop is not None and self.loop.healthy())
+
+    @property
+    def classifier(self) -> ImageClassifier:
+        return self._loop().classifier
 
     def preprocess(self, payload: Any, headers: dict[str, str] | None = None) -> Exchange:
         """v2 (an InferRequest, REST or gRPC), v1 / any JSON body, or a raw body -> its images."""
+        loop = self._loop()
         try:
-            parsed = decode_request(payload, max_images=self._classifier().config.max_images_per_request)
+            parsed = loop.decode(payload)
         except RequestError as error:
-            raise self._rejected(error) from None
+            raise self._failed(error) from None
         return Exchange(parsed, payload if isinstance(payload, InferRequest) else None)
 
     def validate(self, payload: Any) -> Any:
-        return payload  # decode_request has checked it
+        return payload  # the loop's decode has checked it
 
     async def predict(self, payload: Exchange, headers: dict[str, str] | None = None,
                       response_headers: dict[str, str] | None = None) -> Exchange:
-        assert self.batcher is not None, "load() has not run"
-        outcome = await self.batcher.submit(payload.request.images)
+        outcome = await self._loop().classify(payload.request)
         if isinstance(outcome, RequestError):
-            if outcome.status >= 500:
-                raise BatchFailed(outcome)
-            raise self._rejected(outcome)
+            raise self._failed(outcome)
         payload.predictions = outcome
         return payload
 
     def postprocess(self, result: Exchange, headers: dict[str, str] | None = None,
                     response_headers: dict[str, str] | None = None) -> Any:
-        reply = result.request.reply(result.predictions, self.name)
+        document = self._loop().encode(result.request, result.predictions).reply.document
         if result.infer_request is not None:
-            return infer_response(reply.document, result.infer_request)
-        return reply.document
+            return infer_response(document, result.infer_request)
+        return document
 
-    def _rejected(self, error: RequestError) -> RequestRejected:
-        REJECTED.labels(self.name).inc()
-        return RequestRejected(error)
+    def _failed(self, error: RequestError) -> RequestRejected | BatchFailed:
+        """The exception KServe answers ``error`` with (the loop counts a rejection)."""
+        self._loop().refuse(error)
+        return BatchFailed(error) if error.status >= 500 else RequestRejected(error)
 
-    def _classifier(self) -> ImageClassifier:
-        assert self.classifier is not None, "load() has not run"
-        return self.classifier
-
-    def _record(self, result: BatchResult, requests: int) -> None:
-        for stage, ms in result.timings.items():
-            STAGE_MS.labels(self.name, stage).observe(ms)
-        BATCH_IMAGES.labels(self.name).observe(result.images)
-        BATCH_REQUESTS.labels(self.name).observe(requests)
-        BAD_IMAGES.labels(self.name).inc(result.bad_images)
+    def _loop(self) -> ServingLoop:
+        assert self.loop is not None, "load() has not run"
+        return self.loop
 
     def get_input_types(self) -> list[dict]:
         return [{"name": INPUT, "datatype": "BYTES", "shape": [-1]}]
@@ -198,10 +221,8 @@ class ImageClassifierModel(Model):
         return [{"name": kserve_v2.OUTPUT, "datatype": "BYTES", "shape": [-1]}]
 
     def stop(self) -> None:
-        if self.batcher is not None:
-            self.batcher.close()
-        if self.classifier is not None:
-            self.classifier.close()
+        if self.loop is not None:
+            self.loop.close()
 
 
 def main() -> None:

@@ -193,6 +193,15 @@ class PersistentImageLoader:
             log.warning("image loader workers %s died; rebuilding the loader", dead)
             self.workers.restart()
 
+    def heal(self) -> bool:
+        """Replace dead workers now, forking the new ones (what the next request would do), so
+        that a health probe finds the loader whole. True when every worker is alive after it.
+        Not while a request iterates the loader (the caller holds the classifier's lock)."""
+        if self.workers.dead_workers():
+            self._replace_dead_workers()
+            self.start()
+        return not self.workers.dead_workers()
+
     def pin_ring(self) -> None:
         """Page-lock the pixel ring (call once CUDA is initialized)."""
         if self.buffers is not None:

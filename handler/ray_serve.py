@@ -14,12 +14,13 @@ must be readable on every node. The URL paths are the TorchServe door's:
     POST /v2/models/NAME/infer        Open Inference Protocol, JSON or binary tensor data
     GET  /ping                        {"status": "Healthy"}
 
-Requests are decoded by ``handler.protocols.decode_request`` and answered by the request's own
-encoder, with the same bodies and per-request 4xx errors as the other doors. Concurrent requests
-to a replica share batches counted in **images** (``handler.batcher``, not ``@serve.batch``,
-which counts calls and fails a whole batch on one exception): a bad request fails alone, and a
-failed batch answers its requests with a 500. A replica whose loader workers died reports itself
-unhealthy (``check_health``) and Ray replaces it. Stage timings go to Ray's metrics (Prometheus).
+Each request goes through the serving loop (``handler.serving``): decoded, answered by the
+request's own encoder, with the same bodies and per-request 4xx errors as the other doors.
+Concurrent requests to a replica share batches counted in **images** (the loop's batcher, not
+``@serve.batch``, which counts calls and fails a whole batch on one exception): a bad request fails
+alone, and a failed batch answers its requests with a 500. A replica whose model is unhealthy (a
+loader worker died) says so to Ray's health check (``check_health``), and Ray replaces it. The
+metrics (``handler.telemetry``) go to Ray's metrics (Prometheus).
 """
 
 from __future__ import annotations
@@ -34,88 +35,83 @@ from ray.serve.metrics import Counter, Histogram
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from handler.batcher import ImageBatcher
-from handler.classifier import BatchResult, ImageClassifier
+from handler import telemetry
+from handler.classifier import ImageClassifier
 from handler.errors import RequestError
-from handler.protocols import decode_request, error_reply
+from handler.serving import Answer, ServingLoop
+from handler.telemetry import BatchFigures, MetricSpec
 
 log = logging.getLogger(__name__)
 
-STAGE_BOUNDARIES = [1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0, 10000.0]
-# Ray's annotation says a one-tuple; any tuple of tag names works.
-STAGE_TAGS: Any = ("model_name", "stage")
+
+class RayMetrics:
+    """The METRICS (``handler.telemetry``) into Ray Serve's metrics, tagged with the model's name."""
+
+    def __init__(self, model_name: str) -> None:
+        self.tags = {"model_name": model_name}
+        self.histograms = {spec.name: Histogram(spec.name, spec.help, boundaries=[float(b) for b in spec.buckets],
+                                                tag_keys=_tag_keys(spec))
+                           for spec in telemetry.METRICS if spec.kind == "histogram"}
+        self.counters = {spec.name: Counter(spec.name, spec.help, tag_keys=_tag_keys(spec))
+                         for spec in telemetry.METRICS if spec.kind == "counter"}
+
+    def batch(self, figures: BatchFigures) -> None:
+        for stage, ms in figures.timings.items():
+            self.histograms[telemetry.STAGE_MS.name].observe(ms, tags={**self.tags, "stage": stage})
+        self.histograms[telemetry.BATCH_IMAGES.name].observe(figures.images, tags=self.tags)
+        self.histograms[telemetry.BATCH_REQUESTS.name].observe(figures.requests, tags=self.tags)
+        if figures.bad_images:
+            self.counters[telemetry.BAD_IMAGES.name].inc(figures.bad_images, tags=self.tags)
+
+    def rejected(self, count: int) -> None:
+        if count:
+            self.counters[telemetry.REJECTED.name].inc(count, tags=self.tags)
+
+
+def _tag_keys(spec: MetricSpec) -> Any:  # Ray's annotation says a one-tuple; any tuple of names works
+    return ("model_name", *spec.labels)
 
 
 class ImageClassifierDeployment:
-    """One replica: the core classifier behind the TorchServe door's URL paths."""
+    """One replica: the serving loop behind the TorchServe door's URL paths."""
 
     def __init__(self, model: str, name: str, *, device: str = "auto", max_batch_delay_ms: float = 5.0) -> None:
         if max_batch_delay_ms < 0:
             raise ValueError(f"max_batch_delay_ms must be >= 0, got {max_batch_delay_ms}")
         self.name = name
-        self.classifier = ImageClassifier.for_serving(model, device=device)
-        config = self.classifier.config
-        self.batcher = ImageBatcher(self.classifier.classify_requests, max_images=config.batch_size,
-                                    max_delay_s=max_batch_delay_ms / 1000, on_batch=self._record)
+        classifier = ImageClassifier.for_serving(model, device=device)
+        self.loop = ServingLoop(classifier, name, RayMetrics(name), max_batch_delay_s=max_batch_delay_ms / 1000)
         self._routes = {f"/predictions/{name}", f"/v1/models/{name}:predict", f"/v2/models/{name}/infer"}
-        tags = ("model_name",)
-        self._stage_ms = Histogram("image_classifier_stage_ms", "Milliseconds per stage of one batch",
-                                   boundaries=STAGE_BOUNDARIES, tag_keys=STAGE_TAGS)
-        self._batch_images = Histogram("image_classifier_batch_images", "Images per batch",
-                                       boundaries=[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0], tag_keys=tags)
-        self._bad_images = Counter("image_classifier_bad_images", "Images that could not be classified",
-                                   tag_keys=tags)
-        self._rejected = Counter("image_classifier_rejected_requests", "Requests answered with a 4xx",
-                                 tag_keys=tags)
-        log.info("ray serve replica of %s ready on %s", name, self.classifier.device)
+        log.info("ray serve replica of %s ready on %s", name, classifier.device)
 
     async def __call__(self, request: Request) -> Response:
         path = request.url.path
         if request.method == "GET" and path in ("/ping", "/ping/"):
             return JSONResponse({"status": "Healthy"})
         if path not in self._routes:
-            return JSONResponse({"error": "not_found", "message": f"no route {request.method} {path}; POST to one of "
-                                          f"{sorted(self._routes)}", "images": []}, status_code=404)
+            return self._send(self.loop.refuse(RequestError(
+                "not_found", f"no route {request.method} {path}; POST to one of {sorted(self._routes)}")))
         if request.method != "POST":
-            return JSONResponse({"error": "method_not_allowed", "message": f"{path} takes POST", "images": []},
-                                status_code=405)
+            return self._send(self.loop.refuse(RequestError("method_not_allowed", f"{path} takes POST")))
         headers = {key.lower(): value for key, value in request.headers.items()}
-        try:
-            parsed = decode_request(await request.body(), headers=headers,
-                                    max_images=self.classifier.config.max_images_per_request)
-        except RequestError as error:
-            return self._error(error)
-        outcome = await self.batcher.submit(parsed.images)
-        if isinstance(outcome, RequestError):
-            return self._error(outcome)
-        reply = parsed.reply(outcome, self.name)
-        return Response(reply.body, media_type=reply.content_type, headers=dict(reply.headers))
+        return self._send(await self.loop.serve(await request.body(), headers))
 
     def check_health(self) -> None:
-        """Raises while a loader worker is dead: Ray then replaces this replica."""
-        dead = self.classifier.pipeline.loader.workers.dead_workers()
-        if dead:
-            raise RuntimeError(f"image loader workers {dead} died")
+        """Raises while the model is unhealthy (a loader worker died): Ray then replaces this
+        replica."""
+        if not self.loop.healthy():
+            raise RuntimeError(f"model {self.name} is unhealthy: an image loader worker died")
 
-    def _error(self, error: RequestError) -> Response:
-        if error.status < 500:
-            self._rejected.inc(tags={"model_name": self.name})
-        reply = error_reply(error)
-        return Response(reply.body, status_code=error.status, media_type=reply.content_type)
-
-    def _record(self, result: BatchResult, requests: int) -> None:
-        for stage, ms in result.timings.items():
-            self._stage_ms.observe(ms, tags={"model_name": self.name, "stage": stage})
-        self._batch_images.observe(result.images, tags={"model_name": self.name})
-        if result.bad_images:
-            self._bad_images.inc(result.bad_images, tags={"model_name": self.name})
+    @staticmethod
+    def _send(answer: Answer) -> Response:
+        reply = answer.reply
+        return Response(reply.body, status_code=answer.status, media_type=reply.content_type,
+                        headers=dict(reply.headers))
 
     def __del__(self) -> None:
-        batcher, classifier = getattr(self, "batcher", None), getattr(self, "classifier", None)
-        if batcher is not None:
-            batcher.close()
-        if classifier is not None:
-            classifier.close()
+        loop = getattr(self, "loop", None)
+        if loop is not None:
+            loop.close()
 
 
 def model_name(model: str | Path) -> str:

@@ -1,4 +1,4 @@
-"""TorchServe's side of the adapter: request rows in, statuses, bodies and metrics out.
+"""TorchServe's side of the door: request rows in, statuses, bodies and metrics out.
 
 A row is one request as TorchServe hands it to ``handle``:
     raw body (``curl -T``, octet-stream, image/*)  {"body": bytearray}
@@ -10,8 +10,8 @@ A row is one request as TorchServe hands it to ``handle``:
     gRPC Predictions (inference.proto)             {"<input name>": bytearray, ...}, in wire order
 Request headers come separately (``context.get_all_request_header``): every HTTP request carries
 at least ``Host``; a gRPC call carries none at all (TorchServe's gRPC service passes no metadata).
-The wire formats themselves are ``handler.protocols``; what is TorchServe's own is here. Nothing
-but this module and ``service`` imports ``ts``.
+The wire formats themselves are ``handler.protocols`` and the loop ``handler.serving``; what is
+TorchServe's own is here. Nothing but this module and ``service`` imports ``ts``.
 """
 
 from __future__ import annotations
@@ -21,9 +21,10 @@ import re
 from http import HTTPStatus
 from typing import Any, Mapping
 
-from handler.classifier import BatchResult
 from handler.errors import RequestError
-from handler.protocols import FormFields, ParsedRequest, decode_request, error_reply
+from handler.protocols import FormFields
+from handler.serving import Answer, Incoming
+from handler.telemetry import BAD_IMAGES, BATCH_IMAGES, BATCH_REQUESTS, REJECTED, STAGE_MS, BatchFigures
 
 log = logging.getLogger(__name__)
 
@@ -36,11 +37,12 @@ def request_headers(context: Any, idx: int) -> dict[str, str]:
     return {str(k).lower(): v for k, v in (headers or {}).items() if isinstance(v, str)}
 
 
-def parse_row(row: Mapping[str, Any], max_images: int, headers: Mapping[str, str]) -> ParsedRequest | RequestError:
-    """A request row -> its images (1..max_images of them), or the RequestError that rejects it.
-    ``headers`` are the request's (``request_headers``)."""
+def incoming(row: Mapping[str, Any], headers: Mapping[str, str]) -> Incoming:
+    """A request row as the serving loop takes it: its payload and ``headers`` (the request's,
+    from ``request_headers``), or the RequestError for a row TorchServe made out of a body it
+    misread."""
     try:
-        return decode_request(row_payload(row, headers), max_images=max_images, headers=headers)
+        return row_payload(row, headers), headers
     except RequestError as exc:
         return exc
 
@@ -84,46 +86,54 @@ def row_payload(row: Mapping[str, Any], headers: Mapping[str, str]) -> Any:
     return FormFields(row)
 
 
-def respond(context: Any, parsed: list[ParsedRequest | RequestError], result: BatchResult,
-            model_name: str | None) -> tuple[list[str | bytes], int]:
-    """One body per request, in order, with its status and content type set on ``context``;
-    and how many requests were rejected. ``result`` holds the parsed requests' outcomes."""
-    outcomes = iter(result.results)
+def is_describe(context: Any) -> bool:
+    """Whether this call is TorchServe's describe (``GET /models/NAME?customized=true``), not a
+    batch of requests: the frontend marks it with a ``describe`` header."""
+    getter = getattr(context, "get_request_header", None)
+    return getter is not None and getter(0, "describe") == "True"
+
+
+def respond(context: Any, answers: list[Answer]) -> list[str | bytes]:
+    """One body per request, in order, with its status, content type and headers set on
+    ``context`` (a request that failed gets its own status; the others 200)."""
     bodies: list[str | bytes] = []
-    rejected = 0
-    for idx, request in enumerate(parsed):
-        outcome = request if isinstance(request, RequestError) else next(outcomes)
-        if isinstance(outcome, RequestError):
-            log.info("request %d rejected: %s", idx, outcome)
-            context.set_response_status(outcome.status, HTTPStatus(outcome.status).phrase, idx)
-            reply = error_reply(outcome)
-            rejected += 1
-        else:
-            assert isinstance(request, ParsedRequest)
-            reply = request.reply(outcome, model_name)
-        context.set_response_content_type(idx, reply.content_type)
-        for key, value in reply.headers:
+    for idx, answer in enumerate(answers):
+        if answer.status != 200:
+            context.set_response_status(answer.status, HTTPStatus(answer.status).phrase, idx)
+        context.set_response_content_type(idx, answer.reply.content_type)
+        for key, value in answer.reply.headers:
             context.set_response_header(idx, key, value)
-        bodies.append(reply.body)
-    return bodies, rejected
+        bodies.append(answer.reply.body)
+    return bodies
 
 
-def publish(metrics: Any, result: BatchResult, *, requests: int, rejected: int) -> None:
-    """Send one batch's figures to TorchServe's metrics cache (declared in metrics.yaml; a
-    no-op without a cache)."""
-    if metrics is None:
-        return
+class TorchServeMetrics:
+    """The METRICS (``handler.telemetry``) into TorchServe's metrics cache of one call (declared in
+    metrics.yaml; a no-op without a cache). TorchServe has no histograms: a batch's figures are
+    gauges, its counts counters."""
+
+    def __init__(self, metrics: Any) -> None:
+        self.metrics = metrics
+
+    def batch(self, figures: BatchFigures) -> None:
+        if self.metrics is None:
+            return
+        # idx=0 tags the figures with the model (Level=Model); fresh dimension lists each call,
+        # since TorchServe appends its default dimensions to the list it is given.
+        for name, value in figures.timings.items():
+            self.metrics.add_time(name, round(value, 3), idx=0, unit=STAGE_MS.unit, dimensions=[])
+        for spec, value in ((BATCH_IMAGES, figures.images), (BATCH_REQUESTS, figures.requests)):
+            self.metrics.add_metric(spec.torchserve, value, spec.unit, idx=0, dimensions=[], **_gauge())
+        self.metrics.add_counter(BAD_IMAGES.torchserve, figures.bad_images, idx=0, dimensions=[])
+
+    def rejected(self, count: int) -> None:
+        if self.metrics is not None:
+            self.metrics.add_counter(REJECTED.torchserve, count, idx=0, dimensions=[])
+
+
+def _gauge() -> dict[str, Any]:
     try:
         from ts.metrics.metric_type_enum import MetricTypes
-
-        gauge = {"metric_type": MetricTypes.GAUGE}
     except ImportError:  # driven without TorchServe installed (a fake context in tests)
-        gauge = {}
-    # idx=0 tags the figures with the model (Level=Model); fresh dimension lists each call,
-    # since TorchServe appends its default dimensions to the list it is given.
-    for name, value in result.timings.items():
-        metrics.add_time(name, round(value, 3), idx=0, unit="ms", dimensions=[])
-    for name, value in (("ImagesPerBatch", result.images), ("RequestsPerBatch", requests)):
-        metrics.add_metric(name, value, "count", idx=0, dimensions=[], **gauge)
-    metrics.add_counter("BadImages", result.bad_images, idx=0, dimensions=[])
-    metrics.add_counter("RejectedRequests", rejected, idx=0, dimensions=[])
+        return {}
+    return {"metric_type": MetricTypes.GAUGE}

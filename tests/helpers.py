@@ -115,3 +115,6 @@ class FakeContext:
 
     def get_all_request_header(self, idx: int) -> dict[str, str]:
         return self.request_headers[idx] if idx < len(self.request_headers) else {"Host": "localhost"}
+
+    def get_request_header(self, idx: int, key: str) -> str | None:
+        return self.get_all_request_header(idx).get(key)

@@ -153,3 +153,32 @@ def test_a_bad_image_fails_only_its_own_request(door, reference):
     metrics = requests.get(f"{door.http_url}/metrics", timeout=30).text
     for name in ("image_classifier_stage_ms", "image_classifier_bad_images_total", "request_predict_seconds"):
         assert name in metrics
+
+
+def test_readiness_replaces_a_dead_loader_worker(door, reference):
+    """The readiness probe (HTTP and gRPC) asks the model's health, which replaces a dead loader
+    worker: the model stays ready and serves the same answers with a new worker."""
+    import os
+    import signal
+    import time
+
+    import psutil
+
+    parent = psutil.Process(door.process.pid)
+
+    def loader_workers():
+        # Forked: they run the door's own command line (inductor's compile workers and
+        # multiprocessing's resource tracker run others).
+        return {child.pid for child in parent.children() if child.cmdline() == parent.cmdline()}
+
+    before = loader_workers()
+    assert before
+    victim = min(before)
+    os.kill(victim, signal.SIGKILL)
+    time.sleep(0.5)
+    http = triton_http.InferenceServerClient(door.http_url.removeprefix("http://"))
+    grpc = triton_grpc.InferenceServerClient(door.grpc_target)
+    assert http.is_model_ready(MODEL) and grpc.is_model_ready(MODEL)
+    after = loader_workers()
+    assert victim not in after and len(after) == len(before), (before, after)
+    same(infer_http(http, PHOTOS, binary=True), reference)

@@ -321,3 +321,13 @@ def test_torchscript_and_exported_archives_serve_like_the_state_dict_one(server,
     # On a bf16 CPU (precision auto) these eager models round differently from the compiled
     # reference: scores move by up to about 0.01 (in fp32, by less than 1e-3).
     same_results(response.json(), reference.json(), tolerance=0.02)
+
+
+def test_describe_reports_the_models_health(server):
+    """TorchServe's customized describe reaches the handler, which answers with the health every
+    door's probe reports."""
+    response = server.manage("GET", "/models/shapes?customized=true")
+    assert response.status_code == 200, response.text
+    (described,) = response.json()
+    metadata = described["customizedMetadata"]
+    assert (json.loads(metadata) if isinstance(metadata, str) else metadata) == {"healthy": True}

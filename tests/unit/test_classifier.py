@@ -119,7 +119,8 @@ def test_close_stops_the_workers_is_idempotent_and_later_use_is_a_clear_error():
     assert len(pids) == 2 and all(pids)
     with clf:
         clf.classify([shape_image("circle", seed=1)])
-    assert clf.closed
+        assert clf.healthy()
+    assert clf.closed and not clf.healthy()
     clf.close()  # again: nothing happens
     with pytest.raises(ClassifierClosed, match="closed"):
         clf.classify([shape_image("circle", seed=1)])

@@ -39,3 +39,17 @@ def test_device_events_are_added_once_after_one_wait():
     clock.resolve()  # nothing pending any more: no double counting
     assert clock.ms["DecodeTransformMs"] == 6.5
     assert last[1].waited and not first[1].waited  # the last event implies the earlier ones
+
+
+def test_torchserve_declares_every_metric_the_doors_define():
+    """metrics.yaml (what TorchServe accepts) names exactly the metrics handler.telemetry defines,
+    each with its kind."""
+    from pathlib import Path
+
+    import yaml
+
+    from handler.telemetry import torchserve_names
+
+    declared = yaml.safe_load((Path(__file__).resolve().parents[2] / "metrics.yaml").read_text())["model_metrics"]
+    found = {entry["name"]: kind for kind, entries in declared.items() for entry in entries}
+    assert found == torchserve_names()

@@ -1,4 +1,7 @@
 import json
+import os
+import signal
+import time
 
 import pytest
 import torch
@@ -159,3 +162,25 @@ def test_the_handler_module_defines_exactly_one_class():
 
     own = [c for _, c in inspect.getmembers(module, inspect.isclass) if c.__module__ == module.__name__]
     assert own == [ImageBatchHandler]
+
+
+def test_describe_answers_the_models_health(handler_and_context):
+    """TorchServe's describe (GET /models/NAME?customized=true) reaches handle() marked with a
+    describe header: it is answered with the health every door's probe reports, which replaces a
+    dead loader worker first."""
+    handler, base = handler_and_context
+    ctx = fresh_context(base)
+    ctx.request_headers = [{"describe": "True"}]
+    assert [json.loads(b) for b in handler.handle([{"body": bytearray()}], ctx)] == [{"healthy": True}]
+    workers = handler.classifier.pipeline.loader.workers
+    victim = workers.worker_pids()[0]
+    os.kill(victim, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while victim not in workers.dead_workers() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert victim in workers.dead_workers()
+    assert [json.loads(b) for b in handler.handle([{"body": bytearray()}], ctx)] == [{"healthy": True}]
+    assert victim not in workers.worker_pids() and not workers.dead_workers()
+    images = {f"f{i}": bytearray(shape_image("circle", seed=i)) for i in range(3)}
+    served = handler.handle([images], fresh_context(base))
+    assert [next(iter(answer)) for answer in json.loads(served[0])] == ["circle"] * 3

@@ -4,10 +4,10 @@ import json
 import pytest
 
 from handler.errors import RequestError
-from handler.protocols import ParsedRequest, PlainJson, decode_base64
+from handler.protocols import ParsedRequest, PlainJson, decode_base64, decode_request
 from handler.protocols.kserve_v1 import Predictions
 from handler.protocols.kserve_v2 import InferResponse
-from handler.torchserve_io import natural_key, parse_row, request_headers
+from handler.torchserve_io import incoming, natural_key, request_headers
 
 PNG = b"\x89PNG fake but non-empty"
 
@@ -17,6 +17,18 @@ def b64(data: bytes) -> str:
 
 
 HTTP = {"host": "localhost"}  # every HTTP request carries at least Host; a gRPC call carries nothing
+
+
+def parse_row(row, max_images: int, headers) -> ParsedRequest | RequestError:
+    """A TorchServe row as the serving loop decodes it: its images, or the RequestError that
+    rejects it."""
+    item = incoming(row, headers)
+    if isinstance(item, RequestError):
+        return item
+    try:
+        return decode_request(item[0], max_images=max_images, headers=item[1])
+    except RequestError as exc:
+        return exc
 
 
 def parse_request(row, max_images: int) -> ParsedRequest:
