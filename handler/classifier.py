@@ -78,8 +78,8 @@ class ImageClassifier:
         self.config: HandlerConfig = spec.config
         self.labels: list[str] = spec.labels
         self.device = resolve_device(device)
-        self._pipeline: Pipeline | None = Pipeline(spec.config, spec.labels, spec.weights, self.device,
-                                                     int8_program=spec.int8_program)
+        self._pipeline: Pipeline | None = Pipeline.start(spec.config, spec.labels, spec.weights, self.device,
+                                                           int8_program=spec.int8_program)
         self._lock = threading.Lock()
 
     @classmethod

@@ -99,14 +99,14 @@ def test_cuda_answers_like_the_cpu(model_dir, cpu_answers, name):
         assert handler.classifier.device.type == "cuda"
         compiled_runs: list[int] = []  # the batch size of each pass through the compiled model
         if CONFIGS[name].get("compile"):  # compiled, not the eager fallback
-            assert pipeline._compiled is not None and pipeline._compiled_buckets == (8,), pipeline._compiled_buckets
-            compiled = pipeline._compiled
+            assert pipeline.runner.compiled is not None and pipeline.runner.compiled_buckets == (8,), pipeline.runner.compiled_buckets
+            compiled = pipeline.runner.compiled
 
             def counted_compiled(x):
                 compiled_runs.append(x.shape[0])
                 return compiled(x)
 
-            pipeline._compiled = counted_compiled
+            pipeline.runner.compiled = counted_compiled
         offered: list[int] = []  # per run, how many JPEGs the decoder took from the items
         nvjpeg: list[int] = []  # the keys nvJPEG decoded
         if "decode_device" in CONFIGS[name]:

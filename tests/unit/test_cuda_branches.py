@@ -20,7 +20,8 @@ from handler.dataset import DecodedBatch, LoaderItem
 from handler.devices import GPU_HOST_THREADS, autocast_dtype, copied_event, resolve_device, select_device, thread_budget
 from handler.gpu_decode import BatchedJpegDecoder, JpegJob, jpeg_job
 from handler.metrics import StageClock
-from handler.pipeline import Pipeline
+from handler.decoding import DecodePath
+from handler.runner import ModelRunner
 from handler.shared_memory import PixelRing
 from ts_server import ROOT
 
@@ -256,37 +257,40 @@ class FakeLoader:
 
 
 def stand_in(config: HandlerConfig, device: torch.device, **extra) -> SimpleNamespace:
-    # The precision Pipeline.__init__ resolves; auto is fp32 on a GPU.
-    precision = "fp32" if config.precision == "auto" else config.precision
-    return SimpleNamespace(config=config, device=device, loader=FakeLoader(), precision=precision, **extra)
+    """The state DecodePath.__init__ leaves (a fake loader), without forking anything."""
+    return SimpleNamespace(config=config, device=device, loader=FakeLoader(), jpeg_decoder=None, _normalize=None,
+                           **extra)
 
 
 @pytest.mark.parametrize("benchmark", [False, True], ids=["cudnn-fixed", "cudnn-benchmark"])
-def test_prepare_device_on_cuda_tunes_cudnn_pins_the_ring_and_makes_the_nvjpeg_decoder(monkeypatch, benchmark):
+def test_setting_up_on_cuda_tunes_cudnn_pins_the_ring_and_makes_the_nvjpeg_decoder(monkeypatch, benchmark):
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", not benchmark)  # restored after the test
-    monkeypatch.setattr("handler.pipeline.Normalizer", lambda mean, std, device: ("normalizer", device))
+    monkeypatch.setattr("handler.decoding.Normalizer", lambda mean, std, device: ("normalizer", device))
     config = HandlerConfig(decode_device="cuda", pin_memory=True, batch_size=8, batch_buckets=(8,), cudnn_benchmark=benchmark,
                            precision="fp16")
-    pipeline = stand_in(config, CUDA)
-    decoder = Pipeline._prepare_device(pipeline)
-    assert isinstance(decoder, BatchedJpegDecoder) and decoder.device == CUDA
-    assert torch.backends.cudnn.benchmark is benchmark
-    assert pipeline.loader.pinned == 1
-    assert pipeline._normalize == ("normalizer", CUDA) and pipeline._autocast_dtype is torch.float16
+    decoding = stand_in(config, CUDA)
+    DecodePath.attach(decoding)
+    assert isinstance(decoding.jpeg_decoder, BatchedJpegDecoder) and decoding.jpeg_decoder.device == CUDA
+    assert decoding.loader.pinned == 1 and decoding._normalize == ("normalizer", CUDA)
+    runner = SimpleNamespace(config=config, device=CUDA, precision="fp16", autocast_dtype=None)
+    ModelRunner._set_up_device(runner)
+    assert torch.backends.cudnn.benchmark is benchmark and runner.autocast_dtype is torch.float16
 
 
-def test_prepare_device_without_pinning_or_nvjpeg(monkeypatch):
+def test_setting_up_without_pinning_or_nvjpeg(monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
-    monkeypatch.setattr("handler.pipeline.Normalizer", lambda mean, std, device: "normalizer")
-    pipeline = stand_in(HandlerConfig(pin_memory=False), CUDA)
-    assert Pipeline._prepare_device(pipeline) is None and pipeline.loader.pinned == 0
+    monkeypatch.setattr("handler.decoding.Normalizer", lambda mean, std, device: "normalizer")
+    decoding = stand_in(HandlerConfig(pin_memory=False), CUDA)
+    DecodePath.attach(decoding)
+    assert decoding.jpeg_decoder is None and decoding.loader.pinned == 0
 
 
-def test_prepare_device_asked_for_nvjpeg_on_the_cpu_decodes_on_the_cpu(caplog):
-    pipeline = stand_in(HandlerConfig(decode_device="cuda"), CPU)
-    with caplog.at_level(logging.WARNING, logger="handler.pipeline"):
-        assert Pipeline._prepare_device(pipeline) is None
-    assert "needs the model on a GPU" in caplog.text and pipeline.loader.pinned == 0
+def test_nvjpeg_asked_for_on_the_cpu_decodes_on_the_cpu(caplog):
+    decoding = stand_in(HandlerConfig(decode_device="cuda"), CPU)
+    with caplog.at_level(logging.WARNING, logger="handler.decoding"):
+        DecodePath.attach(decoding)
+    assert decoding.jpeg_decoder is None
+    assert "needs the model on a GPU" in caplog.text and decoding.loader.pinned == 0
 
 
 class CountingDecoder:
@@ -314,10 +318,11 @@ class CountingDecoder:
 
 def route(items, decoder, **settings):
     config = HandlerConfig(batch_size=3, decode_device="cuda", **settings)
-    pipeline = stand_in(config, CPU, jpeg_decoder=decoder)
-    pipeline._decode_on_device = lambda items: Pipeline._decode_on_device(pipeline, items)
-    keys = [key for batch in Pipeline.decode(pipeline, items) for key in batch.keys]
-    return keys, pipeline.loader.decoded
+    decoding = stand_in(config, CPU)
+    decoding.jpeg_decoder = decoder
+    decoding._decode_on_device = lambda items: DecodePath._decode_on_device(decoding, items)
+    keys = [key for batch in DecodePath.chunks(decoding, items) for key in batch.keys]
+    return keys, decoding.loader.decoded
 
 
 ITEMS = [LoaderItem(0, b"J0"), LoaderItem(1, b"P1"), LoaderItem(2, b"J2"), LoaderItem(3, b"J3"),
@@ -349,25 +354,30 @@ def test_lists_nvjpeg_rejects_are_decoded_by_the_workers():
 
 
 def test_without_a_jpeg_decoder_everything_goes_to_the_workers():
-    pipeline = stand_in(HandlerConfig(), CPU, jpeg_decoder=None)
-    keys = [key for batch in Pipeline.decode(pipeline, ITEMS) for key in batch.keys]
-    assert keys == list(range(8)) and pipeline.loader.decoded == [list(range(8))]
+    decoding = stand_in(HandlerConfig(), CPU)
+    keys = [key for batch in DecodePath.chunks(decoding, ITEMS) for key in batch.keys]
+    assert keys == list(range(8)) and decoding.loader.decoded == [list(range(8))]
 
 
 def test_warm_up_falls_back_to_cpu_decoding_when_nvjpeg_does_not_work(caplog):
-    ran: list = []
-    pipeline = SimpleNamespace(
-        jpeg_decoder=SimpleNamespace(warm_up=lambda: False), config=HandlerConfig(batch_size=8, batch_buckets=(4, 8)),
-        _compiled_buckets=(8,), _compile=lambda: ran.append("compile"), _run_buckets=ran.append, precision="fp32")
-    pipeline._warm_model = lambda: Pipeline._warm_model(pipeline)
-    with caplog.at_level(logging.WARNING, logger="handler.pipeline"):
-        Pipeline.warm_up(pipeline)
-    assert pipeline.jpeg_decoder is None and "decoding every image on the CPU" in caplog.text
-    assert ran == ["compile", (4,)]  # the compiled bucket is not run again
+    decoding = stand_in(HandlerConfig(), CPU)
+    decoding.jpeg_decoder = SimpleNamespace(warm_up=lambda: False)
+    with caplog.at_level(logging.WARNING, logger="handler.decoding"):
+        DecodePath.warm_up(decoding)
+    assert decoding.jpeg_decoder is None and "decoding every image on the CPU" in caplog.text
     working = SimpleNamespace(warm_up=lambda: True)
-    pipeline.jpeg_decoder = working
-    Pipeline.warm_up(pipeline)
-    assert pipeline.jpeg_decoder is working
+    decoding.jpeg_decoder = working
+    DecodePath.warm_up(decoding)
+    assert decoding.jpeg_decoder is working
+
+
+def test_warming_the_model_runs_the_buckets_not_compiled_already():
+    ran: list = []
+    runner = SimpleNamespace(config=HandlerConfig(batch_size=8, batch_buckets=(4, 8)), compiled_buckets=(8,),
+                             precision="fp32", _compile=lambda normalize: ran.append("compile"),
+                             _run_buckets=lambda buckets, normalize: ran.append(buckets))
+    ModelRunner._warm_model(runner, lambda pixels: pixels)
+    assert ran == ["compile", (4,)]  # the compiled bucket is not run again
 
 
 # ---- a compiled model's outputs are kept as copies ---------------------------------------------
@@ -404,7 +414,7 @@ def test_outputs_of_a_compiled_model_survive_later_batches():
         images = [colour(i) for i in range(7)]  # batches of 2, 2, 2 and 1 (padded to the bucket of 2)
 
         def top1(model):
-            pipeline._compiled, pipeline._compiled_buckets = model, (2,)
+            pipeline.runner.compiled, pipeline.runner.compiled_buckets = model, (2,)
             return [next(iter(p)) for p in clf.classify(images)]
 
         want = top1(BufferModel(fresh=True))

@@ -103,9 +103,9 @@ def test_batched_decode_answers_like_the_cpu_loader(handler, monkeypatch, ahead)
     rows = mixed_rows()
     want, want_status = answer(handler, rows)
     pipeline = handler.classifier.pipeline
-    monkeypatch.setattr(pipeline, "config", dataclasses.replace(pipeline.config, decode_ahead=ahead))
-    decoder = CountingDecoder(pipeline.config, torch.device("cpu"))
-    monkeypatch.setattr(pipeline, "jpeg_decoder", decoder)
+    monkeypatch.setattr(pipeline.decoding, "config", dataclasses.replace(pipeline.config, decode_ahead=ahead))
+    decoder = CountingDecoder(pipeline.decoding.config, torch.device("cpu"))
+    monkeypatch.setattr(pipeline.decoding, "jpeg_decoder", decoder)
     got, got_status = answer(handler, rows)
     assert decoder.decoded == 9  # every whole JPEG; the PNG and the truncated one took the CPU path
     assert got_status == want_status and set(got_status) == {2}
@@ -124,7 +124,7 @@ def test_a_list_nvjpeg_rejects_falls_back_to_the_cpu(handler, monkeypatch):
         raise RuntimeError("nvjpegDecodeBatched failed")
 
     monkeypatch.setattr(gpu_decode, "decode_jpeg", rejects)
-    monkeypatch.setattr(handler.classifier.pipeline, "jpeg_decoder", BatchedJpegDecoder(handler.classifier.config, torch.device("cpu")))
+    monkeypatch.setattr(handler.classifier.pipeline.decoding, "jpeg_decoder", BatchedJpegDecoder(handler.classifier.config, torch.device("cpu")))
     got, got_status = answer(handler, rows)
     assert (got, got_status) == (want, want_status)
 
@@ -173,7 +173,7 @@ def test_a_cpu_share_of_the_jpegs_goes_to_the_workers_with_the_same_answers(mode
         rows = mixed_rows()
         want, want_status = answer(handler, rows)
         decoder = CountingDecoder(handler.classifier.config, torch.device("cpu"))
-        monkeypatch.setattr(handler.classifier.pipeline, "jpeg_decoder", decoder)
+        monkeypatch.setattr(handler.classifier.pipeline.decoding, "jpeg_decoder", decoder)
         got, got_status = answer(handler, rows)
         assert decoder.decoded == 9 - round(9 * share)  # the rest took the CPU workers
         assert got_status == want_status and got[2] == want[2]

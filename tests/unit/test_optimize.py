@@ -90,7 +90,7 @@ def answers(model_dir, settings: dict, compiled: tuple[int, ...] | None = None) 
     images = [shape_image(("circle", "square", "triangle")[i % 3], seed=i) for i in range(6)]
     with ImageClassifier(read_model(model_dir, {**base, **settings}), device="cpu") as classifier:
         if compiled is not None:
-            assert classifier.pipeline._compiled_buckets == compiled
+            assert classifier.pipeline.runner.compiled_buckets == compiled
         results = classifier.classify(images)
     assert len(results) == 6
     return results
@@ -106,7 +106,7 @@ def test_folded_and_compiled_handlers_answer_like_the_plain_one(model_dir, real_
 def test_auto_compiles_where_a_compiler_works_within_the_budget_and_the_rest_runs_eager(model_dir, real_compiler,
                                                                                         caplog):
     plain = answers(model_dir, {"compile": False})
-    caplog.set_level("INFO", logger="handler.pipeline")
+    caplog.set_level("INFO", logger="handler.runner")
     # The default is auto; a budget this small lets only the first (largest) bucket start.
     got = answers(model_dir, {"batch_buckets": [2, 4], "compile_budget_s": 1e-6}, compiled=(4,))
     assert_same_answers(got, plain)
@@ -115,7 +115,7 @@ def test_auto_compiles_where_a_compiler_works_within_the_budget_and_the_rest_run
 
 
 def test_without_a_compiler_auto_serves_eager_with_one_log_line(model_dir, caplog):
-    caplog.set_level("INFO", logger="handler.pipeline")
+    caplog.set_level("INFO", logger="handler.runner")
     assert_same_answers(answers(model_dir, {}, compiled=()), answers(model_dir, {"compile": False}))
     lines = [r.getMessage() for r in caplog.records if "torch.compile" in r.getMessage()]
     assert len(lines) == 2 and "torch.compile off (handler.compile is auto but no working C++ compiler" in lines[0]
@@ -131,7 +131,7 @@ def test_a_failed_compile_falls_back_to_eager(model_dir, monkeypatch, caplog):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             raise RuntimeError("inductor: no C++ compiler found")
 
-    monkeypatch.setattr("handler.pipeline.compile_model", lambda model, mode, freeze: FailsToCompile(model))
+    monkeypatch.setattr("handler.runner.compile_model", lambda model, mode, freeze: FailsToCompile(model))
     plain = answers(model_dir, {"compile": False})
     assert_same_answers(answers(model_dir, {"compile": True, "batch_buckets": [4]}, compiled=()), plain)
     assert "torch.compile failed" in caplog.text

@@ -93,7 +93,7 @@ def test_auto_serves_bf16_on_a_bf16_cpu_and_fp32_with_detection_forced_off(monke
     overrides = {"batch_size": 4, "compile": False}
     monkeypatch.setenv(BF16_ENV, "0")
     with ImageClassifier.load(DEMO, device="cpu", overrides=overrides) as clf:
-        assert clf.pipeline.precision == "fp32" and clf.pipeline._autocast_dtype is None
+        assert clf.pipeline.precision == "fp32" and clf.pipeline.runner.autocast_dtype is None
         fp32 = scores(clf)
     monkeypatch.setenv(BF16_ENV, "1")
     with ImageClassifier.load(DEMO, device="cpu", overrides=overrides) as clf:
@@ -154,12 +154,12 @@ def test_int8_without_a_calibrated_program_runs_fp32_and_says_so(caplog):
 def test_compiled_bf16_freezes_and_answers_like_fp32(monkeypatch, real_compiler, caplog):
     from handler.optimize import _Frozen
 
-    caplog.set_level("INFO", logger="handler.pipeline")
+    caplog.set_level("INFO", logger="handler.runner")
     monkeypatch.setenv(BF16_ENV, "1")
     overrides = {"batch_size": 4, "batch_buckets": [4]}
     with ImageClassifier.load(DEMO, device="cpu", overrides=overrides) as clf:
-        assert clf.pipeline.precision == "bf16" and isinstance(clf.pipeline._compiled, _Frozen)
-        assert clf.pipeline._compiled_buckets == (4,)
+        assert clf.pipeline.precision == "bf16" and isinstance(clf.pipeline.runner.compiled, _Frozen)
+        assert clf.pipeline.runner.compiled_buckets == (4,)
         bf16 = scores(clf)
     with ImageClassifier.load(DEMO, device="cpu", overrides={**overrides, "precision": "fp32", "compile": False}) as clf:
         fp32 = scores(clf)

@@ -100,7 +100,7 @@ def test_an_int8_archive_holds_its_calibrated_program_and_serves_it_compiled(int
         assert INT8_PROGRAM in archive.namelist()
     images = [shape_image(LABELS[i % 3], seed=900 + i, fmt="JPEG") for i in range(16)]
     with ImageClassifier.load(int8_mar, device="cpu", overrides={"batch_size": 8, "batch_buckets": [8]}) as clf:
-        assert clf.pipeline.precision == "int8" and clf.pipeline._compiled_buckets == (8,)
+        assert clf.pipeline.precision == "int8" and clf.pipeline.runner.compiled_buckets == (8,)
         int8 = clf.classify(images)
     with ImageClassifier.load(int8_mar, device="cpu", overrides={"batch_size": 8, "precision": "fp32",
                                                                  "compile": False}) as clf:

@@ -64,7 +64,7 @@ def test_bf16_and_compile_apply_to_zoo_models(hf_vit, real_compiler):
     settings = {"precision": "bf16", "compile": True, "batch_size": 8, "batch_buckets": [8]}
     with ImageClassifier.load(hf_vit, device="cpu", overrides=settings) as clf:
         assert clf.pipeline.precision == "bf16"
-        assert clf.pipeline._compiled_buckets == (8,)
+        assert clf.pipeline.runner.compiled_buckets == (8,)
         got = clf.classify(PHOTOS)
     agree = sum(next(iter(a)) == LABELS[int(row.argmax())] for a, row in zip(got, want))
     assert agree >= len(PHOTOS) - 1, agree
