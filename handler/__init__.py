@@ -1,47 +1,40 @@
 """Batched image classification: a core library, and the servers' doors over it.
 
-The core (no server imported anywhere in it):
-    classifier    -- ImageClassifier: load / for_serving / classify / classify_requests / close
-    model_files   -- read_model: a model directory, a timm or transformers model folder, or a .mar
-                     -> ModelSpec (config, labels, weights)
-    zoo           -- timm and transformers model folders: their evaluation preprocessing as
-                     handler settings, their labels, the model built by its own library
-    process       -- configure_process: allocator, Pillow's pixel limit, torch threads (applied
-                     by ImageClassifier.for_serving, the start-up every door shares)
-    config        -- HandlerConfig, validated once from model-config.yaml's ``handler:`` section
-    errors        -- ImageError / RequestError, and failure codes -> HTTP statuses
-    inputs        -- what counts as an image (bytes, paths, PIL images, tensors)
-    pipeline      -- Pipeline.run: loader items -> predictions and failures by key, in one call
-    loader        -- the persistent multi-worker DataLoader, reset per batch of requests
-    supervisor    -- the torch-private DataLoader internals: worker liveness, restart, stop
-    dataset       -- the torch Dataset the loader workers run ``images`` in, and its collate
-    shared_memory -- the image inbox (bytes out) and pixel ring (pixels back) the loader and its
-                     workers share, over one shared-memory helper
-    images        -- image bytes -> uint8 CHW tensor (decode, EXIF, RGB, resize/crop)
-    gpu_decode    -- optional batched nvJPEG decode and resize on the GPU
-    jpeg_header   -- JPEG header marker walk (size, components, EXIF orientation)
-    assemble      -- DeviceBatches: decoded chunks -> full, normalized model batches on the device
-    normalize     -- uint8 batch -> normalized float model input on the device
-    devices       -- device choice, copy-done events, autocast dtype, thread budget
-    architectures -- the demo model (ShapesNet), EfficientNet-Lite0 and the architecture registry
-    model_loading -- build an architecture and load its weights and labels
-    optimize      -- inference-only rewrites: BatchNorm folding, optional torch.compile (frozen
-                     for bf16 and int8)
-    precision     -- which precision runs here (bf16 on CPUs with bf16 matrix units), and the
-                     accuracy measure and gates archive builds apply
-    quantize      -- int8: PT2E calibration into a saved program, and loading it
-    memory        -- allocator settings: freed memory kept for the next batch (glibc)
-    postprocess   -- logits -> top-k {label: score}
-    metrics       -- per-stage timings (CUDA events on a GPU)
-    protocols     -- wire formats, one module each, parse and encode together (raw, multipart,
-                     json_images, kserve_v1, kserve_v2), and decode_request: the one request
-                     decoder every door calls
+The floors, top to bottom; a module imports only from its own floor or below (the import
+contract in pyproject.toml, checked by ``lint-imports`` in the test command); no server library
+(TorchServe, KServe, Ray, FastAPI) is imported below ``doors``:
 
-Doors (each maps its server to the core, nothing more):
-    service         -- the one TorchServe handler class: context <-> core
-    torchserve_io   -- TorchServe's request rows, statuses, response headers and metrics
-    kserve_server   -- the KServe model server door (python -m handler.kserve_server)
-    batcher         -- batching of concurrent requests, counted in images (KServe and Ray Serve doors)
-    ray_serve       -- the Ray Serve door (serve run handler.ray_serve:app model=...)
-    ray_data        -- offline classification of a dataset on a Ray cluster (Ray Data actors)
+    doors/        each adapts one server's transport to the serving loop, nothing more
+        torchserve_handler  the one class TorchServe loads (initialize / handle)
+        torchserve_io       TorchServe's request rows, statuses, headers and metrics cache
+        kserve_door         KServe's model server (python -m handler.doors.kserve_door)
+        ray_serve           Ray Serve (serve run handler.doors.ray_serve:app model=...)
+        ray_data            offline classification on a Ray cluster (Ray Data actors)
+    serving       the serving loop every door calls: decode -> admit -> classify (batched by
+                  image count) -> encode -> reply or error -> telemetry; health
+    batcher       concurrent requests gathered into batches counted in images
+    classifier    ImageClassifier: load / for_serving / classify / classify_requests / healthy
+    protocols/    wire formats, one module each, parse and encode together (raw, multipart,
+                  json_images, kserve_v1, kserve_v2), and decode_request, the one decoder
+    pipeline      Pipeline.start (the factory) and Pipeline.run: items -> predictions by key
+    decode/       image bytes -> normalized model batches on the device
+        path          DecodePath: chunks() and batches(), the iterables the pipeline consumes
+        loader        the persistent multi-worker DataLoader; supervisor: its worker liveness
+        dataset       the Dataset the workers run; items: what travels (LoaderItem, DecodedBatch)
+        shared_memory the image inbox (bytes out) and pixel ring (pixels back)
+        images        decode, EXIF, RGB, resize / crop; jpeg_header: the header walk
+        gpu           nvJPEG lists decoded and resized on the GPU
+        assemble      DeviceBatches: chunks -> full model batches on the device
+        normalize     uint8 -> normalized float on the device; inputs: what counts as an image
+    model/        a model's files to a prepared model and its forward pass
+        files         read_model: a model directory, a zoo folder or a .mar -> ModelSpec
+        zoo/          timm and transformers folders: preprocessing, labels, loaders
+        loading       architectures built and weights loaded; architectures: our own models
+        optimize      BatchNorm folding, torch.compile; precision: bf16 detection and the gates;
+                      quantize: int8 (PT2E)
+        runner        ModelRunner: precision and its fallback, prepare, compile, forward
+        topk          logits -> top-k {label: score}
+    config, errors, devices, process, memory, metrics, telemetry
+                  the ground floor: settings, failure types and statuses, device choice,
+                  process-wide settings, the allocator, stage timings, metric definitions
 """

@@ -38,7 +38,7 @@ from typing import Any, Callable, Sequence, Union
 
 from handler.classifier import BatchResult
 from handler.errors import RequestError
-from handler.inputs import ImageInput
+from handler.decode.inputs import ImageInput
 from handler.protocols import Prediction
 
 log = logging.getLogger(__name__)

@@ -6,7 +6,7 @@
         results = clf.classify([jpeg_bytes, "photo.png", pil_image, uint8_chw_tensor])
     # one result per image, in order: {label: score} (top-k, highest first) or an ImageError
 
-Server adapters (TorchServe's ``handler.service``, the KServe door, ``scripts/classify.py``)
+Server adapters (TorchServe's ``handler.doors.torchserve_handler``, the KServe door, ``scripts/classify.py``)
 start it with ``ImageClassifier.for_serving`` (the model read, the device chosen, the
 process-wide settings applied) and use ``classify_requests``: many requests at once, each
 answered with its results or one request-level error, and the per-stage timings for their
@@ -27,13 +27,13 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 
 from handler.config import HandlerConfig
-from handler.dataset import LoaderItem
+from handler.decode.dataset import LoaderItem
 from handler.devices import resolve_device
 from handler.errors import ImageError, RequestError, error_for_images
-from handler.images import ImageDecodeError
-from handler.inputs import ImageInput, ImageLike, loader_data
+from handler.decode.images import ImageDecodeError
+from handler.decode.inputs import ImageInput, ImageLike, loader_data
 from handler.metrics import StageClock
-from handler.model_files import ModelSpec, read_model
+from handler.model.files import ModelSpec, read_model
 from handler.pipeline import Pipeline, Prediction
 from handler.process import configure_process
 

@@ -74,10 +74,10 @@ class HandlerConfig:
             pipeline's pixels).
         precision: ``auto`` (the default): bf16 on a CPU with bf16 matrix units (AMX or
             AVX512-BF16), fp32 elsewhere (GPUs included); ``fp32``; ``bf16`` (on the CPU the
-            weights converted, ``handler.precision.Bf16Model``; on a GPU autocast); ``fp16``
+            weights converted, ``handler.model.precision.Bf16Model``; on a GPU autocast); ``fp16``
             (CUDA autocast); ``int8``: the calibrated program that ``build_mar.py --calibrate``
             stores in the archive (CPU, compiled only). What cannot run here runs fp32, with an
-            error in the log (``handler.precision``).
+            error in the log (``handler.model.precision``, the module).
         batch_buckets: pad every forward pass to the smallest of these batch sizes that fits, so
             the model only ever sees a few fixed shapes (each is warmed up in initialize). Empty:
             no padding, except for a compiled model, which gets ``compile_buckets``.

@@ -2,10 +2,10 @@
 
 Two parts, built in order by one factory (``Pipeline.start``):
 
-    decode     ``handler.decoding.DecodePath``: the persistent multi-worker DataLoader (and, with
+    decode     ``handler.decode.path.DecodePath``: the persistent multi-worker DataLoader (and, with
                ``decode_device: cuda``, nvJPEG lists on the GPU), chunks gathered into full
                batches on the device and normalized, as one iterable
-    model      ``handler.runner.ModelRunner``: the model prepared for inference (BatchNorm
+    model      ``handler.model.runner.ModelRunner``: the model prepared for inference (BatchNorm
                folded, channels_last, optional buckets / compile) in the precision that works
                here, and its forward pass
     top-k      softmax and the k best labels per image, once the device is done
@@ -21,15 +21,15 @@ from typing import Iterator
 import torch
 
 from handler.config import HandlerConfig
-from handler.dataset import DecodedBatch, LoaderItem
-from handler.decoding import DecodePath
+from handler.decode.dataset import DecodedBatch, LoaderItem
+from handler.decode.path import DecodePath
 from handler.errors import ImageError
-from handler.gpu_decode import BatchedJpegDecoder
-from handler.loader import PersistentImageLoader
+from handler.decode.gpu import BatchedJpegDecoder
+from handler.decode.loader import PersistentImageLoader
 from handler.metrics import StageClock
-from handler.postprocess import top_k_labels
-from handler.runner import ModelRunner
-from handler.zoo import ZooFiles
+from handler.model.topk import top_k_labels
+from handler.model.runner import ModelRunner
+from handler.model.zoo import ZooFiles
 
 log = logging.getLogger(__name__)
 

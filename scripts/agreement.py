@@ -30,10 +30,10 @@ from PIL import Image
 from bench_images import SIZES, photo_jpegs
 from handler.classifier import ImageClassifier, read_model
 from handler.config import HandlerConfig
-from handler.dataset import LoaderItem
+from handler.decode.dataset import LoaderItem
 from handler.devices import copied_event
-from handler.model_loading import load_model
-from handler.precision import agreement
+from handler.model.loading import load_model
+from handler.model.precision import agreement
 
 ROOT = Path(__file__).resolve().parent.parent
 

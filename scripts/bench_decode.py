@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """JPEG bytes -> (3, 224, 224) uint8 model input: libjpeg-turbo's M/8 DCT scaling (simplejpeg)
 beside the earlier handler path (Pillow's 1/2, 1/4, 1/8 draft, else torchvision's full decode),
-each followed by the same antialiased resize + centre crop (handler.images.resize_to_input).
+each followed by the same antialiased resize + centre crop (handler.decode.images.resize_to_input).
 
 Variants: pillow_draft (the baseline: that earlier path, jpeg_draft_margin 1.5), handler (today's
 ImageTransform: simplejpeg at the draft's factors, header and EXIF checks included),
@@ -36,7 +36,6 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import simplejpeg  # type: ignore[import-untyped]  # ships a .pyi but no py.typed
 import torch
 from PIL import Image
@@ -44,9 +43,9 @@ from torchvision import transforms
 
 from bench_images import SIZES, photo_jpegs
 from handler.config import HandlerConfig
-from handler.images import ImageTransform, decode_jpeg_fast, draft_target, open_image, resize_to_input, to_rgb_tensor
-from handler.model_files import read_model
-from handler.model_loading import load_model
+from handler.decode.images import ImageTransform, decode_jpeg_fast, draft_target, open_image, resize_to_input, to_rgb_tensor
+from handler.model.files import read_model
+from handler.model.loading import load_model
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL_DIR = ROOT / "models" / "efficientnet_lite0"
@@ -113,7 +112,7 @@ def variants(config: HandlerConfig) -> dict[str, Variant]:
 def decoded_side(data: bytes, name: str, config: HandlerConfig) -> str:
     """The decoded size (WxH) that reaches the resize, for the table."""
     seen: list[tuple[int, int]] = []
-    import handler.images as images
+    import handler.decode.images as images
 
     original = images.resize_to_input
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
-"""The two doors side by side: TorchServe (handler/service.py) vs the KServe door
-(``python -m handler.kserve_server``), same archive, same 32-photo requests.
+"""The two doors side by side: TorchServe (handler/doors/torchserve_handler.py) vs the KServe door
+(``python -m handler.doors.kserve_door``), same archive, same 32-photo requests.
 
 Per model, one TorchServe (only that model) and one KServe door (the same .mar) run at once,
 but only one of them is under load at any moment: a round is one slot per (door, transport),

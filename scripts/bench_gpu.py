@@ -33,12 +33,12 @@ from bench_images import photo_jpegs, stock_input
 from model_dirs import random_model_dir
 from timing import request_batch
 from handler.config import HandlerConfig
-from handler.dataset import LoaderItem
-from handler.gpu_decode import BatchedJpegDecoder, jpeg_job
-from handler.images import ImageTransform
+from handler.decode.dataset import LoaderItem
+from handler.decode.gpu import BatchedJpegDecoder, jpeg_job
+from handler.decode.images import ImageTransform
 from handler.metrics import STAGE_METRICS
-from handler.model_loading import load_model
-from handler.optimize import fold_batchnorm
+from handler.model.loading import load_model
+from handler.model.optimize import fold_batchnorm
 from handler.classifier import ImageClassifier, read_model
 from handler.devices import autocast_dtype
 

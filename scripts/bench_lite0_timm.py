@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Should the shipped default be timm's tf_efficientnet_lite0 instead of the hand-written
-``handler.architectures.EfficientNetLite0``? Both given the registry package's ImageNet weights
+``handler.model.architectures.EfficientNetLite0``? Both given the registry package's ImageNet weights
 (timm's mapped by position: every shape equal), measured side by side in one run:
 
     .venv/bin/python scripts/bench_lite0_timm.py [--runs 7] [--batch 32] [--out docs/bench_lite0_timm.json]
@@ -23,10 +23,11 @@ from pathlib import Path
 
 import torch
 
-from handler.architectures import EfficientNetLite0
+from handler.model.architectures import EfficientNetLite0
 from handler.config import HandlerConfig
-from handler.optimize import compile_model, fold_batchnorm
-from handler.precision import Bf16Model, cpu_bf16_feature, model_inputs
+from handler.model.optimize import compile_model, fold_batchnorm
+from handler.decode.path import model_inputs
+from handler.model.precision import Bf16Model, cpu_bf16_feature
 
 ROOT = Path(__file__).resolve().parent.parent
 

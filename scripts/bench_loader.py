@@ -20,9 +20,9 @@ import torch
 
 from bench_images import photo_jpegs
 from handler.config import HandlerConfig
-from handler.dataset import ImageBytesDataset, LoaderItem
-from handler.images import ImageTransform
-from handler.loader import PersistentImageLoader
+from handler.decode.dataset import ImageBytesDataset, LoaderItem
+from handler.decode.images import ImageTransform
+from handler.decode.loader import PersistentImageLoader
 from handler.memory import keep_freed_memory
 from timing import timed_ms
 

@@ -9,10 +9,10 @@ Each (arch, mode) runs in a fresh process (inductor's settings and caches stay a
 weights (speed does not depend on them), BatchNorm folded, channels_last, torch.compile for the
 fixed batch shape, all cores' threads:
     fp32           the handler's fp32 model (compiled without freezing, as served)
-    bf16           the handler's bf16 model: weights converted (handler.precision.Bf16Model),
+    bf16           the handler's bf16 model: weights converted (handler.model.precision.Bf16Model),
                    classifier head in fp32, compiled with freezing
     bf16_autocast  the alternative: fp32 weights under CPU autocast, compiled with freezing
-    int8           PT2E (handler.quantize) calibrated on random input, compiled with freezing
+    int8           PT2E (handler.model.quantize) calibrated on random input, compiled with freezing
 Prints ms per batch (the best of --repeats after two warm-up calls).
 """
 
@@ -32,10 +32,10 @@ def one(arch: str, mode: str, batch: int, repeats: int) -> dict:
     """Runs in a child process."""
     import torch
 
-    from handler.architectures import build_model
-    from handler.optimize import compile_model, fold_batchnorm
-    from handler.precision import Bf16Model
-    from handler.quantize import quantize_int8
+    from handler.model.architectures import build_model
+    from handler.model.optimize import compile_model, fold_batchnorm
+    from handler.model.precision import Bf16Model
+    from handler.model.quantize import quantize_int8
 
     torch.manual_seed(0)
     x = torch.randn(batch, 3, 224, 224).contiguous(memory_format=torch.channels_last)

@@ -31,10 +31,10 @@ from torch.utils.data import DataLoader, Dataset
 from agreement import output_agreement, stock_pipeline
 from bench_images import photo_jpegs, stock_input, stock_transform
 from handler.classifier import ImageClassifier, read_model
-from handler.dataset import LoaderItem
+from handler.decode.dataset import LoaderItem
 from handler.devices import copied_event
 from handler.metrics import STAGE_METRICS
-from handler.model_loading import load_model
+from handler.model.loading import load_model
 from model_dirs import random_model_dir
 from timing import timed_ms, time_requests
 

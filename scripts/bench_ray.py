@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -65,7 +64,7 @@ def bench_serve(store: Path, work: Path, rounds: int) -> dict:
             port = free_port()
             cluster.run(["serve", "start", f"--http-host={HEAD_IP}", f"--http-port={port}",
                          "--proxy-location=HeadOnly"])
-            cluster.run(["serve", "run", "--non-blocking", "handler.ray_serve:app", f"model={store / f'{NAME}.mar'}",
+            cluster.run(["serve", "run", "--non-blocking", "handler.doors.ray_serve:app", f"model={store / f'{NAME}.mar'}",
                          "num_replicas=1", "num_cpus=1"], timeout_s=600)
             urls = {"torchserve": f"{server.inference_url}/predictions/{NAME}",
                     "ray_serve": f"http://{HEAD_IP}:{port}/predictions/{NAME}"}

@@ -38,7 +38,7 @@ import yaml
 from bench_images import photo_jpegs, stock_input
 from model_dirs import random_model_dir
 from client import multipart_mixed
-from handler.architectures import LOCAL_ARCHITECTURES
+from handler.model.architectures import LOCAL_ARCHITECTURES
 from ts_server import Server, start_server
 from timing import latency_summary
 
@@ -48,7 +48,7 @@ BATCH = 32
 
 def stock_model_file(arch: str, classes: int) -> str:
     """A model file defining exactly one class that builds ``arch`` (TorchServe's eager path): a
-    torchvision model, or one of handler/architectures.py (shipped beside it as an extra file)."""
+    torchvision model, or one of handler/model/architectures.py (shipped beside it as an extra file)."""
     build = (f'torchvision.models.get_model("{arch}", weights=None, num_classes={classes})'
              if arch not in LOCAL_ARCHITECTURES else f'architectures.build_model("{arch}", {classes})')
     return (
@@ -147,8 +147,8 @@ def build_archives(arch: str, store: Path, work: Path) -> None:
 def ours_precision(store: Path) -> str:
     """The precision ours is set to run in on this machine (resolved as its worker resolves it;
     a fallback at warm-up, which its worker would log as an error, is not seen here)."""
-    from handler.model_files import read_model
-    from handler.precision import resolve_precision
+    from handler.model.files import read_model
+    from handler.model.precision import resolve_precision
 
     spec = read_model(store / "ours.mar")
     return resolve_precision(spec.config.precision, torch.device("cpu"), has_int8_program=spec.int8_program is not None)[0]

@@ -13,7 +13,7 @@ weights are a state_dict for ``torchvision.models.get_model(arch, num_classes=le
 ``--from`` takes a timm or Hugging Face transformers model folder (``config.json`` and
 ``model.safetensors``, plus ``preprocessor_config.json`` for transformers): the name (the
 folder's, unless ``--name``), labels and evaluation preprocessing come from the folder
-(``handler.zoo``); the archive keeps its files and says ``handler.arch: timm`` (or
+(``handler.model.zoo``); the archive keeps its files and says ``handler.arch: timm`` (or
 ``transformers``). ``--config`` (or a model-config.yaml in the folder) adds TorchServe keys and
 handler settings, which win over the folder's.
 
@@ -45,13 +45,14 @@ import yaml
 from PIL import Image, ImageOps
 
 from handler.config import PRECISIONS, HandlerConfig
-from handler.images import ImageDecodeError
-from handler.model_files import CONFIG_FILE, ModelSpec, read_model
-from handler.model_loading import load_labels, load_model
-from handler.zoo import CONFIG as ZOO_CONFIG, PROCESSOR, ZooFiles
-from handler.optimize import prepare_for_inference
-from handler.precision import GATES, Agreement, GateFailed, agreement, check_gate, model_inputs, run_in
-from handler.quantize import INT8_PROGRAM, quantize_int8, save_program
+from handler.decode.images import ImageDecodeError
+from handler.model.files import CONFIG_FILE, ModelSpec, read_model
+from handler.model.loading import load_labels, load_model
+from handler.model.zoo import CONFIG as ZOO_CONFIG, PROCESSOR, ZooFiles
+from handler.model.optimize import prepare_for_inference
+from handler.decode.path import model_inputs
+from handler.model.precision import GATES, Agreement, GateFailed, agreement, check_gate, run_in
+from handler.model.quantize import INT8_PROGRAM, quantize_int8, save_program
 from image_files import IMAGE_SUFFIXES, expand
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -298,7 +299,7 @@ def archive(name: str, weights: Path, extra: Path, config_file: Path, export_pat
         "--model-name", name,
         "--version", "1.0",
         "--serialized-file", str(weights),
-        "--handler", str(extra / "handler" / "service.py"),
+        "--handler", str(extra / "handler" / "doors" / "torchserve_handler.py"),
         "--extra-files", str(extra),
         "--config-file", str(config_file),
         "--export-path", str(export_path),

@@ -9,7 +9,7 @@ PATH: files, folders (searched recursively for images) and globs. --model: a mod
 (index_to_name.json, weights, model-config.yaml) or a .mar archive. Writes one JSON line per
 image: {"path", "label", "scores"} or {"path", "error", "reason"}; exit status 1 if any image
 failed. With --ray the files are read and classified on that Ray cluster (``auto``: the one
-running here) by a pool of classifier actors (``handler.ray_data``); the rows are the same. An
+running here) by a pool of classifier actors (``handler.doors.ray_data``); the rows are the same. An
 --out ending in .parquet writes Parquet (``scores`` as a JSON string) instead of JSON lines.
 """
 
@@ -23,7 +23,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from handler.classifier import ImageClassifier, ImageError, ModelSpec, read_model
-from handler.ray_data import classify_dataset
+from handler.doors.ray_data import classify_dataset
 from image_files import Progress, error_line, expand, finish, result_line, write_lines
 
 # Images handed to the classifier per call, in forward batches: a few batches at a time keep

@@ -1,4 +1,4 @@
-"""The KServe door (handler.kserve_server) started as a real process on free ports, for the
+"""The KServe door (handler.doors.kserve_door) started as a real process on free ports, for the
 end-to-end tests and the benchmarks."""
 
 from __future__ import annotations
@@ -27,11 +27,11 @@ class Door:
 
 def start_door(model_dir: Path, name: str, workdir: Path, *, max_batch_delay_ms: float = 5.0,
                timeout_s: float = 180) -> Door:
-    """``python -m handler.kserve_server`` as a container would run it, on free loopback-reachable
+    """``python -m handler.doors.kserve_door`` as a container would run it, on free loopback-reachable
     ports; returns once ``/v2/models/NAME/ready`` answers 200."""
     http_port, grpc_port = free_port(), free_port()
     log = workdir / f"kserve_{name}.log"
-    command = [sys.executable, "-m", "handler.kserve_server", "--model_name", name, "--model_dir", str(model_dir),
+    command = [sys.executable, "-m", "handler.doors.kserve_door", "--model_name", name, "--model_dir", str(model_dir),
                "--http_port", str(http_port), "--grpc_port", str(grpc_port),
                "--max_batch_delay_ms", str(max_batch_delay_ms)]
     with open(log, "wb") as out:

@@ -17,7 +17,7 @@ def random_model_dir(directory: Path, arch: str, num_classes: int = 1000, seed: 
     so that comparing two pipelines' top-1 answers means something: a freshly initialized
     network answers the same class for every image.
     """
-    from handler.architectures import build_model
+    from handler.model.architectures import build_model
 
     torch.manual_seed(seed)
     directory.mkdir(parents=True, exist_ok=True)

@@ -10,4 +10,6 @@ bash scripts/setup.sh
 .venv/bin/python scripts/build_mar.py >/dev/null
 # The type check: mypy over handler/ (check_untyped_defs; settings in pyproject.toml).
 .venv/bin/python -m mypy
+# The import contract: handler's floors, no server library below the doors, no cycles (pyproject.toml).
+.venv/bin/lint-imports
 exec .venv/bin/python -m pytest "$@"

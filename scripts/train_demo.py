@@ -21,9 +21,9 @@ import torch.nn.functional as F
 import yaml
 
 import shapes
-from handler.architectures import ShapesNet
+from handler.model.architectures import ShapesNet
 from handler.config import HandlerConfig
-from handler.images import ImageTransform
+from handler.decode.images import ImageTransform
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -29,7 +29,7 @@ from typing import Any
 import yaml
 
 from handler.classifier import ImageClassifier
-from handler.precision import cpu_bf16_feature
+from handler.model.precision import cpu_bf16_feature
 from model_dirs import random_model_dir
 from timing import request_batch
 

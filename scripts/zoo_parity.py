@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 from handler.classifier import ImageClassifier, read_model
-from handler.images import ImageTransform
-from handler.normalize import Normalizer
+from handler.decode.images import ImageTransform
+from handler.decode.normalize import Normalizer
 from zoo_folders import PARITY_CASES, decoded, hf_reference, photos, timm_reference
 
 

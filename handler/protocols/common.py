@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from handler.errors import ImageError, RequestError
-from handler.inputs import ImageInput
+from handler.decode.inputs import ImageInput
 
 # One image's answer: the top-k classes, highest score first.
 Prediction = dict[str, float]

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from handler.errors import ImageError, RequestError
-from handler.inputs import ImageInput
+from handler.decode.inputs import ImageInput
 from handler.protocols.common import JSON_SHAPE_HELP, ParsedRequest, Prediction, Reply, decode_base64_list
 
 OUTPUT = "predictions"

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from handler.errors import ImageError, RequestError
-from handler.inputs import ImageInput
+from handler.decode.inputs import ImageInput
 from handler.protocols.common import ParsedRequest, PlainJson
 
 

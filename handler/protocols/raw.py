@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from handler.inputs import ImageInput
+from handler.decode.inputs import ImageInput
 from handler.protocols.common import ParsedRequest, PlainJson
 
 

@@ -41,7 +41,7 @@ def build_demo_in_other_formats(store, work):
 
     import yaml
 
-    from handler.architectures import ShapesNet
+    from handler.model.architectures import ShapesNet
 
     demo = ROOT / "models" / "shapes"
     model = ShapesNet(num_classes=3)

@@ -1,4 +1,4 @@
-"""The KServe door (python -m handler.kserve_server) as a real process on free ports, probed with
+"""The KServe door (python -m handler.doors.kserve_door) as a real process on free ports, probed with
 the clients KServe users have: tritonclient over HTTP (binary and JSON) and gRPC, curl-style v1."""
 
 import base64

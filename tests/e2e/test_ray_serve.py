@@ -1,5 +1,5 @@
 """The Ray Serve door on a real two-node Ray cluster (two `ray start` processes on loopback, one
-CPU each), started with Ray's own CLI (`serve start`, `serve run handler.ray_serve:app ...`) and
+CPU each), started with Ray's own CLI (`serve start`, `serve run handler.doors.ray_serve:app ...`) and
 called over HTTP like the TorchServe door."""
 
 import base64
@@ -38,7 +38,7 @@ def serve_url(model_dir, tmp_path_factory):
     with RayCluster(nodes=2) as cluster:
         port = free_port()
         cluster.run(["serve", "start", f"--http-host={HEAD_IP}", f"--http-port={port}", "--proxy-location=HeadOnly"])
-        cluster.run(["serve", "run", "--non-blocking", "handler.ray_serve:app", f"model={model_dir}",
+        cluster.run(["serve", "run", "--non-blocking", "handler.doors.ray_serve:app", f"model={model_dir}",
                      "num_replicas=2", "num_cpus=1"], timeout_s=300)
         url = f"http://{HEAD_IP}:{port}"
         deadline = time.monotonic() + 300

@@ -12,8 +12,8 @@ import subprocess
 
 import pytest
 
-from handler.model_files import read_model
-from handler.zoo import imagenet_labels
+from handler.model.files import read_model
+from handler.model.zoo import imagenet_labels
 from ts_server import ROOT
 from zoo_folders import hf_folder, timm_folder
 

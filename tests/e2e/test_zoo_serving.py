@@ -103,7 +103,7 @@ def test_a_bad_image_fails_only_its_own_request(zoo_server, zoo):
 def test_build_mar_from_a_folder_with_the_default_precision_applies_the_gate(zoo, tmp_path):
     """No --config: the default frontend settings and precision auto, gated as bf16 on the
     folder's own preprocessing; the archive reads back as the folder's model."""
-    from handler.model_files import read_model
+    from handler.model.files import read_model
 
     folder, _ = zoo[PARITY_CASES[0].name]
     done = subprocess.run([sys.executable, str(ROOT / "scripts" / "build_mar.py"), "--from", str(folder),
@@ -179,7 +179,7 @@ def test_ray_serve_takes_the_folder(zoo, tmp_path):
     with RayCluster(nodes=1) as cluster:
         port = free_port()
         cluster.run(["serve", "start", f"--http-host={HEAD_IP}", f"--http-port={port}", "--proxy-location=HeadOnly"])
-        cluster.run(["serve", "run", "--non-blocking", "handler.ray_serve:app", f"model={served}", "num_cpus=1"],
+        cluster.run(["serve", "run", "--non-blocking", "handler.doors.ray_serve:app", f"model={served}", "num_cpus=1"],
                     timeout_s=300)
         url = f"http://{HEAD_IP}:{port}/predictions/hf_vit"
         deadline = time.monotonic() + 300

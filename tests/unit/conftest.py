@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch._inductor.config
 
-from handler.optimize import cpp_compiler_problem
+from handler.model.optimize import cpp_compiler_problem
 
 NO_COMPILER = "/nonexistent/c++-compiler-for-unit-tests"
 REAL_COMPILER = torch._inductor.config.cpp.cxx

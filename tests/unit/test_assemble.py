@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from handler.assemble import DeviceBatches
-from handler.dataset import DecodedBatch
+from handler.decode.assemble import DeviceBatches
+from handler.decode.dataset import DecodedBatch
 
 
 def chunk(keys: list[int], failures: dict | None = None, releases: list | None = None) -> DecodedBatch:

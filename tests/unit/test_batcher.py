@@ -9,7 +9,7 @@ import pytest
 from handler.batcher import ImageBatcher
 from handler.classifier import BatchResult
 from handler.errors import RequestError
-from handler.inputs import ImageInput
+from handler.decode.inputs import ImageInput
 
 # Every wait in these tests is bounded: a request left without an answer fails the test.
 TIMEOUT_S = 10.0

@@ -10,11 +10,10 @@ import zipfile
 import numpy as np
 import pytest
 import torch
-import yaml
 from PIL import Image
 
 from handler.classifier import ClassifierClosed, ImageClassifier, ImageError, ImageInput, RequestError, read_model
-from handler.precision import BF16_ENV
+from handler.model.precision import BF16_ENV
 from helpers import encode, shape_image
 from ts_server import ROOT
 

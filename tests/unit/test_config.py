@@ -96,7 +96,7 @@ def test_pad_value_takes_one_value_or_one_per_channel():
 def test_use_test_size_is_refused_for_models_that_are_not_timm_folders():
     from pathlib import Path
 
-    from handler.model_files import read_model
+    from handler.model.files import read_model
 
     with pytest.raises(ValueError, match="use_test_size applies to timm model folders only"):
         read_model(Path(__file__).resolve().parents[2] / "models" / "shapes", {"use_test_size": True})

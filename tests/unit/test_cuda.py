@@ -14,7 +14,7 @@ import torch
 import yaml
 from PIL import Image
 
-from handler.service import ImageBatchHandler
+from handler.doors.torchserve_handler import ImageBatchHandler
 from helpers import FakeContext, encode, shape_image
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

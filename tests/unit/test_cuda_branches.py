@@ -11,18 +11,18 @@ import pytest
 import torch
 from PIL import Image
 
-import handler.assemble
-from handler import gpu_decode
-from handler.assemble import DeviceBatches
+import handler.decode.assemble
+from handler.decode import gpu as gpu_decode
+from handler.decode.assemble import DeviceBatches
 from handler.classifier import ImageClassifier
 from handler.config import HandlerConfig
-from handler.dataset import DecodedBatch, LoaderItem
+from handler.decode.dataset import DecodedBatch, LoaderItem
 from handler.devices import GPU_HOST_THREADS, autocast_dtype, copied_event, resolve_device, select_device, thread_budget
-from handler.gpu_decode import BatchedJpegDecoder, JpegJob, jpeg_job
+from handler.decode.gpu import BatchedJpegDecoder, JpegJob, jpeg_job
 from handler.metrics import StageClock
-from handler.decoding import DecodePath
-from handler.runner import ModelRunner
-from handler.shared_memory import PixelRing
+from handler.decode.path import DecodePath
+from handler.model.runner import ModelRunner
+from handler.decode.shared_memory import PixelRing
 from ts_server import ROOT
 
 CUDA = torch.device("cuda", 0)
@@ -147,7 +147,7 @@ def test_a_ring_cuda_refuses_to_lock_stays_unpinned_with_a_warning(monkeypatch, 
     cudart = FakeCudart(error=2)
     monkeypatch.setattr(torch.cuda, "cudart", lambda: cudart)
     ring = PixelRing(slots=1, capacity=1, image_size=4)
-    with caplog.at_level(logging.WARNING, logger="handler.shared_memory"):
+    with caplog.at_level(logging.WARNING, logger="handler.decode.shared_memory"):
         ring.pin()
     assert not ring.pinned and "could not page-lock" in caplog.text
     ring.close()
@@ -180,7 +180,7 @@ def test_device_batches_release_each_chunk_with_the_copy_event_of_their_device(m
         made.append(device)
         return f"event-{len(made)}"
 
-    monkeypatch.setattr(handler.assemble, "copied_event", fake_copied_event)
+    monkeypatch.setattr(handler.decode.assemble, "copied_event", fake_copied_event)
     released: list = []
     chunks = [chunk([0, 1], released), chunk([2, 3, 4, 5], released), chunk([6], released)]
     device = torch.device("cpu")
@@ -265,7 +265,7 @@ def stand_in(config: HandlerConfig, device: torch.device, **extra) -> SimpleName
 @pytest.mark.parametrize("benchmark", [False, True], ids=["cudnn-fixed", "cudnn-benchmark"])
 def test_setting_up_on_cuda_tunes_cudnn_pins_the_ring_and_makes_the_nvjpeg_decoder(monkeypatch, benchmark):
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", not benchmark)  # restored after the test
-    monkeypatch.setattr("handler.decoding.Normalizer", lambda mean, std, device: ("normalizer", device))
+    monkeypatch.setattr("handler.decode.path.Normalizer", lambda mean, std, device: ("normalizer", device))
     config = HandlerConfig(decode_device="cuda", pin_memory=True, batch_size=8, batch_buckets=(8,), cudnn_benchmark=benchmark,
                            precision="fp16")
     decoding = stand_in(config, CUDA)
@@ -279,7 +279,7 @@ def test_setting_up_on_cuda_tunes_cudnn_pins_the_ring_and_makes_the_nvjpeg_decod
 
 def test_setting_up_without_pinning_or_nvjpeg(monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
-    monkeypatch.setattr("handler.decoding.Normalizer", lambda mean, std, device: "normalizer")
+    monkeypatch.setattr("handler.decode.path.Normalizer", lambda mean, std, device: "normalizer")
     decoding = stand_in(HandlerConfig(pin_memory=False), CUDA)
     DecodePath.attach(decoding)
     assert decoding.jpeg_decoder is None and decoding.loader.pinned == 0
@@ -287,7 +287,7 @@ def test_setting_up_without_pinning_or_nvjpeg(monkeypatch):
 
 def test_nvjpeg_asked_for_on_the_cpu_decodes_on_the_cpu(caplog):
     decoding = stand_in(HandlerConfig(decode_device="cuda"), CPU)
-    with caplog.at_level(logging.WARNING, logger="handler.decoding"):
+    with caplog.at_level(logging.WARNING, logger="handler.decode.path"):
         DecodePath.attach(decoding)
     assert decoding.jpeg_decoder is None
     assert "needs the model on a GPU" in caplog.text and decoding.loader.pinned == 0
@@ -362,7 +362,7 @@ def test_without_a_jpeg_decoder_everything_goes_to_the_workers():
 def test_warm_up_falls_back_to_cpu_decoding_when_nvjpeg_does_not_work(caplog):
     decoding = stand_in(HandlerConfig(), CPU)
     decoding.jpeg_decoder = SimpleNamespace(warm_up=lambda: False)
-    with caplog.at_level(logging.WARNING, logger="handler.decoding"):
+    with caplog.at_level(logging.WARNING, logger="handler.decode.path"):
         DecodePath.warm_up(decoding)
     assert decoding.jpeg_decoder is None and "decoding every image on the CPU" in caplog.text
     working = SimpleNamespace(warm_up=lambda: True)

@@ -9,11 +9,11 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from handler import gpu_decode
+from handler.decode import gpu as gpu_decode
 from handler.config import HandlerConfig
-from handler.dataset import LoaderItem
-from handler.gpu_decode import BatchedJpegDecoder, apply_orientation, jpeg_job
-from handler.service import ImageBatchHandler
+from handler.decode.dataset import LoaderItem
+from handler.decode.gpu import BatchedJpegDecoder, apply_orientation, jpeg_job
+from handler.doors.torchserve_handler import ImageBatchHandler
 from helpers import FakeContext, encode, shape_image, write_model_dir
 
 LABELS = ["circle", "square", "triangle"]
@@ -58,7 +58,7 @@ def test_only_jpegs_nvjpeg_handles_are_routed_to_it():
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from handler.architectures import ShapesNet
+    from handler.model.architectures import ShapesNet
 
     torch.manual_seed(0)
     return write_model_dir(tmp_path_factory.mktemp("model"), ShapesNet(num_classes=3), LABELS)
@@ -149,7 +149,7 @@ def test_warm_up_tells_whether_the_decoder_works(monkeypatch):
 def test_same_sized_images_resized_together_equal_one_by_one(mode):
     from torchvision.io import decode_jpeg
 
-    from handler.images import resize_to_input
+    from handler.decode.images import resize_to_input
 
     config = HandlerConfig(image_size=48, resize_size=55, resize_mode=mode, pad_value=(9, 8, 7), crop_offset="floor")
     rng = np.random.default_rng(1)

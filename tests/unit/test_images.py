@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from handler.config import HandlerConfig
-from handler.images import ImageDecodeError, ImageTransform
+from handler.decode.images import ImageDecodeError, ImageTransform
 from helpers import encode
 
 CROP = HandlerConfig(image_size=32, resize_size=40)
@@ -109,7 +109,7 @@ def test_undecodable_or_oversized_images_raise_with_status(data, status):
 
 
 def test_fast_jpeg_decode_matches_pillow():
-    from handler.images import open_image, resize_to_input, to_rgb_tensor
+    from handler.decode.images import open_image, resize_to_input, to_rgb_tensor
     import shapes
     import random
 
@@ -130,7 +130,7 @@ def test_truncated_jpeg_is_not_silently_padded():
 def test_center_crop_matches_torchvision_resize_then_crop(size):
     from torchvision.transforms import v2
 
-    from handler.images import resize_to_input
+    from handler.decode.images import resize_to_input
 
     generator = torch.Generator().manual_seed(0)
     pixels = torch.randint(0, 256, (3, size[1], size[0]), dtype=torch.uint8, generator=generator)
@@ -150,7 +150,7 @@ def test_center_crop_matches_torchvision_resize_then_crop(size):
     ],
 )
 def test_dct_scaling_keeps_the_margin_for_the_antialiased_resize(settings, source, decoded):
-    from handler.images import draft_target
+    from handler.decode.images import draft_target
 
     target = draft_target(HandlerConfig(**settings))
     image = Image.open(io.BytesIO(encode(Image.new("RGB", source), "JPEG")))
@@ -177,7 +177,7 @@ def test_each_interpolation_stays_close_to_the_stock_pil_pipeline_on_a_real_phot
     assert (other.float() - stock.float()).abs().mean() > 0.3
 
 
-# ---- DCT-scaled decodes by simplejpeg (handler.images.decode_jpeg_scaled) ----------------------
+# ---- DCT-scaled decodes by simplejpeg (handler.decode.images.decode_jpeg_scaled) ----------------------
 
 
 def _photo_jpeg(size=(1600, 1200), mode="RGB", **save_args) -> bytes:
@@ -191,7 +191,7 @@ def _photo_jpeg(size=(1600, 1200), mode="RGB", **save_args) -> bytes:
 @pytest.fixture
 def decodes(monkeypatch):
     """Spies: the (H, W) of every image that reaches the resize, and the simplejpeg decodes made."""
-    import handler.images as images
+    import handler.decode.images as images
 
     seen = {"resize": [], "simplejpeg": 0}
     resize = images.resize_to_input
@@ -240,7 +240,7 @@ def test_small_jpeg_and_disabled_draft_decode_full_size_without_simplejpeg(decod
 def test_scaled_decode_matches_pillows_draft(monkeypatch, decodes, interpolation):
     """The same factor as Pillow's draft, so (libjpeg-turbo on both sides) the same input."""
     pytest.importorskip("simplejpeg")
-    import handler.images as images
+    import handler.decode.images as images
 
     data, config = _photo_jpeg((1600, 1200)), HandlerConfig(interpolation=interpolation)
     fast = ImageTransform(config)(data).float()
@@ -292,7 +292,7 @@ def test_truncated_large_jpeg_fails_as_invalid_image(cut):
 )
 @pytest.mark.parametrize("installed", [True, False], ids=["simplejpeg", "no-simplejpeg"])
 def test_large_grayscale_and_cmyk_jpegs_decode(monkeypatch, decodes, mode, colour, expected, installed):
-    import handler.images as images
+    import handler.decode.images as images
 
     if not installed:
         monkeypatch.setattr(images, "simplejpeg", None)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from handler.jpeg_header import read_jpeg_header
+from handler.decode.jpeg_header import read_jpeg_header
 from helpers import encode
 
 COMPONENTS = {"L": 1, "RGB": 3, "CMYK": 4}

@@ -86,7 +86,7 @@ def cmd_door_flags() -> dict[str, str]:
     words = shlex.split(cmd_argv()[2])
     if words[0] == "exec":
         words = words[1:]
-    assert words[:3] == ["python", "-m", "handler.kserve_server"], words
+    assert words[:3] == ["python", "-m", "handler.doors.kserve_door"], words
     return flags(words[3:])
 
 
@@ -173,7 +173,7 @@ def test_entrypoint_is_executable():
 
 def test_image_cmd_expands_model_name(fake_python):
     argv = fake_python([str(ENTRYPOINT), *cmd_argv()], MODEL_NAME="shapes")
-    assert argv[:2] == ["-m", "handler.kserve_server"]
+    assert argv[:2] == ["-m", "handler.doors.kserve_door"]
     assert flags(argv[2:]) == {"model_name": "shapes", "model_dir": MODEL_DIR, "http_port": "8080",
                                "grpc_port": "8081"}
 
@@ -189,7 +189,7 @@ def test_manifest_args_reach_the_door_through_the_entrypoint(name, fake_python):
     container = door_container(load_manifest(name))
     assert "command" not in container, "the image's entrypoint is what turns args into the door's command"
     argv = fake_python([str(ENTRYPOINT), *container["args"]])
-    assert argv[:2] == ["-m", "handler.kserve_server"] and argv[2:] == container["args"]
+    assert argv[:2] == ["-m", "handler.doors.kserve_door"] and argv[2:] == container["args"]
 
 
 @pytest.mark.parametrize("name", DOOR_MANIFESTS)

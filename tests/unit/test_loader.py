@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from handler.config import HandlerConfig
-from handler.dataset import ImageBytesDataset, LoaderItem
-from handler.images import ImageTransform
-from handler.loader import PersistentImageLoader
+from handler.decode.dataset import ImageBytesDataset, LoaderItem
+from handler.decode.images import ImageTransform
+from handler.decode.loader import PersistentImageLoader
 from helpers import encode
 from PIL import Image
 

@@ -42,8 +42,8 @@ def test_configure_process_applies_it_as_configured(monkeypatch, enabled):
 
 
 def test_the_torchserve_handler_configures_its_process(monkeypatch, tmp_path):
-    from handler.architectures import ShapesNet
-    from handler.service import ImageBatchHandler
+    from handler.model.architectures import ShapesNet
+    from handler.doors.torchserve_handler import ImageBatchHandler
     from helpers import FakeContext, write_model_dir
 
     calls = []

@@ -4,8 +4,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from handler.architectures import ShapesNet
-from handler.model_loading import load_labels, load_model
+from handler.model.architectures import ShapesNet
+from handler.model.loading import load_labels, load_model
 
 
 @pytest.fixture(scope="module")

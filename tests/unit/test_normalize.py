@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from handler.config import IMAGENET_MEAN, IMAGENET_STD
-from handler.normalize import Normalizer
+from handler.decode.normalize import Normalizer
 
 
 def reference(pixels: torch.Tensor, mean, std) -> torch.Tensor:

@@ -3,8 +3,8 @@ import torch
 import torchvision
 from torch import nn
 
-from handler.architectures import ShapesNet
-from handler.optimize import fold_batchnorm
+from handler.model.architectures import ShapesNet
+from handler.model.optimize import fold_batchnorm
 from handler.classifier import ImageClassifier, read_model
 from helpers import assert_same_answers, shape_image, write_model_dir
 
@@ -106,7 +106,7 @@ def test_folded_and_compiled_handlers_answer_like_the_plain_one(model_dir, real_
 def test_auto_compiles_where_a_compiler_works_within_the_budget_and_the_rest_runs_eager(model_dir, real_compiler,
                                                                                         caplog):
     plain = answers(model_dir, {"compile": False})
-    caplog.set_level("INFO", logger="handler.runner")
+    caplog.set_level("INFO", logger="handler.model.runner")
     # The default is auto; a budget this small lets only the first (largest) bucket start.
     got = answers(model_dir, {"batch_buckets": [2, 4], "compile_budget_s": 1e-6}, compiled=(4,))
     assert_same_answers(got, plain)
@@ -115,7 +115,7 @@ def test_auto_compiles_where_a_compiler_works_within_the_budget_and_the_rest_run
 
 
 def test_without_a_compiler_auto_serves_eager_with_one_log_line(model_dir, caplog):
-    caplog.set_level("INFO", logger="handler.runner")
+    caplog.set_level("INFO", logger="handler.model.runner")
     assert_same_answers(answers(model_dir, {}, compiled=()), answers(model_dir, {"compile": False}))
     lines = [r.getMessage() for r in caplog.records if "torch.compile" in r.getMessage()]
     assert len(lines) == 2 and "torch.compile off (handler.compile is auto but no working C++ compiler" in lines[0]
@@ -131,7 +131,7 @@ def test_a_failed_compile_falls_back_to_eager(model_dir, monkeypatch, caplog):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             raise RuntimeError("inductor: no C++ compiler found")
 
-    monkeypatch.setattr("handler.runner.compile_model", lambda model, mode, freeze: FailsToCompile(model))
+    monkeypatch.setattr("handler.model.runner.compile_model", lambda model, mode, freeze: FailsToCompile(model))
     plain = answers(model_dir, {"compile": False})
     assert_same_answers(answers(model_dir, {"compile": True, "batch_buckets": [4]}, compiled=()), plain)
     assert "torch.compile failed" in caplog.text

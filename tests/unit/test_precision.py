@@ -1,4 +1,4 @@
-"""handler.precision: bf16 detection and its override, what each setting resolves to, the
+"""handler.model.precision: bf16 detection and its override, what each setting resolves to, the
 accuracy measure and gates; and the pipeline serving the resolved precision (or fp32 when that
 precision fails)."""
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from handler.classifier import ImageClassifier
-from handler.precision import (
+from handler.model.precision import (
     BF16_CPU_FEATURES, BF16_ENV, GATES, Bf16Model, GateFailed, agreement, check_gate, cpu_bf16_feature,
     resolve_precision,
 )
@@ -135,7 +135,7 @@ def test_bf16_models_keep_their_classifier_head_in_fp32():
 
 def test_a_model_that_fails_in_bf16_serves_fp32_with_an_error(monkeypatch, caplog):
     monkeypatch.setenv(BF16_ENV, "1")
-    monkeypatch.setattr("handler.optimize.load_model", lambda *args: BreaksInBf16().eval())
+    monkeypatch.setattr("handler.model.optimize.load_model", lambda *args: BreaksInBf16().eval())
     with ImageClassifier.load(DEMO, device="cpu", overrides={"batch_size": 4, "compile": False,
                                                              "fuse_batchnorm": False}) as clf:
         assert clf.pipeline.precision == "fp32"
@@ -152,9 +152,9 @@ def test_int8_without_a_calibrated_program_runs_fp32_and_says_so(caplog):
 
 
 def test_compiled_bf16_freezes_and_answers_like_fp32(monkeypatch, real_compiler, caplog):
-    from handler.optimize import _Frozen
+    from handler.model.optimize import _Frozen
 
-    caplog.set_level("INFO", logger="handler.runner")
+    caplog.set_level("INFO", logger="handler.model.runner")
     monkeypatch.setenv(BF16_ENV, "1")
     overrides = {"batch_size": 4, "batch_buckets": [4]}
     with ImageClassifier.load(DEMO, device="cpu", overrides=overrides) as clf:

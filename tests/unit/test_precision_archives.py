@@ -10,9 +10,9 @@ import yaml
 
 import build_mar
 from handler.classifier import ImageClassifier
-from handler.model_files import read_model
-from handler.precision import BF16_ENV
-from handler.quantize import INT8_PROGRAM
+from handler.model.files import read_model
+from handler.model.precision import BF16_ENV
+from handler.model.quantize import INT8_PROGRAM
 from helpers import shape_image
 from ts_server import ROOT
 

@@ -1,4 +1,4 @@
-"""handler.ray_serve's application builder and the shipped `serve deploy` configs (no cluster:
+"""handler.doors.ray_serve's application builder and the shipped `serve deploy` configs (no cluster:
 binding an application starts nothing)."""
 
 from pathlib import Path
@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from handler.ray_serve import ImageClassifierDeployment, app, model_name
+from handler.doors.ray_serve import ImageClassifierDeployment, app, model_name
 from ts_server import ROOT
 
 CONFIGS = sorted((ROOT / "deploy" / "ray").glob("*.yaml"))
@@ -37,7 +37,7 @@ def test_bad_builder_arguments_are_clear_errors(args, message):
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_shipped_serve_configs_build_with_this_builder(path):
     (application,) = yaml.safe_load(path.read_text())["applications"]
-    assert application["import_path"] == "handler.ray_serve:app"
+    assert application["import_path"] == "handler.doors.ray_serve:app"
     args = {**application["args"], "model": str(ROOT / "models" / "efficientnet_lite0")}
     deployment = app(args)._bound_deployment
     assert [d["name"] for d in application["deployments"]] == [deployment.name] == ["efficientnet_lite0"]

@@ -6,8 +6,8 @@ import time
 import pytest
 import torch
 
-from handler.architectures import ShapesNet
-from handler.service import ImageBatchHandler
+from handler.model.architectures import ShapesNet
+from handler.doors.torchserve_handler import ImageBatchHandler
 from helpers import FakeContext, shape_image, write_model_dir
 
 LABELS = ["circle", "square", "triangle"]
@@ -158,7 +158,7 @@ def test_the_handler_module_defines_exactly_one_class():
     """TorchServe refuses a handler module with more than one class of its own."""
     import inspect
 
-    import handler.service as module
+    import handler.doors.torchserve_handler as module
 
     own = [c for _, c in inspect.getmembers(module, inspect.isclass) if c.__module__ == module.__name__]
     assert own == [ImageBatchHandler]

@@ -1,4 +1,4 @@
-"""handler.shared_memory: the image inbox (bytes out), the pixel ring (pixels back), and the
+"""handler.decode.shared_memory: the image inbox (bytes out), the pixel ring (pixels back), and the
 loader that uses both."""
 
 import gc
@@ -8,10 +8,10 @@ import torch
 from PIL import Image
 
 from handler.config import HandlerConfig
-from handler.dataset import ImageBytesDataset, LoaderItem
-from handler.images import ImageTransform
-from handler.loader import PersistentImageLoader, RequestBatchSampler
-from handler.shared_memory import MIN_INBOX_BYTES, ImageInbox, LoaderBuffers, PixelRing
+from handler.decode.dataset import ImageBytesDataset, LoaderItem
+from handler.decode.images import ImageTransform
+from handler.decode.loader import PersistentImageLoader, RequestBatchSampler
+from handler.decode.shared_memory import MIN_INBOX_BYTES, ImageInbox, LoaderBuffers, PixelRing
 from helpers import encode
 
 SIZE = 8

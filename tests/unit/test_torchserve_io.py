@@ -7,7 +7,7 @@ from handler.errors import RequestError
 from handler.protocols import ParsedRequest, PlainJson, decode_base64, decode_request
 from handler.protocols.kserve_v1 import Predictions
 from handler.protocols.kserve_v2 import InferResponse
-from handler.torchserve_io import incoming, natural_key, request_headers
+from handler.doors.torchserve_io import incoming, natural_key, request_headers
 
 PNG = b"\x89PNG fake but non-empty"
 

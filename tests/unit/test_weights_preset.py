@@ -1,6 +1,5 @@
 """handler.weights: a torchvision preset's preprocessing, and an archive built with it."""
 
-import io
 import subprocess
 import sys
 
@@ -12,7 +11,7 @@ from PIL import Image
 
 from handler.classifier import ImageClassifier
 from handler.config import HandlerConfig
-from handler.dataset import LoaderItem
+from handler.decode.dataset import LoaderItem
 from ts_server import ROOT
 
 PHOTO = ROOT / "tests" / "data" / "coffee.jpg"

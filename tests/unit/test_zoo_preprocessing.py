@@ -19,9 +19,9 @@ import pytest
 import torch
 
 from handler.config import HandlerConfig
-from handler.images import ImageTransform, center_crop, resize_to_input
-from handler.model_files import read_model
-from handler.normalize import Normalizer
+from handler.decode.images import ImageTransform, center_crop, resize_to_input
+from handler.model.files import read_model
+from handler.decode.normalize import Normalizer
 from zoo_folders import decoded, hf_folder, hf_reference, photos, timm_folder, timm_reference
 
 PHOTOS = photos()

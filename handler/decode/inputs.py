@@ -18,7 +18,7 @@ from typing import Union
 import torch
 from PIL import Image
 
-from handler.images import ImageDecodeError, check_pixel_count, to_rgb_tensor
+from handler.decode.images import ImageDecodeError, check_pixel_count, to_rgb_tensor
 
 ImageLike = Union[bytes, bytearray, memoryview, str, os.PathLike, Image.Image, torch.Tensor]
 

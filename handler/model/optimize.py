@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from handler.config import HandlerConfig
-from handler.model_loading import load_model
-from handler.zoo import ZooFiles
+from handler.model.loading import load_model
+from handler.model.zoo import ZooFiles
 
 log = logging.getLogger(__name__)
 

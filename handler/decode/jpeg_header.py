@@ -11,7 +11,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from handler.images import EXIF_ORIENTATION
+from handler.decode.images import EXIF_ORIENTATION
 
 # Frame markers nvJPEG decodes: baseline, extended sequential and progressive Huffman.
 _HUFFMAN_FRAMES = {0xC0, 0xC1, 0xC2}

@@ -1,6 +1,6 @@
 """The KServe door: KServe's Python model server (``kserve.Model``) over the core classifier.
 
-    python -m handler.kserve_server --model_name NAME --model_dir DIR --http_port P --grpc_port Q
+    python -m handler.doors.kserve_door --model_name NAME --model_dir DIR --http_port P --grpc_port Q
                                     [--max_batch_delay_ms 5] [--device auto]
 
 DIR holds the model files (index_to_name.json, weights, model-config.yaml) or a .mar, as KServe's

@@ -1,7 +1,7 @@
 """The TorchServe door: the one class TorchServe loads, mapping its context to the serving loop.
 
 TorchServe requires exactly one class in the handler module. The loop is ``handler.serving``;
-TorchServe's request rows, statuses and metrics are ``handler.torchserve_io``.
+TorchServe's request rows, statuses and metrics are ``handler.doors.torchserve_io``.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 from handler.classifier import ImageClassifier
 from handler.devices import select_device
 from handler.serving import ServingLoop
-from handler.torchserve_io import TorchServeMetrics, incoming, is_describe, request_headers, respond
+from handler.doors.torchserve_io import TorchServeMetrics, incoming, is_describe, request_headers, respond
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 ``handler.precision: auto`` (the default) runs the model in bf16 on a CPU whose matrix units
 do bf16 (AMX or AVX512-BF16), in fp32 elsewhere (on a GPU too, until it is measured there).
-``int8`` runs a program quantized at archive time (``handler.quantize``). Archive builders
+``int8`` runs a program quantized at archive time (``handler.model.quantize``). Archive builders
 refuse a precision whose answers stray from fp32's: ``GATES`` and ``check_gate``.
 """
 
@@ -13,13 +13,8 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
-
 import torch
 from torch import nn
-
-if TYPE_CHECKING:
-    from handler.config import HandlerConfig
 
 log = logging.getLogger(__name__)
 
@@ -113,17 +108,6 @@ def check_gate(precision: str, result: Agreement) -> None:
             f"{precision} agrees with fp32 on {result.top1_agreement:.1%} of top-1 answers "
             f"({result.images} images; max probability difference {result.max_prob_diff:.3f}); "
             f"the gate is {gate:.0%}")
-
-
-def model_inputs(config: "HandlerConfig", images: Sequence[bytes]) -> torch.Tensor:
-    """The normalized fp32 batch the pipeline feeds the model for encoded ``images`` (the
-    loader's decode and resize, then the model's mean and std), on the CPU."""
-    from handler.images import ImageTransform
-    from handler.normalize import Normalizer
-
-    transform = ImageTransform(config)
-    pixels = torch.stack([transform(data) for data in images])
-    return Normalizer(config.mean, config.std, torch.device("cpu"))(pixels)
 
 
 @torch.inference_mode()

@@ -1,7 +1,7 @@
 """The Ray Serve door: a Serve application over the core classifier, for more than one machine.
 
     serve start --http-host 127.0.0.1 --http-port 8000 --proxy-location HeadOnly   # once per cluster
-    serve run handler.ray_serve:app model=DIR_OR_MAR [name=NAME] [num_replicas=N] [num_cpus=C]
+    serve run handler.doors.ray_serve:app model=DIR_OR_MAR [name=NAME] [num_replicas=N] [num_cpus=C]
               [num_gpus=G] [max_batch_delay_ms=5] [device=auto]
 
 ``app`` is an application builder (Serve passes it the ``key=value`` arguments); ``name`` defaults
@@ -121,11 +121,11 @@ def model_name(model: str | Path) -> str:
 
 
 def app(args: dict[str, Any]) -> Application:
-    """The application ``serve run handler.ray_serve:app model=... [name=...] [num_replicas=...]``
+    """The application ``serve run handler.doors.ray_serve:app model=... [name=...] [num_replicas=...]``
     builds (``num_cpus`` / ``num_gpus`` per replica, ``max_batch_delay_ms``, ``device``)."""
     unknown = set(args) - {"model", "name", "num_replicas", "num_cpus", "num_gpus", "max_batch_delay_ms", "device"}
     if unknown:
-        raise ValueError(f"unknown arguments {sorted(unknown)}; see handler/ray_serve.py")
+        raise ValueError(f"unknown arguments {sorted(unknown)}; see handler/doors/ray_serve.py")
     if "model" not in args:
         raise ValueError("model=DIR_OR_MAR is required")
     model = str(args["model"])

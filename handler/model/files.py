@@ -4,11 +4,11 @@ A model is three files:
     index_to_name.json   {"0": "label", ...}
     the weights          a state_dict for ``handler.arch``, a TorchScript file or a .pt2 program
     model-config.yaml    optional: TorchServe keys and the ``handler:`` section (HandlerConfig)
-and, for ``handler.precision: int8``, the calibrated program (``handler.quantize.INT8_PROGRAM``).
+and, for ``handler.precision: int8``, the calibrated program (``handler.model.quantize.INT8_PROGRAM``).
 In a .mar (or the directory TorchServe or KServe unpacked one into) MAR-INF/MANIFEST.json names
 the weights file; elsewhere it is the one file with a weights suffix.
 
-Or a model folder from a zoo (``handler.zoo``): timm's or transformers' ``config.json`` with
+Or a model folder from a zoo (``handler.model.zoo``): timm's or transformers' ``config.json`` with
 ``model.safetensors`` (or ``pytorch_model.bin``) and, for transformers,
 ``preprocessor_config.json``. Its preprocessing and labels come from those files; an
 ``index_to_name.json`` or a ``model-config.yaml`` beside them wins, as does ``overrides``.
@@ -28,9 +28,9 @@ from typing import Any, Mapping
 import yaml
 
 from handler.config import HandlerConfig
-from handler.model_loading import parse_labels
-from handler.quantize import INT8_PROGRAM
-from handler.zoo import (CONFIG as ZOO_CONFIG, PROCESSOR, WEIGHT_NAMES, ZOO_ARCHS, ZooFiles, ZooFolderError,
+from handler.model.loading import parse_labels
+from handler.model.quantize import INT8_PROGRAM
+from handler.model.zoo import (CONFIG as ZOO_CONFIG, PROCESSOR, WEIGHT_NAMES, ZOO_ARCHS, ZooFiles, ZooFolderError,
                          imagenet_labels, read_json, read_zoo, zoo_kind)
 
 LABELS_FILE = "index_to_name.json"

@@ -1,10 +1,10 @@
 """The model on its device: loaded, prepared, compiled, in a precision that works here, and its
 forward pass.
 
-    ModelRunner(...)   resolves the precision (``handler.precision``), loads and prepares the
+    ModelRunner(...)   resolves the precision (``handler.model.precision``), loads and prepares the
                        model (BatchNorm folded, channels_last; bf16 weights on a CPU; the int8
                        program), on the device; says in the log what it chose and why
-    warm_up(normalize) compiles each batch bucket (``handler.optimize``) and runs it once; a
+    warm_up(normalize) compiles each batch bucket (``handler.model.optimize``) and runs it once; a
                        bf16 or int8 model that fails or overflows here serves fp32 instead
     forward(x)         the model on a normalized batch, padded to its bucket
 """
@@ -20,10 +20,10 @@ import torch
 
 from handler.config import HandlerConfig
 from handler.devices import autocast_dtype
-from handler.optimize import compile_model, prepare_for_inference, should_compile
-from handler.precision import Bf16Model, resolve_precision
-from handler.quantize import load_int8_program
-from handler.zoo import ZooFiles
+from handler.model.optimize import compile_model, prepare_for_inference, should_compile
+from handler.model.precision import Bf16Model, resolve_precision
+from handler.model.quantize import load_int8_program
+from handler.model.zoo import ZooFiles
 
 log = logging.getLogger(__name__)
 

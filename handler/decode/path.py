@@ -2,10 +2,10 @@
 iterables in the manner of timm's ``create_loader`` / ``PrefetchLoader``:
 
     chunks(items)          decoded uint8 chunks, as the persistent loader's workers finish them
-                           (``handler.loader``; with ``decode_device: cuda`` nvJPEG lists on the GPU
-                           first, ``handler.gpu_decode``)
+                           (``handler.decode.loader``; with ``decode_device: cuda`` nvJPEG lists on the GPU
+                           first, ``handler.decode.gpu``)
     batches(items, clock)  those chunks gathered into full model batches on the device and
-                           normalized (``handler.assemble.DeviceBatches``)
+                           normalized (``handler.decode.assemble.DeviceBatches``)
 
 Built in two steps because of the order the process must take: ``start`` forks the loader's
 workers while the process is small and has no CUDA context; ``attach`` (once the model is on its
@@ -15,18 +15,18 @@ device) makes the normalizer there, pins the pixel ring and sets up nvJPEG.
 from __future__ import annotations
 
 import logging
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 
-from handler.assemble import DeviceBatches
+from handler.decode.assemble import DeviceBatches
 from handler.config import HandlerConfig
-from handler.dataset import DecodedBatch, ImageBytesDataset, LoaderItem
-from handler.gpu_decode import BatchedJpegDecoder
-from handler.images import ImageTransform
-from handler.loader import PersistentImageLoader
+from handler.decode.dataset import DecodedBatch, ImageBytesDataset, LoaderItem
+from handler.decode.gpu import BatchedJpegDecoder
+from handler.decode.images import ImageTransform
+from handler.decode.loader import PersistentImageLoader
 from handler.metrics import StageClock
-from handler.normalize import Normalizer
+from handler.decode.normalize import Normalizer
 
 log = logging.getLogger(__name__)
 
@@ -117,3 +117,12 @@ class DecodePath:
     def close(self) -> None:
         """Stop the loader workers and free their shared memory."""
         self.loader.close()
+
+
+def model_inputs(config: HandlerConfig, images: Sequence[bytes]) -> torch.Tensor:
+    """The normalized fp32 batch the decode path feeds the model for encoded ``images`` (the
+    loader's decode and resize, then the model's mean and std), on the CPU, without a loader:
+    what archive builders measure a precision on."""
+    transform = ImageTransform(config)
+    pixels = torch.stack([transform(data) for data in images])
+    return Normalizer(config.mean, config.std, torch.device("cpu"))(pixels)

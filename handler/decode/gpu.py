@@ -22,9 +22,9 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from handler.config import HandlerConfig
-from handler.dataset import DecodedBatch, LoaderItem
-from handler.images import has_jpeg_end_marker, resize_to_input
-from handler.jpeg_header import read_jpeg_header
+from handler.decode.dataset import DecodedBatch, LoaderItem
+from handler.decode.images import has_jpeg_end_marker, resize_to_input
+from handler.decode.jpeg_header import read_jpeg_header
 
 log = logging.getLogger(__name__)
 

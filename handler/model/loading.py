@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from handler.architectures import build_model
-from handler.zoo import ZOO_ARCHS, ZooFiles, load_zoo_model
+from handler.model.architectures import build_model
+from handler.model.zoo import ZOO_ARCHS, ZooFiles, load_zoo_model
 
 
 def load_labels(path: Path) -> list[str]:

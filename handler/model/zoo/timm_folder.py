@@ -17,7 +17,7 @@ from typing import Any, Mapping
 from torch import nn
 
 from handler.config import INTERPOLATIONS
-from handler.zoo.files import CONFIG, ZooFiles, ZooFolderError
+from handler.model.zoo.files import CONFIG, ZooFiles, ZooFolderError
 
 log = logging.getLogger(__name__)
 

@@ -126,7 +126,7 @@ LOCAL_ARCHITECTURES = {"shapes_cnn": ShapesNet, "efficientnet_lite0": EfficientN
 def build_model(arch: str, num_classes: int) -> nn.Module:
     """An untrained model of ``arch`` with ``num_classes`` outputs."""
     if arch in ("torchscript", "torch_export"):
-        raise ValueError(f"{arch!r} is a file format: load it with handler.model_loading.load_model")
+        raise ValueError(f"{arch!r} is a file format: load it with handler.model.loading.load_model")
     if arch in LOCAL_ARCHITECTURES:
         return LOCAL_ARCHITECTURES[arch](num_classes=num_classes)
     import torchvision

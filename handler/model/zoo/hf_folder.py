@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from handler.zoo.files import CONFIG, PROCESSOR, ZooFiles, ZooFolderError, read_json
+from handler.model.zoo.files import CONFIG, PROCESSOR, ZooFiles, ZooFolderError, read_json
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ more than a plain loop saves. Here the DataLoader is built once with ``persisten
 each request swaps the batches in a ``RequestBatchSampler`` and iterates the loader again, which
 resets the same workers to a new epoch. The items the sampler yields carry the request's images,
 so the workers need no other state from the handler. Both ways use shared memory allocated
-before the workers fork (``handler.shared_memory.LoaderBuffers``): the image bytes go out
+before the workers fork (``handler.decode.shared_memory.LoaderBuffers``): the image bytes go out
 through an inbox, the decoded pixels come back through a ring of slots.
 """
 
@@ -20,9 +20,9 @@ from typing import Iterator, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from handler.dataset import DecodedBatch, DecodedImage, ImageBytesDataset, LoaderItem, collate_decoded
-from handler.supervisor import WorkerSupervisor, disarm_sigchld_handler
-from handler.shared_memory import LoaderBuffers
+from handler.decode.dataset import DecodedBatch, DecodedImage, ImageBytesDataset, LoaderItem, collate_decoded
+from handler.decode.supervisor import WorkerSupervisor, disarm_sigchld_handler
+from handler.decode.shared_memory import LoaderBuffers
 
 log = logging.getLogger(__name__)
 

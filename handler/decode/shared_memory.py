@@ -26,12 +26,11 @@ import shutil
 import threading
 import weakref
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import torch
 
-if TYPE_CHECKING:  # handler.dataset allocates through shared_uint8: no import at run time
-    from handler.dataset import DecodedBatch, LoaderItem
+from handler.decode.items import DecodedBatch, LoaderItem
 
 log = logging.getLogger(__name__)
 

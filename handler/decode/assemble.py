@@ -15,7 +15,7 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
-from handler.dataset import DecodedBatch
+from handler.decode.dataset import DecodedBatch
 from handler.devices import copied_event
 from handler.errors import ImageError
 from handler.metrics import StageClock

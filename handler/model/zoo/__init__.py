@@ -6,7 +6,7 @@ folders those libraries write: served with their own evaluation preprocessing.
     hf_folder     -- transformers: the image processor -> handler settings; the model through
                      from_pretrained
 
-``read_zoo`` gives what ``handler.model_files.read_model`` needs: the handler settings the
+``read_zoo`` gives what ``handler.model.files.read_model`` needs: the handler settings the
 folder implies (keys the user sets in model-config.yaml win over them), the labels and the
 number of classes. ``load_zoo_model`` builds the model. Neither library is imported until a
 zoo model is read.
@@ -20,7 +20,7 @@ from typing import Any
 
 from torch import nn
 
-from handler.zoo.files import (CONFIG, PROCESSOR, WEIGHT_NAMES, ZOO_ARCHS, ZooFiles, ZooFolderError, read_json,
+from handler.model.zoo.files import (CONFIG, PROCESSOR, WEIGHT_NAMES, ZOO_ARCHS, ZooFiles, ZooFolderError, read_json,
                                zoo_kind)
 
 log = logging.getLogger(__name__)
@@ -50,13 +50,13 @@ def read_zoo(files: ZooFiles, *, use_test_size: bool = False) -> ZooModel:
     """The preprocessing, labels and class count of a timm or transformers model's files."""
     where = f"{files.where}/{CONFIG}"
     if files.kind == "timm":
-        from handler.zoo.timm_folder import timm_config, timm_labels, timm_settings
+        from handler.model.zoo.timm_folder import timm_config, timm_labels, timm_settings
 
         pretrained_cfg, _, _ = timm_config(files)
         labels, classes = timm_labels(pretrained_cfg, where)
         settings = timm_settings(pretrained_cfg, use_test_size, where)
     else:
-        from handler.zoo.hf_folder import hf_labels, hf_model_config, hf_settings
+        from handler.model.zoo.hf_folder import hf_labels, hf_model_config, hf_settings
 
         if use_test_size:
             raise ZooFolderError(f"{files.where}: handler.use_test_size applies to timm folders only")
@@ -70,11 +70,11 @@ def read_zoo(files: ZooFiles, *, use_test_size: bool = False) -> ZooModel:
 def load_zoo_model(files: ZooFiles, num_classes: int) -> nn.Module:
     """The model of ``files`` in eval mode, fp32, returning logits; ``num_classes`` is checked."""
     if files.kind == "timm":
-        from handler.zoo.timm_folder import load_timm
+        from handler.model.zoo.timm_folder import load_timm
 
         model = load_timm(files)
     else:
-        from handler.zoo.hf_folder import load_hf
+        from handler.model.zoo.hf_folder import load_hf
 
         model = load_hf(files)
     outputs = int(getattr(model, "num_classes", num_classes))
