@@ -15,7 +15,7 @@ contract in pyproject.toml, checked by ``lint-imports`` in the test command); no
     batcher       concurrent requests gathered into batches counted in images
     classifier    ImageClassifier: load / for_serving / classify / classify_requests / healthy
     protocols/    wire formats, one module each, parse and encode together (raw, multipart,
-                  json_images, kserve_v1, kserve_v2), and decode_request, the one decoder
+                  json_images, kserve_v1, kserve_v2), and parse_request, the one decoder
     pipeline      Pipeline.start (the factory) and Pipeline.run: items -> predictions by key
     decode/       image bytes -> normalized model batches on the device
         path          DecodePath: chunks() and batches(), the iterables the pipeline consumes

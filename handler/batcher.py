@@ -1,7 +1,7 @@
 """Batching across concurrent requests, counted in images, for servers that have none of their own.
 
 TorchServe's frontend batches requests before the handler sees them; a KServe Python model
-server calls the model once per request. ``ImageBatcher`` gathers the requests that arrive
+server calls the model once per request. ``RequestBatcher`` gathers the requests that arrive
 together into one ``classify_requests`` call: a batch leaves when its images reach
 ``max_images`` (the model's batch size) or when its first request has waited ``max_delay_s``.
 A request is never split, and one that is bigger than ``max_images`` goes alone (the pipeline
@@ -85,7 +85,7 @@ def _answer(waiting: _Waiting, outcome: Outcome) -> None:
         waiting.outcome.set_result(outcome)
 
 
-class ImageBatcher:
+class RequestBatcher:
     """Collects concurrent ``submit`` calls into batches of up to ``max_images`` images."""
 
     def __init__(self, classify: Classify, *, max_images: int, max_delay_s: float,

@@ -27,13 +27,12 @@ from handler.errors import ImageError
 from handler.decode.gpu import BatchedJpegDecoder
 from handler.decode.loader import PersistentImageLoader
 from handler.metrics import StageClock
-from handler.model.topk import top_k_labels
+from handler.model.topk import Prediction, top_k_labels
 from handler.model.runner import ModelRunner
 from handler.model.zoo import ZooFiles
 
 log = logging.getLogger(__name__)
 
-Prediction = dict[str, float]
 
 
 @dataclass

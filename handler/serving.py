@@ -1,4 +1,4 @@
-"""The serving loop every door calls: decode -> admit -> classify (batched by image count) ->
+"""The serving loop every door calls: parse -> admit -> classify (batched by image count) ->
 encode -> reply or error -> telemetry. A door adapts its transport only: what its server hands
 over becomes a payload here, and an ``Answer`` goes back out through the server's own status
 mechanism.
@@ -6,7 +6,7 @@ mechanism.
     ServingLoop.serve_batch   a batch the server formed itself (TorchServe's frontend)
     ServingLoop.serve         one request; concurrent ones share batches counted in images
                               (``handler.batcher``): the KServe and Ray Serve doors
-    decode / classify / encode / refuse
+    parse / classify / encode / refuse
                               the same steps one at a time, for a host that drives them from
                               hooks of its own (KServe's preprocess -> predict -> postprocess)
     healthy                   what every door's health probe answers
@@ -22,15 +22,15 @@ import time
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence, Union
 
-from handler.batcher import ImageBatcher, Outcome
+from handler.batcher import RequestBatcher, Outcome
 from handler.classifier import BatchResult, ImageClassifier
 from handler.errors import RequestError
-from handler.protocols import ParsedRequest, Reply, decode_request, error_reply
+from handler.protocols import ParsedRequest, Reply, parse_request, error_reply
 from handler.telemetry import BatchFigures, Exporter, NoExporter
 
 log = logging.getLogger(__name__)
 
-# What a door hands ``serve_batch`` per request: the payload for ``decode_request`` and the
+# What a door hands ``serve_batch`` per request: the payload for ``parse_request`` and the
 # request's headers (names lower-cased), or the RequestError its transport already found.
 Incoming = Union[tuple[Any, Mapping[str, str]], RequestError]
 
@@ -62,16 +62,16 @@ class ServingLoop:
         self.classifier = classifier
         self.name = name
         self.exporter: Exporter = exporter or NoExporter()
-        self.batcher: ImageBatcher | None = None
+        self.batcher: RequestBatcher | None = None
         if max_batch_delay_s is not None:
-            self.batcher = ImageBatcher(classifier.classify_requests, max_images=classifier.config.batch_size,
+            self.batcher = RequestBatcher(classifier.classify_requests, max_images=classifier.config.batch_size,
                                         max_delay_s=max_batch_delay_s, on_batch=self._report)
 
     # ---- the steps -----------------------------------------------------------------------
 
-    def decode(self, payload: Any, headers: Mapping[str, str] | None = None) -> ParsedRequest:
+    def parse(self, payload: Any, headers: Mapping[str, str] | None = None) -> ParsedRequest:
         """A request's images and encoder; raises the RequestError (4xx) that rejects it."""
-        return decode_request(payload, max_images=self.classifier.config.max_images_per_request, headers=headers)
+        return parse_request(payload, max_images=self.classifier.config.max_images_per_request, headers=headers)
 
     async def classify(self, request: ParsedRequest) -> Outcome:
         """Its predictions, from a batch shared with concurrent requests, or its RequestError."""
@@ -99,7 +99,7 @@ class ServingLoop:
     async def serve(self, payload: Any, headers: Mapping[str, str] | None = None) -> Answer:
         """One request, start to end."""
         try:
-            request = self.decode(payload, headers)
+            request = self.parse(payload, headers)
         except RequestError as error:
             return self.refuse(error)
         return self.encode(request, await self.classify(request))
@@ -115,7 +115,7 @@ class ServingLoop:
                 parsed.append(item)
                 continue
             try:
-                parsed.append(self.decode(*item))
+                parsed.append(self.parse(*item))
             except RequestError as error:
                 parsed.append(error)
         result = self.classifier.classify_requests([p.images for p in parsed if isinstance(p, ParsedRequest)])

@@ -44,10 +44,10 @@ def request_batch(images: list[bytes], per_request: int, encoding: str = "json")
     chunks = [images[i : i + per_request] for i in range(0, len(images), per_request)]
     if encoding == "form":
         return lambda: chunks
-    from handler.protocols import decode_request
+    from handler.protocols import parse_request
 
     bodies = [json_body(chunk) for chunk in chunks]
-    return lambda: [decode_request(body, max_images=per_request).images for body in bodies]
+    return lambda: [parse_request(body, max_images=per_request).images for body in bodies]
 
 
 def time_requests(classifier: Any, images: list[bytes], repeats: int, per_request: int | None = None,

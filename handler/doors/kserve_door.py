@@ -114,7 +114,7 @@ class ImageDataPlane(DataPlane):
 
 def binary_infer_request(body: bytes | bytearray, header_length: int | str, model_name: str) -> InferRequest:
     """KServe's InferRequest for a REST body (binary tensor data after a JSON header, or JSON
-    alone), its BYTES elements left as bytes: the inputs as sent, for ``decode_request``."""
+    alone), its BYTES elements left as bytes: the inputs as sent, for ``parse_request``."""
     header, tensors = kserve_v2.split_binary(body, header_length)
     inputs = []
     for tensor, elements in tensors:
@@ -182,13 +182,13 @@ class ImageClassifierModel(Model):
         """v2 (an InferRequest, REST or gRPC), v1 / any JSON body, or a raw body -> its images."""
         loop = self._loop()
         try:
-            parsed = loop.decode(payload)
+            parsed = loop.parse(payload)
         except RequestError as error:
             raise self._failed(error) from None
         return Exchange(parsed, payload if isinstance(payload, InferRequest) else None)
 
     def validate(self, payload: Any) -> Any:
-        return payload  # the loop's decode has checked it
+        return payload  # the loop's parse has checked it
 
     async def predict(self, payload: Exchange, headers: dict[str, str] | None = None,
                       response_headers: dict[str, str] | None = None) -> Exchange:

@@ -53,7 +53,7 @@ def natural_key(name: str) -> tuple[tuple[int, int | str], ...]:
 
 
 def row_payload(row: Mapping[str, Any], headers: Mapping[str, str]) -> Any:
-    """What the row holds, in the form ``decode_request`` takes: the body as the frontend left it
+    """What the row holds, in the form ``parse_request`` takes: the body as the frontend left it
     (bytes, or JSON it parsed), or the form fields / gRPC inputs; raises the RequestError for a
     row TorchServe made out of a body it misread."""
     if not row:

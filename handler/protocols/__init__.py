@@ -6,7 +6,7 @@
     kserve_v1    {"instances": [...]}                       -> {"predictions": [...]}
     kserve_v2    Open Inference Protocol, BYTES inputs       -> {"outputs": [{"name": "predictions", ...}]}
 
-Every door calls ``decode_request`` with what its server hands it: a body as received (bytes or
+Every door calls ``parse_request`` with what its server hands it: a body as received (bytes or
 text), JSON a frontend already parsed, decoded form fields (``FormFields``), or a KServe
 ``InferRequest``. It recognises a body by its content (clients' Content-Types are unreliable:
 curl -d, octet-stream JSON), checks the request's image count and answers with a
@@ -33,7 +33,7 @@ from handler.protocols.common import (
 )
 
 __all__ = ["FormFields", "ParsedRequest", "PlainJson", "Prediction", "Reply", "check_images", "decode_base64",
-           "decode_request", "error_reply"]
+           "parse_request", "error_reply"]
 
 _JSON_FORMATS = (json_images, kserve_v1, kserve_v2)
 
@@ -46,7 +46,7 @@ class FormFields:
     fields: Mapping[str, Any]
 
 
-def decode_request(payload: Any, *, max_images: int, headers: Mapping[str, str] | None = None) -> ParsedRequest:
+def parse_request(payload: Any, *, max_images: int, headers: Mapping[str, str] | None = None) -> ParsedRequest:
     """A request's images (1..``max_images`` of them) and its encoder; raises the RequestError
     (4xx) that rejects it. ``payload``: bytes / bytearray / str (a body as received), a dict or
     list (JSON a frontend parsed), ``FormFields``, or a KServe InferRequest. ``headers`` (names
@@ -64,15 +64,15 @@ def _decode(payload: Any, headers: Mapping[str, str]) -> ParsedRequest:
         binary_header = headers.get(kserve_v2.HEADER_LENGTH.lower())
         if binary_header is not None:
             return kserve_v2.parse_binary(payload, binary_header)
-        return parse_body(payload)
+        return parse_any_body(payload)
     if isinstance(payload, str):
-        return parse_body(payload)
+        return parse_any_body(payload)
     if kserve_v2.is_infer_request(payload):
         return kserve_v2.parse_infer_request(payload)
     raise TypeError(f"cannot decode a request from {type(payload).__name__}")
 
 
-def parse_body(body: bytes | bytearray | str) -> ParsedRequest:
+def parse_any_body(body: bytes | bytearray | str) -> ParsedRequest:
     """A request body as received: JSON (whatever its Content-Type said), a multipart body, or
     one image's bytes. Text that is not JSON is a 400 ``unsupported_content``."""
     parsed_json = _json_or_none(body)
@@ -80,7 +80,7 @@ def parse_body(body: bytes | bytearray | str) -> ParsedRequest:
         return parse_json(parsed_json)
     if isinstance(body, (bytes, bytearray)):
         if body.startswith(b"--"):  # no image format starts so; a multipart body always does
-            return multipart.parse_body(body)
+            return multipart.parse_multipart_body(body)
         return raw.parse(body)
     raise RequestError(
         "unsupported_content",

@@ -12,11 +12,9 @@ import json
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from handler.errors import ImageError, RequestError
 from handler.decode.inputs import ImageInput
-
-# One image's answer: the top-k classes, highest score first.
-Prediction = dict[str, float]
+from handler.errors import ImageError, RequestError
+from handler.model.topk import Prediction  # one image's answer (re-exported for the doors)
 
 JSON_SHAPE_HELP = (
     'send {"images": ["<base64>", ...]}, {"data": "<base64>"}, KServe v1 {"instances": [{"b64": "<base64>"}]} '

@@ -11,7 +11,7 @@ from handler.protocols.common import JSON_SHAPE_HELP, ParsedRequest, Prediction,
 
 
 @dataclass(frozen=True)
-class Predictions:
+class V1Encoder:
     """The v1 envelope: one prediction per instance, in order."""
 
     def encode(self, results: list[Prediction], model_name: str | None) -> Reply:
@@ -22,7 +22,7 @@ def parse(body: dict[str, Any]) -> ParsedRequest:
     instances = body["instances"]
     if not isinstance(instances, list):
         raise RequestError("invalid_json", f'"instances" must be a list; {JSON_SHAPE_HELP}')
-    return ParsedRequest(decode_base64_list(instances, "instances"), Predictions())
+    return ParsedRequest(decode_base64_list(instances, "instances"), V1Encoder())
 
 
 def matches(body: dict[str, Any]) -> bool:

@@ -29,7 +29,7 @@ HEADER_LENGTH = "Inference-Header-Content-Length"
 
 
 @dataclass(frozen=True)
-class InferResponse:
+class V2Encoder:
     """The v2 response; ``request_id`` echoes the request's ``id``; ``binary`` sends the output
     as raw tensor data after a JSON header (the binary tensor data extension)."""
 
@@ -195,7 +195,7 @@ def _inputs(body: dict[str, Any]) -> list[dict[str, Any]]:
     return inputs
 
 
-def _encoder(body: dict[str, Any]) -> InferResponse:
+def _encoder(body: dict[str, Any]) -> V2Encoder:
     """How the request wants its answer: its id, and binary output when it asks for it."""
     request_id = body.get("id")
     binary = bool((body.get("parameters") or {}).get("binary_data_output", False))
@@ -205,7 +205,7 @@ def _encoder(body: dict[str, Any]) -> InferResponse:
             name = output.get("name") if isinstance(output, dict) else output
             raise RequestError("invalid_json", f"unknown output {name!r}: this model has one output, {OUTPUT!r}")
         binary = bool((output.get("parameters") or {}).get("binary_data", binary))
-    return InferResponse(str(request_id) if request_id is not None else None, binary)
+    return V2Encoder(str(request_id) if request_id is not None else None, binary)
 
 
 def matches(body: dict[str, Any]) -> bool:

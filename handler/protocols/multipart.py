@@ -3,7 +3,7 @@
 Two ways in:
     ``parse_fields``  the parts a frontend already decoded (a ``multipart/form-data`` upload:
                       TorchServe hands them over as one field each)
-    ``parse_body``    an undecoded body (``multipart/mixed``, or any multipart type a frontend
+    ``parse_multipart_body``    an undecoded body (``multipart/mixed``, or any multipart type a frontend
                       passes through): split here, without copying the parts twice.
 One part is answered with its ``{label: score}`` object, several with a list.
 """
@@ -31,7 +31,7 @@ def parse_fields(fields: Mapping[str, Any]) -> ParsedRequest:
     return ParsedRequest(images, PlainJson(as_list=len(images) > 1))
 
 
-def parse_body(body: bytes | bytearray) -> ParsedRequest:
+def parse_multipart_body(body: bytes | bytearray) -> ParsedRequest:
     """An undecoded multipart body (it starts with its ``--boundary`` line) -> its parts' images.
 
     TorchServe decodes ``multipart/form-data`` itself, in its frontend, which costs more than

@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from handler.batcher import ImageBatcher
+from handler.batcher import RequestBatcher
 from handler.classifier import BatchResult
 from handler.errors import RequestError
 from handler.decode.inputs import ImageInput
@@ -54,7 +54,7 @@ def request(*names: str) -> list[ImageInput]:
     return [ImageInput(n.encode()) for n in names]
 
 
-async def submit_all(batcher: ImageBatcher, requests):
+async def submit_all(batcher: RequestBatcher, requests):
     """Submit every request at once, as concurrent clients do; a request that gets no answer
     fails the test (asyncio.TimeoutError) instead of hanging it."""
     return await asyncio.wait_for(
@@ -87,7 +87,7 @@ def logged_tracebacks(caplog) -> list[logging.LogRecord]:
 
 def test_concurrent_requests_share_a_batch_counted_in_images_and_each_gets_its_own_answers():
     fake = FakeClassifier()
-    batcher = ImageBatcher(fake, max_images=8, max_delay_s=0.5)
+    batcher = RequestBatcher(fake, max_images=8, max_delay_s=0.5)
     requests = [request("z"), request("a", "b", "c"), request("d"), request("e", "f", "g", "h"), request("i", "j")]
     answers = run(submit_all(batcher, requests))
     assert answers == [[{n: 1.0} for n in names] for names in ("z", "abc", "d", "efgh", "ij")]
@@ -98,7 +98,7 @@ def test_concurrent_requests_share_a_batch_counted_in_images_and_each_gets_its_o
 
 def test_a_request_bigger_than_a_batch_goes_alone_and_nothing_is_split():
     fake = FakeClassifier()
-    batcher = ImageBatcher(fake, max_images=2, max_delay_s=5.0)
+    batcher = RequestBatcher(fake, max_images=2, max_delay_s=5.0)
     answers = run(submit_all(batcher, [request("a", "b", "c", "d", "e"), request("f")]))
     assert answers == [[{n: 1.0} for n in "abcde"], [{"f": 1.0}]]
     assert fake.batches == [[[b"a", b"b", b"c", b"d", b"e"]], [[b"f"]]]
@@ -107,7 +107,7 @@ def test_a_request_bigger_than_a_batch_goes_alone_and_nothing_is_split():
 
 def test_a_bad_request_fails_alone_and_a_server_fault_answers_its_batch_500_and_serving_goes_on(caplog):
     fake = FakeClassifier(fail_first=True)
-    batcher = ImageBatcher(fake, max_images=4, max_delay_s=0.2)
+    batcher = RequestBatcher(fake, max_images=4, max_delay_s=0.2)
 
     async def scenario():
         doomed = await submit_all(batcher, [request("x"), request("y")])
@@ -135,7 +135,7 @@ def test_a_failing_on_batch_callback_is_logged_and_the_results_are_still_deliver
         if len(calls) == 1:
             raise ValueError("metrics broke")
 
-    batcher = ImageBatcher(fake, max_images=4, max_delay_s=0.2, on_batch=on_batch)
+    batcher = RequestBatcher(fake, max_images=4, max_delay_s=0.2, on_batch=on_batch)
 
     async def scenario():
         first = await submit_all(batcher, [request("x"), request("y", "z")])
@@ -154,7 +154,7 @@ def test_a_failing_on_batch_callback_is_logged_and_the_results_are_still_deliver
 def test_a_result_count_that_does_not_match_the_batch_answers_its_requests_500(fault, caplog):
     fake = FakeClassifier(faults={1: fault})
     calls: list[int] = []
-    batcher = ImageBatcher(fake, max_images=4, max_delay_s=0.2, on_batch=lambda _r, n: calls.append(n))
+    batcher = RequestBatcher(fake, max_images=4, max_delay_s=0.2, on_batch=lambda _r, n: calls.append(n))
 
     async def scenario():
         doomed = await submit_all(batcher, [request("x"), request("y"), request("z")])
@@ -173,7 +173,7 @@ def test_a_result_count_that_does_not_match_the_batch_answers_its_requests_500(f
 def test_requests_queued_while_a_failing_batch_runs_are_all_answered():
     gate = threading.Event()
     fake = FakeClassifier(fail_first=True, gate=gate)
-    batcher = ImageBatcher(fake, max_images=2, max_delay_s=0.05)
+    batcher = RequestBatcher(fake, max_images=2, max_delay_s=0.05)
 
     async def scenario():
         first = asyncio.ensure_future(batcher.submit(request("x")))
@@ -198,7 +198,7 @@ async def submit_all_futures(futures):
 def test_a_stopped_batching_task_is_restarted_over_the_same_queue_and_orphans_nothing():
     gate = threading.Event()
     fake = FakeClassifier(gate=gate)
-    batcher = ImageBatcher(fake, max_images=1, max_delay_s=0.05)
+    batcher = RequestBatcher(fake, max_images=1, max_delay_s=0.05)
 
     async def scenario():
         running = asyncio.ensure_future(batcher.submit(request("x")))
@@ -226,7 +226,7 @@ def test_a_stopped_batching_task_is_restarted_over_the_same_queue_and_orphans_no
 def test_a_request_whose_client_has_gone_breaks_nothing():
     gate = threading.Event()
     fake = FakeClassifier(gate=gate)
-    batcher = ImageBatcher(fake, max_images=1, max_delay_s=0.05)
+    batcher = RequestBatcher(fake, max_images=1, max_delay_s=0.05)
 
     async def scenario():
         running = asyncio.ensure_future(batcher.submit(request("x")))
@@ -250,7 +250,7 @@ def test_a_request_whose_client_has_gone_breaks_nothing():
 def test_close_answers_every_waiting_request_and_later_ones():
     gate = threading.Event()
     fake = FakeClassifier(gate=gate)
-    batcher = ImageBatcher(fake, max_images=1, max_delay_s=0.05)
+    batcher = RequestBatcher(fake, max_images=1, max_delay_s=0.05)
 
     async def scenario():
         running = asyncio.ensure_future(batcher.submit(request("x")))
@@ -272,6 +272,6 @@ def test_close_answers_every_waiting_request_and_later_ones():
 
 def test_settings_are_checked():
     with pytest.raises(ValueError, match="max_images"):
-        ImageBatcher(FakeClassifier(), max_images=0, max_delay_s=0.01)
+        RequestBatcher(FakeClassifier(), max_images=0, max_delay_s=0.01)
     with pytest.raises(ValueError, match="max_delay_s"):
-        ImageBatcher(FakeClassifier(), max_images=1, max_delay_s=-1)
+        RequestBatcher(FakeClassifier(), max_images=1, max_delay_s=-1)

@@ -2,8 +2,8 @@ import json
 
 from handler.protocols import PlainJson, error_reply
 from handler.errors import ImageError, RequestError
-from handler.protocols.kserve_v1 import Predictions
-from handler.protocols.kserve_v2 import InferResponse
+from handler.protocols.kserve_v1 import V1Encoder
+from handler.protocols.kserve_v2 import V2Encoder
 
 RESULTS = [{"circle": 0.9, "square": 0.1}, {"square": 0.7, "circle": 0.3}]
 
@@ -14,11 +14,11 @@ def test_plain_one_image_is_an_object_and_a_list_stays_a_list():
 
 
 def test_kserve_v1_envelope():
-    assert json.loads(Predictions().encode(RESULTS, "m").body) == {"predictions": RESULTS}
+    assert json.loads(V1Encoder().encode(RESULTS, "m").body) == {"predictions": RESULTS}
 
 
 def test_kserve_v2_envelope_keeps_order_and_id():
-    reply = InferResponse("r9").encode(RESULTS, "shapes")
+    reply = V2Encoder("r9").encode(RESULTS, "shapes")
     body = json.loads(reply.body)
     assert reply.content_type == "application/json"
     assert body["model_name"] == "shapes" and body["id"] == "r9"

@@ -4,9 +4,9 @@ import json
 import pytest
 
 from handler.errors import RequestError
-from handler.protocols import ParsedRequest, PlainJson, decode_base64, decode_request
-from handler.protocols.kserve_v1 import Predictions
-from handler.protocols.kserve_v2 import InferResponse
+from handler.protocols import ParsedRequest, PlainJson, decode_base64, parse_request
+from handler.protocols.kserve_v1 import V1Encoder
+from handler.protocols.kserve_v2 import V2Encoder
 from handler.doors.torchserve_io import incoming, natural_key, request_headers
 
 PNG = b"\x89PNG fake but non-empty"
@@ -26,12 +26,12 @@ def parse_row(row, max_images: int, headers) -> ParsedRequest | RequestError:
     if isinstance(item, RequestError):
         return item
     try:
-        return decode_request(item[0], max_images=max_images, headers=item[1])
+        return parse_request(item[0], max_images=max_images, headers=item[1])
     except RequestError as exc:
         return exc
 
 
-def parse_request(row, max_images: int) -> ParsedRequest:
+def parsed_row(row, max_images: int) -> ParsedRequest:
     """parse_row, with the RequestError it returns raised."""
     parsed = parse_row(row, max_images, HTTP)
     if isinstance(parsed, RequestError):
@@ -49,30 +49,30 @@ def as_list(parsed: ParsedRequest) -> bool:
 
 
 def test_raw_body_is_one_image_answered_as_object():
-    parsed = parse_request({"body": bytearray(PNG)}, max_images=4)
+    parsed = parsed_row({"body": bytearray(PNG)}, max_images=4)
     assert described(parsed) == [(0, None, PNG)]
     assert as_list(parsed) is False
 
 
 def test_multipart_fields_keep_their_order_and_names():
     row = {"b": bytearray(b"2"), "a": bytearray(b"1"), "c": bytearray(b"3")}
-    parsed = parse_request(row, max_images=4)
+    parsed = parsed_row(row, max_images=4)
     assert described(parsed) == [(0, "b", b"2"), (1, "a", b"1"), (2, "c", b"3")]
     assert as_list(parsed) is True
 
 
 def test_single_multipart_file_is_answered_as_object():
-    assert as_list(parse_request({"data": bytearray(PNG)}, max_images=4)) is False
+    assert as_list(parsed_row({"data": bytearray(PNG)}, max_images=4)) is False
 
 
 def test_json_images_list():
-    parsed = parse_request({"body": {"images": [b64(b"x"), b64(b"yz")]}}, max_images=4)
+    parsed = parsed_row({"body": {"images": [b64(b"x"), b64(b"yz")]}}, max_images=4)
     assert [i.data for i in parsed.images] == [b"x", b"yz"]
     assert as_list(parsed) is True
 
 
 def test_json_data_is_one_image():
-    parsed = parse_request({"body": {"data": b64(PNG)}}, max_images=4)
+    parsed = parsed_row({"body": {"data": b64(PNG)}}, max_images=4)
     assert [i.data for i in parsed.images] == [PNG] and as_list(parsed) is False
 
 
@@ -84,7 +84,7 @@ def test_json_data_is_one_image():
     ],
 )
 def test_json_sent_without_its_content_type_is_read_as_json(body):
-    parsed = parse_request({"body": body}, max_images=4)
+    parsed = parsed_row({"body": body}, max_images=4)
     assert [i.data for i in parsed.images] == [b"x", b"yz"] and as_list(parsed) is True
 
 
@@ -96,18 +96,18 @@ def test_json_sent_without_its_content_type_is_read_as_json(body):
     ],
 )
 def test_bytes_that_only_look_like_json_stay_an_image(body):
-    parsed = parse_request({"body": bytearray(body)}, max_images=4)
+    parsed = parsed_row({"body": bytearray(body)}, max_images=4)
     assert [i.data for i in parsed.images] == [body] and as_list(parsed) is False
 
 
 def test_json_text_that_is_not_an_object_is_a_400_that_says_so():
     with pytest.raises(RequestError) as caught:
-        parse_request({"body": "[1, 2]"}, max_images=4)
+        parsed_row({"body": "[1, 2]"}, max_images=4)
     assert (caught.value.status, caught.value.code) == (400, "invalid_json")
 
 
 def test_images_list_items_may_be_wrapped_like_kserve_v1():
-    parsed = parse_request({"body": {"images": [{"b64": b64(b"a")}, b64(b"b"), {"data": b64(b"c")}]}}, max_images=4)
+    parsed = parsed_row({"body": {"images": [{"b64": b64(b"a")}, b64(b"b"), {"data": b64(b"c")}]}}, max_images=4)
     assert [i.data for i in parsed.images] == [b"a", b"b", b"c"]
 
 
@@ -144,13 +144,13 @@ def test_base64_variants_are_accepted(text):
 )
 def test_bad_requests_are_rejected(row, status, code):
     with pytest.raises(RequestError) as caught:
-        parse_request(row, max_images=4)
+        parsed_row(row, max_images=4)
     assert (caught.value.status, caught.value.code) == (status, code), caught.value
 
 
 def test_error_names_each_bad_image():
     with pytest.raises(RequestError) as caught:
-        parse_request({"body": {"images": [b64(b"ok"), "%%%", b64(b"ok"), "!!"]}}, max_images=8)
+        parsed_row({"body": {"images": [b64(b"ok"), "%%%", b64(b"ok"), "!!"]}}, max_images=8)
     body = caught.value.as_json()
     assert [(p["index"], p["field"]) for p in body["images"]] == [(1, "images"), (3, "images")]
     assert body["error"] == "invalid_base64" and body["message"]
@@ -158,9 +158,9 @@ def test_error_names_each_bad_image():
 
 def test_kserve_v1_instances_in_every_form():
     row = {"body": {"instances": [{"b64": b64(b"a")}, {"data": b64(b"b")}, b64(b"c")]}}
-    parsed = parse_request(row, max_images=8)
+    parsed = parsed_row(row, max_images=8)
     assert [i.data for i in parsed.images] == [b"a", b"b", b"c"]
-    assert parsed.encoder == Predictions()
+    assert parsed.encoder == V1Encoder()
 
 
 def test_kserve_v2_reads_every_element_of_every_input():
@@ -168,9 +168,9 @@ def test_kserve_v2_reads_every_element_of_every_input():
         {"name": "x", "shape": [2], "datatype": "BYTES", "data": [b64(b"a"), b64(b"b")]},
         {"name": "y", "shape": [1], "datatype": "BYTES", "data": [b64(b"c")]},
     ]}}
-    parsed = parse_request(row, max_images=8)
+    parsed = parsed_row(row, max_images=8)
     assert described(parsed) == [(0, "x", b"a"), (1, "x", b"b"), (2, "y", b"c")]
-    assert parsed.encoder == InferResponse("r1")
+    assert parsed.encoder == V2Encoder("r1")
 
 
 @pytest.mark.parametrize(
@@ -183,7 +183,7 @@ def test_kserve_v2_reads_every_element_of_every_input():
 )
 def test_malformed_kserve_bodies_are_400(body):
     with pytest.raises(RequestError) as caught:
-        parse_request({"body": body}, max_images=8)
+        parsed_row({"body": body}, max_images=8)
     assert caught.value.status == 400 and caught.value.code == "invalid_json"
 
 
@@ -202,22 +202,22 @@ def mixed_body(parts: list[tuple[str | None, bytes]], boundary: str = "b0undary"
 def test_a_multipart_mixed_body_is_split_into_named_images_in_order():
     # Image bytes that hold CRLF and dashes, even the boundary without its leading CRLF.
     tricky = b"\xff\xd8\r\n--b0undar\r\n--b0undary-ish"
-    parsed = parse_request({"body": bytearray(mixed_body([("z", tricky), ("a", PNG), (None, b"3")]))}, 4)
+    parsed = parsed_row({"body": bytearray(mixed_body([("z", tricky), ("a", PNG), (None, b"3")]))}, 4)
     assert described(parsed) == [(0, "z", tricky), (1, "a", PNG), (2, None, b"3")]
     assert as_list(parsed) is True
 
 
 def test_a_multipart_mixed_body_with_one_part_is_answered_as_object():
-    parsed = parse_request({"body": bytearray(mixed_body([("only", PNG)]))}, max_images=4)
+    parsed = parsed_row({"body": bytearray(mixed_body([("only", PNG)]))}, max_images=4)
     assert [i.data for i in parsed.images] == [PNG] and as_list(parsed) is False
 
 
 def test_multipart_mixed_is_matched_against_the_limits_like_any_request():
     with pytest.raises(RequestError) as too_many:
-        parse_request({"body": bytearray(mixed_body([(f"f{i}", PNG) for i in range(5)]))}, max_images=4)
+        parsed_row({"body": bytearray(mixed_body([(f"f{i}", PNG) for i in range(5)]))}, max_images=4)
     assert too_many.value.status == 413
     with pytest.raises(RequestError) as empty:
-        parse_request({"body": bytearray(mixed_body([("a", PNG), ("b", b"")]))}, max_images=4)
+        parsed_row({"body": bytearray(mixed_body([("a", PNG), ("b", b"")]))}, max_images=4)
     assert empty.value.code == "empty_image" and [p.field for p in empty.value.images] == ["b"]
 
 
@@ -229,14 +229,14 @@ def test_multipart_mixed_is_matched_against_the_limits_like_any_request():
 ])
 def test_a_broken_multipart_body_is_a_400_that_says_so(body):
     with pytest.raises(RequestError) as error:
-        parse_request({"body": bytearray(body)}, max_images=4)
+        parsed_row({"body": bytearray(body)}, max_images=4)
     assert error.value.status == 400 and error.value.code == "invalid_multipart", error.value
 
 
 def test_a_long_field_name_is_shortened_in_the_error_body():
     name = "x" * 5000
     with pytest.raises(RequestError) as caught:
-        parse_request({name: bytearray(), "b": bytearray(b"1")}, max_images=4)
+        parsed_row({name: bytearray(), "b": bytearray(b"1")}, max_images=4)
     (problem,) = caught.value.as_json()["images"]
     assert problem["field"].startswith("xxx") and len(problem["field"]) < 120
 
@@ -276,9 +276,9 @@ def test_binary_v2_bytes_inputs_are_read_element_by_element():
     body, headers = binary_v2([[b"a", PNG], [b"\xff\xd8x"]], id="r7", parameters={"binary_data_output": True})
     parsed = parse_row({"body": bytearray(body)}, 8, headers)
     assert [(i.field, i.data) for i in parsed.images] == [("in0", b"a"), ("in0", PNG), ("in1", b"\xff\xd8x")]
-    assert parsed.encoder == InferResponse("r7", binary=True)
+    assert parsed.encoder == V2Encoder("r7", binary=True)
     plain, plain_headers = binary_v2([[PNG]])
-    assert parse_row({"body": bytearray(plain)}, 8, plain_headers).encoder == InferResponse(None, binary=False)
+    assert parse_row({"body": bytearray(plain)}, 8, plain_headers).encoder == V2Encoder(None, binary=False)
 
 
 @pytest.mark.parametrize("damage", ["header-too-long", "cut-element", "trailing-bytes", "not-a-number", "fp32"])
@@ -303,7 +303,7 @@ def test_a_broken_binary_v2_body_is_a_400_that_says_why(damage):
 def test_v2_binary_output_is_a_json_header_then_the_bytes_tensor():
     import struct
 
-    reply = InferResponse("r1", binary=True).encode([{"a": 0.9}, {"b": 1.0}], "m")
+    reply = V2Encoder("r1", binary=True).encode([{"a": 0.9}, {"b": 1.0}], "m")
     (length,) = [int(v) for k, v in reply.headers if k == "Inference-Header-Content-Length"]
     header = json.loads(reply.body[:length])
     (output,) = header["outputs"]
