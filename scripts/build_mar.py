@@ -47,13 +47,13 @@ from PIL import Image, ImageOps
 from handler.config import PRECISIONS, HandlerConfig
 from handler.decode.images import ImageDecodeError
 from handler.model.files import CONFIG_FILE, ModelSpec, read_model
+from handler.offline import IMAGE_SUFFIXES, expand
 from handler.model.loading import load_labels, load_model
 from handler.model.zoo import CONFIG as ZOO_CONFIG, PROCESSOR, ZooFiles
 from handler.model.optimize import prepare_for_inference
 from handler.decode.path import model_inputs
 from handler.model.precision import GATES, Agreement, GateFailed, agreement, check_gate, run_in
 from handler.model.quantize import INT8_PROGRAM, quantize_int8, save_program
-from image_files import IMAGE_SUFFIXES, expand
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -105,7 +105,7 @@ def calibration_images(directory: Path) -> list[bytes]:
     """The image files under ``directory`` (recursively, sorted, at most MAX_CALIBRATION_IMAGES)."""
     if not directory.is_dir():
         raise SystemExit(f"build_mar: --calibrate {directory}: not a directory")
-    files = expand([str(directory)], "build_mar")
+    files = expand([str(directory)])
     if len(files) < 2:
         raise SystemExit(f"build_mar: --calibrate {directory}: found {len(files)} image file(s) "
                          f"({', '.join(sorted(IMAGE_SUFFIXES))}); calibration needs at least 2, better hundreds")

@@ -23,7 +23,8 @@ from typing import Any
 import requests
 from urllib3 import encode_multipart_formdata
 
-from image_files import Progress, error_line, expand, finish, result_line, write_lines
+from handler.offline import RowWriter, error_row, result_row
+from image_files import Progress, expand_or_exit, finish, write_rows
 
 def read_token(args: argparse.Namespace) -> str:
     if args.token:
@@ -56,7 +57,7 @@ def classify(session: requests.Session, url: str, paths: list[Path], form_data: 
             try:
                 files.append((f"f{i}", (paths[i].name, paths[i].read_bytes(), "application/octet-stream")))
             except OSError as exc:
-                results[i] = error_line(paths[i], "unreadable", str(exc))
+                results[i] = error_row(str(paths[i]), "unreadable", str(exc))
         pending = [i for i in pending if i not in results]
         if not pending:
             break
@@ -69,12 +70,12 @@ def classify(session: requests.Session, url: str, paths: list[Path], form_data: 
             body = response.json()
         except (requests.RequestException, ValueError) as exc:
             for i in pending:
-                results[i] = error_line(paths[i], "request_failed", str(exc))
+                results[i] = error_row(str(paths[i]), "request_failed", str(exc))
             break
         if response.status_code == 200:
             predictions = body if len(pending) > 1 else [body]
             for i, scores in zip(pending, predictions):
-                results[i] = result_line(paths[i], scores)
+                results[i] = result_row(str(paths[i]), scores)
             break
         named = body.get("images", []) if isinstance(body, dict) else []
         bad = {pending[p["index"]]: p.get("reason", "") for p in named if 0 <= p.get("index", -1) < len(pending)}
@@ -83,7 +84,7 @@ def classify(session: requests.Session, url: str, paths: list[Path], form_data: 
         if not bad:  # the whole request was refused: every image gets the server's message
             bad = {i: message for i in pending}
         for i, reason in bad.items():
-            results[i] = error_line(paths[i], error, reason or message)
+            results[i] = error_row(str(paths[i]), error, reason or message)
         pending = [i for i in pending if i not in results]
     return [results[i] for i in range(len(paths))]
 
@@ -95,7 +96,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=4, help="requests in flight")
     parser.add_argument("--url", default="http://127.0.0.1:8080")
     parser.add_argument("--model", default="shapes")
-    parser.add_argument("--out", type=Path, default=Path("results.jsonl"))
+    parser.add_argument("--out", type=Path, default=Path("results.jsonl"), help="results: .jsonl or .parquet")
     parser.add_argument("--token")
     parser.add_argument("--key-file", type=Path, default=Path("key_file.json"))
     parser.add_argument("--form-data", action="store_true",
@@ -104,17 +105,18 @@ def main() -> None:
     if args.batch < 1 or args.concurrency < 1:
         parser.error("--batch and --concurrency must be at least 1")
 
-    paths = expand(args.paths, "client")
+    paths = expand_or_exit(args.paths, "client")
     session = requests.Session()
     session.headers["Authorization"] = f"Bearer {read_token(args)}"
     url = f"{args.url.rstrip('/')}/predictions/{args.model}"
     chunks = [paths[i : i + args.batch] for i in range(0, len(paths), args.batch)]
     progress = Progress(len(paths))
-    failed = 0
-    with args.out.open("w") as out, futures.ThreadPoolExecutor(args.concurrency) as pool:
-        for lines in pool.map(lambda chunk: classify(session, url, chunk, args.form_data), chunks):
-            failed += write_lines(out, lines, progress)
-    finish(len(paths), failed, args.out)
+    failures = []
+    with RowWriter(args.out) as writer, futures.ThreadPoolExecutor(args.concurrency) as pool:
+        for rows in pool.map(lambda chunk: classify(session, url, chunk, args.form_data), chunks):
+            write_rows(writer, rows, progress)
+            failures += [r for r in rows if "error" in r]
+    finish(writer, failures)
 
 
 if __name__ == "__main__":

@@ -55,3 +55,20 @@ def test_a_missing_model_or_path_is_a_clear_error(tmp_path):
     assert run.returncode != 0 and "neither a model directory nor a .mar" in run.stderr
     run = run_classify(str(tmp_path / "missing.jpg"), "--model", str(DEMO))
     assert run.returncode != 0 and "no such file or folder" in run.stderr
+
+
+def test_a_local_run_writes_parquet_too_with_the_same_rows(tmp_path):
+    """The offline job's one writer: Parquet from a local run as from a Ray run."""
+    from handler.offline import read_rows
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i, label in enumerate(["circle", "square", "triangle"]):
+        (folder / f"{i}_{label}.png").write_bytes(shape_image(label, 7200 + i))
+    (folder / "z_broken.png").write_bytes(b"not an image")
+    runs = {suffix: run_classify(str(folder), "--model", str(DEMO), "--out", str(tmp_path / f"out{suffix}"))
+            for suffix in (".jsonl", ".parquet")}
+    assert all(run.returncode == 1 for run in runs.values()), [run.stderr for run in runs.values()]
+    jsonl, parquet = read_rows(tmp_path / "out.jsonl"), read_rows(tmp_path / "out.parquet")
+    assert parquet == jsonl and len(jsonl) == 4 and jsonl[-1]["error"] == "invalid_image"
+    assert run_classify(str(folder), "--model", str(DEMO), "--out", str(tmp_path / "out.csv")).returncode != 0
