@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import requests
-from urllib3 import encode_multipart_formdata
 
 from handler.offline import RowWriter, error_row, result_row
+from harness.wire import multipart_mixed
 from image_files import Progress, expand_or_exit, finish, write_rows
 
 def read_token(args: argparse.Namespace) -> str:
@@ -36,15 +36,6 @@ def read_token(args: argparse.Namespace) -> str:
     except (OSError, KeyError, ValueError) as exc:
         raise SystemExit(f"client: no token: pass --token, set TS_INFERENCE_KEY or point --key-file at "
                          f"TorchServe's key_file.json ({exc})")
-
-
-def multipart_mixed(files: list[tuple[str, tuple[str, bytes, str]]]) -> tuple[bytes, str]:
-    """The body and Content-Type of a ``multipart/mixed`` request with these (field, (filename,
-    bytes, type)) parts: the handler reads the same parts as from a form upload, but TorchServe
-    passes the body through instead of decoding it in its frontend (benchmark.py, transport
-    only: 19 vs 28 ms for 32 photos of 640x480, 27 vs 60 ms at 1280x960)."""
-    body, content_type = encode_multipart_formdata(files)
-    return body, content_type.replace("multipart/form-data", "multipart/mixed", 1)
 
 
 def classify(session: requests.Session, url: str, paths: list[Path], form_data: bool = False) -> list[dict[str, Any]]:

@@ -11,9 +11,9 @@ import argparse
 from collections import Counter
 from pathlib import Path
 
-import shapes
+import harness.shapes as shapes
 from handler.classifier import ImageClassifier
-from shapes import shape_image
+from harness.shapes import shape_image
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -26,10 +26,10 @@ from typing import Any
 import psutil
 import requests
 
-import shapes
-from client import multipart_mixed
-from shapes import shape_image
-from timing import percentile
+import harness.shapes as shapes
+from harness.wire import multipart_mixed
+from harness.shapes import shape_image
+from harness.timing import percentile
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -195,7 +195,7 @@ def main() -> None:
         token = json.loads(args.key_file.read_text())["inference"]["key"]
         report = run(Target(args.url, args.model, token), args.clients, args.seconds, args.max_batch)
     else:
-        from ts_server import start_server
+        from harness.ts_server import start_server
 
         with tempfile.TemporaryDirectory(prefix="loadtest_") as tmp:
             server = start_server(Path(tmp), ROOT / "model_store", ["shapes.mar"])

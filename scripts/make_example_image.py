@@ -5,7 +5,7 @@ import argparse
 import random
 from pathlib import Path
 
-import shapes
+import harness.shapes as shapes
 
 parser = argparse.ArgumentParser(description=__doc__)
 parser.add_argument("label", choices=shapes.CLASSES)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-import shapes
+import harness.shapes as shapes
 from handler.model.architectures import ShapesNet
 from handler.config import HandlerConfig
 from handler.decode.images import ImageTransform

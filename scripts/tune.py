@@ -30,8 +30,8 @@ import yaml
 
 from handler.classifier import ImageClassifier
 from handler.model.precision import cpu_bf16_feature
-from model_dirs import random_model_dir
-from timing import request_batch
+from harness.model_dirs import random_model_dir
+from harness.timing import request_batch
 
 
 COMPILE = {"false": False, "auto": "auto", "true": True}
@@ -39,7 +39,7 @@ COMPILE = {"false": False, "auto": "auto", "true": True}
 
 def load_images(folder: Path | None, count: int, size: str) -> list[bytes]:
     if folder is None:
-        from bench_images import photo_jpegs
+        from harness.bench_images import photo_jpegs
 
         return photo_jpegs(size, count)
     files = sorted(p for p in folder.iterdir() if p.is_file())

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torchvision
 
-from ts_server import ROOT, start_server
+from harness.ts_server import ROOT, start_server
 
 
 

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from helpers import shape_image
-from ts_server import ROOT
+from harness.ts_server import ROOT
 
 pytestmark = pytest.mark.e2e
 

@@ -12,7 +12,7 @@ from tritonclient.utils import InferenceServerException
 
 from helpers import answers_alone as alone, assert_same_answers as same, shape_image
 from ts_grpc import build_stubs
-from ts_server import ROOT
+from harness.ts_server import ROOT
 
 pytestmark = pytest.mark.e2e
 

@@ -10,9 +10,11 @@ import psutil
 import pytest
 import requests
 
-from helpers import shape_image
-from loadtest import Target, prepare, run
-from ts_server import start_server
+from harness.ts_server import start_server
+from helpers import load_command, shape_image
+
+loadtest = load_command("scripts/loadtest.py")
+Target, prepare, run = loadtest.Target, loadtest.prepare, loadtest.run
 
 pytestmark = pytest.mark.e2e
 JOB_QUEUE = 4

@@ -5,7 +5,7 @@ import base64
 import pytest
 from urllib3 import encode_multipart_formdata
 
-from ts_server import ROOT
+from harness.ts_server import ROOT
 
 pytestmark = pytest.mark.e2e
 

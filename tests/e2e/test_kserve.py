@@ -9,7 +9,7 @@ import requests
 
 from helpers import shape_image
 from kserve_package import package
-from ts_server import start_server
+from harness.ts_server import start_server
 
 pytestmark = pytest.mark.e2e
 

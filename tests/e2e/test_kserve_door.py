@@ -15,9 +15,9 @@ import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton_http
 from tritonclient.utils import InferenceServerException
 
-from door_server import start_door
+from harness.door_server import start_door
 from helpers import answers_alone, assert_same_answers as same, shape_image
-from ts_server import ROOT
+from harness.ts_server import ROOT
 
 pytestmark = pytest.mark.e2e
 

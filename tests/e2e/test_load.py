@@ -2,7 +2,10 @@
 
 import pytest
 
-from loadtest import Target, run
+from helpers import load_command
+
+loadtest = load_command("scripts/loadtest.py")
+Target, run = loadtest.Target, loadtest.run
 
 pytestmark = pytest.mark.e2e
 

@@ -3,7 +3,7 @@
 import pytest
 
 from helpers import shape_image
-from ts_server import start_server
+from harness.ts_server import start_server
 
 pytestmark = pytest.mark.e2e
 

@@ -9,8 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from helpers import demo_model_dir, shape_image
-from ray_cluster import RayCluster, ray_env
-from ts_server import ROOT
+from harness.ray_cluster import RayCluster, ray_env
+from harness.ts_server import ROOT
 
 pytestmark = pytest.mark.e2e
 

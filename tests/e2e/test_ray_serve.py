@@ -14,11 +14,11 @@ import pytest
 import requests
 import tritonclient.http as triton_http
 
-from client import multipart_mixed
+from harness.wire import multipart_mixed
 
 from handler.classifier import ImageClassifier
 from helpers import assert_same_answers as same, demo_model_dir, shape_image
-from ray_cluster import HEAD_IP, RayCluster, free_port
+from harness.ray_cluster import HEAD_IP, RayCluster, free_port
 
 pytestmark = pytest.mark.e2e
 

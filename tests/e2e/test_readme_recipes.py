@@ -14,8 +14,8 @@ import pytest
 
 from handler.model.files import read_model
 from handler.model.zoo import imagenet_labels
-from ts_server import ROOT
-from zoo_folders import hf_folder, timm_folder
+from harness.ts_server import ROOT
+from harness.zoo_folders import hf_folder, timm_folder
 
 pytestmark = pytest.mark.e2e
 

@@ -4,8 +4,8 @@
 import socket
 from contextlib import closing
 
-import ts_server
-from ts_server import start_server
+import harness.ts_server as ts_server
+from harness.ts_server import start_server
 
 
 def test_a_port_taken_before_torchserve_binds_it_is_retried_on_fresh_ports(model_store, tmp_path, monkeypatch):

@@ -20,9 +20,9 @@ import requests
 import tritonclient.http as triton_http
 import yaml
 
-from door_server import start_door
-from ts_server import ROOT, start_server
-from zoo_folders import LABELS, PARITY_CASES, assert_answers_match, photos
+from harness.door_server import start_door
+from harness.ts_server import ROOT, start_server
+from harness.zoo_folders import LABELS, PARITY_CASES, assert_answers_match, photos
 
 pytestmark = pytest.mark.e2e
 
@@ -172,7 +172,7 @@ def test_the_kserve_door_takes_the_folder(zoo, tmp_path):
 
 
 def test_ray_serve_takes_the_folder(zoo, tmp_path):
-    from ray_cluster import HEAD_IP, RayCluster, free_port
+    from harness.ray_cluster import HEAD_IP, RayCluster, free_port
 
     folder, want = zoo["hf_vit"]
     served = serving_folder(folder, tmp_path)

@@ -5,7 +5,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench_images import stock_transform
+from harness.bench_images import stock_transform
 
 
 def test_the_recreated_stock_transform_matches_torchserves(monkeypatch):

@@ -9,11 +9,13 @@ import torch
 import yaml
 from PIL import Image
 
-from agreement import stock_pipeline
-from benchmark import stock_handler_file
+from helpers import load_command
+
+stock_pipeline = load_command("benchmarks/agreement.py").stock_pipeline
+stock_handler_file = load_command("benchmarks/benchmark.py").stock_handler_file
 from handler.config import HandlerConfig
 from helpers import shape_image
-from ts_server import ROOT
+from harness.ts_server import ROOT
 
 pytest.importorskip("ts")
 

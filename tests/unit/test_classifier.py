@@ -15,7 +15,7 @@ from PIL import Image
 from handler.classifier import ClassifierClosed, ImageClassifier, ImageError, ImageInput, RequestError, read_model
 from handler.model.precision import BF16_ENV
 from helpers import encode, shape_image
-from ts_server import ROOT
+from harness.ts_server import ROOT
 
 DEMO = ROOT / "models" / "shapes"
 LABELS = ["circle", "square", "triangle"]

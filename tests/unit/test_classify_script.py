@@ -6,7 +6,7 @@ import sys
 
 from handler.classifier import ImageClassifier
 from helpers import shape_image
-from ts_server import ROOT
+from harness.ts_server import ROOT
 
 DEMO = ROOT / "models" / "shapes"
 

@@ -23,7 +23,7 @@ from handler.metrics import StageClock
 from handler.decode.path import DecodePath
 from handler.model.runner import ModelRunner
 from handler.decode.shared_memory import PixelRing
-from ts_server import ROOT
+from harness.ts_server import ROOT
 
 CUDA = torch.device("cuda", 0)
 CPU = torch.device("cpu")

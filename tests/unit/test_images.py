@@ -110,7 +110,7 @@ def test_undecodable_or_oversized_images_raise_with_status(data, status):
 
 def test_fast_jpeg_decode_matches_pillow():
     from handler.decode.images import open_image, resize_to_input, to_rgb_tensor
-    import shapes
+    import harness.shapes as shapes
     import random
 
     spec = shapes.random_spec(random.Random(5), "circle", min_side=300, max_side=400)
@@ -163,7 +163,7 @@ def test_each_interpolation_stays_close_to_the_stock_pil_pipeline_on_a_real_phot
     """The uint8 fast path against torchvision's PIL Resize + CenterCrop with the same filter."""
     from torchvision.transforms import InterpolationMode, v2
 
-    from ts_server import ROOT
+    from harness.ts_server import ROOT
 
     data = (ROOT / "tests" / "data" / "coffee.jpg").read_bytes()
     config = HandlerConfig(interpolation=interpolation)
@@ -182,7 +182,7 @@ def test_each_interpolation_stays_close_to_the_stock_pil_pipeline_on_a_real_phot
 
 def _photo_jpeg(size=(1600, 1200), mode="RGB", **save_args) -> bytes:
     """tests/data/coffee.jpg enlarged to ``size`` (a real photo, not a flat colour), re-encoded."""
-    from ts_server import ROOT
+    from harness.ts_server import ROOT
 
     image = Image.open(ROOT / "tests" / "data" / "coffee.jpg").convert("RGB").resize(size, Image.Resampling.BICUBIC)
     return encode(image.convert(mode), "JPEG", quality=90, **save_args)

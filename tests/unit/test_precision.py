@@ -13,7 +13,7 @@ from handler.model.precision import (
     resolve_precision,
 )
 from helpers import shape_image
-from ts_server import ROOT
+from harness.ts_server import ROOT
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda", 0)
 DEMO = ROOT / "models" / "shapes"

@@ -8,13 +8,15 @@ import pytest
 import torch
 import yaml
 
-import build_mar
+from helpers import load_command
+
+build_mar = load_command("scripts/build_mar.py")
 from handler.classifier import ImageClassifier
 from handler.model.files import read_model
 from handler.model.precision import BF16_ENV
 from handler.model.quantize import INT8_PROGRAM
 from helpers import shape_image
-from ts_server import ROOT
+from harness.ts_server import ROOT
 
 DEMO = ROOT / "models" / "shapes"
 LABELS = ["circle", "square", "triangle"]

@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from handler.doors.ray_serve import ImageClassifierDeployment, app, model_name
-from ts_server import ROOT
+from harness.ts_server import ROOT
 
 CONFIGS = sorted((ROOT / "deploy" / "ray").glob("*.yaml"))
 

@@ -12,7 +12,7 @@ from PIL import Image
 from handler.classifier import ImageClassifier
 from handler.config import HandlerConfig
 from handler.decode.dataset import LoaderItem
-from ts_server import ROOT
+from harness.ts_server import ROOT
 
 PHOTO = ROOT / "tests" / "data" / "coffee.jpg"
 

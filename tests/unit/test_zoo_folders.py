@@ -13,7 +13,7 @@ import yaml
 from handler.classifier import ImageClassifier
 from handler.model.files import read_model
 from handler.model.zoo import ZooFolderError, imagenet_labels
-from zoo_folders import (LABELS, PARITY_CASES, assert_answers_match, hf_folder, hf_reference, photos, reference_answers,
+from harness.zoo_folders import (LABELS, PARITY_CASES, assert_answers_match, hf_folder, hf_reference, photos, reference_answers,
                          timm_folder)
 
 PHOTOS = [data for _, data in photos()]

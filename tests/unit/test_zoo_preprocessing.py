@@ -22,7 +22,7 @@ from handler.config import HandlerConfig
 from handler.decode.images import ImageTransform, center_crop, resize_to_input
 from handler.model.files import read_model
 from handler.decode.normalize import Normalizer
-from zoo_folders import decoded, hf_folder, hf_reference, photos, timm_folder, timm_reference
+from harness.zoo_folders import decoded, hf_folder, hf_reference, photos, timm_folder, timm_reference
 
 PHOTOS = photos()
 

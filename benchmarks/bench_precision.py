@@ -2,7 +2,7 @@
 """The model's forward pass alone, per precision, compiled as the handler compiles it: how bf16
 on the CPU was chosen (converted weights against autocast) and what each precision buys.
 
-    .venv/bin/python scripts/bench_precision.py [--archs efficientnet_lite0 resnet50 mobilenet_v3_small] \\
+    .venv/bin/python benchmarks/bench_precision.py [--archs efficientnet_lite0 resnet50 mobilenet_v3_small] \\
         [--modes fp32 bf16 bf16_autocast int8] [--batch 32] [--json docs/bench_precision.json]
 
 Each (arch, mode) runs in a fresh process (inductor's settings and caches stay apart), on random

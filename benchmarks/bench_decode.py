@@ -18,7 +18,7 @@ Accuracy: each variant's input against the stock pipeline's (PIL full decode, to
 |pixel difference|; then EfficientNet-Lite0 (models/efficientnet_lite0, its own mean/std) on both:
 top-1 agreement with the stock input's top-1 and the max |probability difference|.
 
-    .venv/bin/python scripts/bench_decode.py [--sizes 640x480 1280x960 4032x3024 1920x1080]
+    .venv/bin/python benchmarks/bench_decode.py [--sizes 640x480 1280x960 4032x3024 1920x1080]
         [--images 16] [--rounds 7] [--accuracy-images 32] [--configs bicubic bilinear]
         [--json docs/bench_decode.json]
 """
@@ -41,7 +41,7 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-from bench_images import SIZES, photo_jpegs
+from harness.bench_images import SIZES, photo_jpegs
 from handler.config import HandlerConfig
 from handler.decode.images import ImageTransform, decode_jpeg_fast, draft_target, open_image, resize_to_input, to_rgb_tensor
 from handler.model.files import read_model

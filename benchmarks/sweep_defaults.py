@@ -2,9 +2,9 @@
 """Time one request through ``classify_requests`` for every combination of handler settings, each
 in a fresh process, in interleaved rounds: how the shipped defaults were chosen.
 
-    .venv/bin/python scripts/sweep_defaults.py --grid batch_size=16,32 intra_op_threads=1,2 compile=false,auto \\
+    .venv/bin/python benchmarks/sweep_defaults.py --grid batch_size=16,32 intra_op_threads=1,2 compile=false,auto \\
         [--arch mobilenet_v3_small] [--size 640x480] [--images 32] [--rounds 2]
-    .venv/bin/python scripts/sweep_defaults.py --grid precision=fp32,bf16 --arch resnet50
+    .venv/bin/python benchmarks/sweep_defaults.py --grid precision=fp32,bf16 --arch resnet50
 
 A setting may be any handler key (``precision=fp32,bf16,auto``: each row also says which precision
 the model ran in; int8 needs an archive with a calibrated program, see build_mar.py --calibrate).
@@ -34,9 +34,9 @@ def parse_value(text: str):
 def one_setting(settings: dict, model_dir: Path, size: str, images: int) -> dict:
     """Runs in a child process: the classifier set up as a server worker, then timed."""
 
-    from bench_images import photo_jpegs
+    from harness.bench_images import photo_jpegs
     from handler.classifier import ImageClassifier
-    from timing import time_requests
+    from harness.timing import time_requests
 
     with ImageClassifier.for_serving(model_dir, device="cpu", overrides=settings) as classifier:
         timed = time_requests(classifier, photo_jpegs(size, images), 15, encoding="form")
@@ -58,7 +58,7 @@ def main() -> None:
         settings, model_dir = json.loads(args.child)
         print(json.dumps(one_setting(settings, Path(model_dir), args.size, args.images)))
         return
-    from model_dirs import random_model_dir
+    from harness.model_dirs import random_model_dir
 
     keys, choices = zip(*((k, [parse_value(v) for v in vs.split(",")]) for k, vs in (g.split("=", 1) for g in args.grid)))
     grid = [{"arch": args.arch, **dict(zip(keys, combo))} for combo in itertools.product(*choices)]

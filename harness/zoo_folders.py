@@ -1,5 +1,5 @@
 """timm and transformers model folders built offline, as the zoos' own save helpers write them, and
-the zoos' own evaluation pipelines to compare the handler against (tests, scripts/zoo_parity.py).
+the zoos' own evaluation pipelines to compare the handler against (tests, benchmarks/zoo_parity.py).
 
 No hub is reachable here: timm models are created with ``pretrained=False`` and saved with
 ``timm.models.save_for_hf``; transformers models are built from small configs with random weights
@@ -185,7 +185,7 @@ def reference_answers(model: torch.nn.Module, transform: Callable, images: Seque
 
 # Every answer's probabilities within this of the zoo's own fp32 pipeline's. What limits it: the
 # pixels (README, "Serving your own model"): a level or two apart, a few values up to 9, which moves
-# these image-sensitive random models' probabilities by up to 7e-3 (scripts/zoo_parity.py).
+# these image-sensitive random models' probabilities by up to 7e-3 (benchmarks/zoo_parity.py).
 PROB_TOLERANCE = 0.02
 
 

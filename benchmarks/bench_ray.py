@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The Ray doors measured on this machine, side by side with what they replace.
 
-    .venv/bin/python scripts/bench_ray.py [--rounds 20] [--files 320] [--json docs/bench_ray.json]
+    .venv/bin/python benchmarks/bench_ray.py [--rounds 20] [--files 320] [--json docs/bench_ray.json]
 
 serve   one archive served by TorchServe and by the Ray Serve door (one replica, on a one-node
         cluster on loopback) at the same time; 32-photo 640x480 multipart/mixed requests to each in
@@ -27,13 +27,13 @@ from pathlib import Path
 import requests
 import yaml
 
-from bench_images import photo_jpegs
-from client import multipart_mixed
+from harness.bench_images import photo_jpegs
+from harness.wire import multipart_mixed
 from compare_commits import build
-from model_dirs import random_model_dir
-from ray_cluster import HEAD_IP, RayCluster, free_port, ray_env
-from timing import percentile
-from ts_server import ROOT, start_server
+from harness.model_dirs import random_model_dir
+from harness.ray_cluster import HEAD_IP, RayCluster, free_port, ray_env
+from harness.timing import percentile
+from harness.ts_server import ROOT, start_server
 
 ARCH = "mobilenet_v3_small"
 NAME = "bench"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import requests
 
-from ts_server import ROOT, free_port, stop_process_group
+from harness.ts_server import ROOT, free_port, stop_process_group
 
 
 @dataclass

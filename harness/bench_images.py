@@ -22,7 +22,7 @@ PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "r
 def photos() -> list[Image.Image]:
     """The RGB photos of ``skimage.data`` (install with ``scripts/setup.sh --bench``), or the
     images in the folder ``$BENCH_PHOTOS`` names (for a machine without scikit-image: export
-    them with ``python scripts/bench_images.py --export DIR`` where it is installed)."""
+    them with ``python harness/bench_images.py --export DIR`` where it is installed)."""
     folder = os.environ.get("BENCH_PHOTOS")
     if folder:
         files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))

@@ -7,7 +7,7 @@ from one TorchServe (one worker each) and sends 32-photo requests to each in int
 as multipart/mixed and as a form upload. Prints images/s, p50 and new/old, and checks that both
 answer the same scores.
 
-    .venv/bin/python scripts/compare_commits.py --base be463b9 [--rounds 40] [--arch mobilenet_v3_small]
+    .venv/bin/python benchmarks/compare_commits.py --base be463b9 [--rounds 40] [--arch mobilenet_v3_small]
 
 The settings are the ones both revisions understand (``--handler-json``, default: batch 16, eager).
 """
@@ -25,11 +25,11 @@ from pathlib import Path
 
 import yaml
 
-from bench_images import photo_jpegs
+from harness.bench_images import photo_jpegs
 from benchmark import send_ours
-from model_dirs import random_model_dir
-from timing import timed_ms
-from ts_server import start_server
+from harness.model_dirs import random_model_dir
+from harness.timing import timed_ms
+from harness.ts_server import start_server
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -8,7 +8,7 @@ back in a shared-memory block of its own; "shared": the bytes go through the inb
 batches come back in the pixel ring (the handler's default). The same requests are also timed
 with the real decode, for scale. The allocator is set up as the handler does it.
 
-    .venv/bin/python scripts/bench_loader.py [--images 32] [--rounds 15]
+    .venv/bin/python benchmarks/bench_loader.py [--images 32] [--rounds 15]
 """
 
 from __future__ import annotations
@@ -18,13 +18,13 @@ import statistics
 
 import torch
 
-from bench_images import photo_jpegs
+from harness.bench_images import photo_jpegs
 from handler.config import HandlerConfig
 from handler.decode.dataset import ImageBytesDataset, LoaderItem
 from handler.decode.images import ImageTransform
 from handler.decode.loader import PersistentImageLoader
 from handler.memory import keep_freed_memory
-from timing import timed_ms
+from harness.timing import timed_ms
 
 
 class FixedImage:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """How close the pipeline serves timm and transformers folders to the zoos' own fp32 pipelines.
 
-    .venv/bin/python scripts/zoo_parity.py [--out docs/zoo_parity.json]
+    .venv/bin/python benchmarks/zoo_parity.py [--out docs/zoo_parity.json]
 
 For each folder of ``zoo_folders.PARITY_CASES`` (random, image-sensitive weights; no hub here) and
 the photos of ``zoo_folders.photos()`` (tests/data at several sizes and aspect ratios): the model
@@ -24,7 +24,7 @@ import torch
 from handler.classifier import ImageClassifier, read_model
 from handler.decode.images import ImageTransform
 from handler.decode.normalize import Normalizer
-from zoo_folders import PARITY_CASES, decoded, hf_reference, photos, timm_reference
+from harness.zoo_folders import PARITY_CASES, decoded, hf_reference, photos, timm_reference
 
 
 def input_levels(folder: Path, zoo: str, images: list[bytes], settings: dict) -> dict[str, float]:

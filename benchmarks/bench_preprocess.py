@@ -9,7 +9,7 @@ interleaved, on the same JPEGs of real photos:
   ours   this handler: persistent DataLoader workers, uint8 until the device, normalize per batch
 On CUDA it also reports host->device and inference times, and end-to-end images/s (JPEG in -> labels out).
 
-    .venv/bin/python scripts/bench_preprocess.py [--quick] [--arch mobilenet_v3_small] [--json out.json]
+    .venv/bin/python benchmarks/bench_preprocess.py [--quick] [--arch mobilenet_v3_small] [--json out.json]
 """
 
 from __future__ import annotations
@@ -29,14 +29,14 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from agreement import output_agreement, stock_pipeline
-from bench_images import photo_jpegs, stock_input, stock_transform
+from harness.bench_images import photo_jpegs, stock_input, stock_transform
 from handler.classifier import ImageClassifier, read_model
 from handler.decode.dataset import LoaderItem
 from handler.devices import copied_event
 from handler.metrics import STAGE_METRICS
 from handler.model.loading import load_model
-from model_dirs import random_model_dir
-from timing import timed_ms, time_requests
+from harness.model_dirs import random_model_dir
+from harness.timing import timed_ms, time_requests
 
 
 def stock_preprocess() -> Callable[[list[bytes]], torch.Tensor]:

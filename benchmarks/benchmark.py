@@ -14,7 +14,7 @@ more slowly). Rounds interleave them all. Reports images/s and p50/p95/p99 laten
 headline ratios against the better of the two stock variants, and TorchServe's own share (a
 handler that ignores the images).
 
-    scripts/setup.sh --bench && .venv/bin/python scripts/benchmark.py [--quick] [--arch NAME] [--json PATH]
+    scripts/setup.sh --bench && .venv/bin/python benchmarks/benchmark.py [--quick] [--arch NAME] [--json PATH]
 """
 
 from __future__ import annotations
@@ -35,12 +35,12 @@ import requests
 import torch
 import yaml
 
-from bench_images import photo_jpegs, stock_input
-from model_dirs import random_model_dir
-from client import multipart_mixed
+from harness.bench_images import photo_jpegs, stock_input
+from harness.model_dirs import random_model_dir
+from harness.wire import multipart_mixed
 from handler.model.architectures import LOCAL_ARCHITECTURES
-from ts_server import Server, start_server
-from timing import latency_summary
+from harness.ts_server import Server, start_server
+from harness.timing import latency_summary
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -11,7 +11,7 @@ every setting initialized once and timed in interleaved rounds: images/s and the
 per-stage times.
 Needs torch only (no TorchServe, no Java); photos from scikit-image or $BENCH_PHOTOS.
 
-    python scripts/bench_gpu.py [--arch resnet50] [--size 640x480] [--images 512] [--json out.json]
+    python benchmarks/bench_gpu.py [--arch resnet50] [--size 640x480] [--images 512] [--json out.json]
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ from typing import Any
 
 import torch
 
-from bench_images import photo_jpegs, stock_input
-from model_dirs import random_model_dir
-from timing import request_batch
+from harness.bench_images import photo_jpegs, stock_input
+from harness.model_dirs import random_model_dir
+from harness.timing import request_batch
 from handler.config import HandlerConfig
 from handler.decode.dataset import LoaderItem
 from handler.decode.gpu import BatchedJpegDecoder, jpeg_job

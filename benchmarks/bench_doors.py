@@ -6,7 +6,7 @@ Per model, one TorchServe (only that model) and one KServe door (the same .mar) 
 but only one of them is under load at any moment: a round is one slot per (door, transport),
 ``--seconds`` each, alternating between the doors (and in reverse order every other round, so
 that drift hits both alike). In a slot, ``--clients`` threads each send requests back to back;
-every request carries the same 32 JPEG photos of 640x480 (scripts/bench_images.py). Before each
+every request carries the same 32 JPEG photos of 640x480 (harness/bench_images.py). Before each
 slot it waits (up to ``--wait-quiet`` s) until other processes use under a quarter of a core, and
 it reports the CPU that other processes used during each slot: on a shared machine, a job next
 door changes the result, and TorchServe's worker suffers far more from it than the door.
@@ -23,7 +23,7 @@ pass, 2 loader workers); the door's --max_batch_delay_ms is set to the archive's
 maxBatchDelay. Every response is checked (HTTP 200 / no error, 32 predictions); the first
 response of each transport must have the same top-1 labels as TorchServe's multipart/mixed one.
 
-    .venv/bin/python scripts/bench_doors.py [--quick] [--models efficientnet_lite0 mobilenet_v3_small]
+    .venv/bin/python benchmarks/bench_doors.py [--quick] [--models efficientnet_lite0 mobilenet_v3_small]
         [--rounds 3] [--seconds 20] [--warmup 10] [--clients 2] [--wait-quiet 60] [--transports ...]
         [--json docs/bench_doors.json] [--md docs/bench_doors.md]
 
@@ -34,7 +34,7 @@ model_store/efficientnet_lite0.mar would compare two versions); ``--lite0-mar PA
 existing archive instead. Any other name is a torchvision architecture with random weights
 (calibrated on the photos so that top-1 varies), archived with lite0's settings.
 This process never imports kserve (its protobuf symbols clash with tritonclient.grpc's): the
-door is a process of its own (scripts/door_server.py).
+door is a process of its own (harness/door_server.py).
 """
 
 from __future__ import annotations
@@ -65,11 +65,11 @@ import psutil
 import requests
 import yaml
 
-from bench_images import photo_jpegs
-from client import multipart_mixed
-from door_server import Door, start_door
-from timing import percentile
-from ts_server import Server, start_server
+from harness.bench_images import photo_jpegs
+from harness.wire import multipart_mixed
+from harness.door_server import Door, start_door
+from harness.timing import percentile
+from harness.ts_server import Server, start_server
 
 import tritonclient.grpc as triton_grpc  # never beside kserve: see the docstring
 import tritonclient.http as triton_http
@@ -489,8 +489,8 @@ def lite0_mar(store: Path) -> Path:
 
 def random_mar(arch: str, store: Path, work: Path) -> Path:
     """``arch`` with random weights (calibrated on the photos), lite0's TorchServe and batch settings."""
-    from bench_images import stock_input
-    from model_dirs import random_model_dir
+    from harness.bench_images import stock_input
+    from harness.model_dirs import random_model_dir
 
     calibration = stock_input(photo_jpegs(SIZE, 16))
     model_dir = random_model_dir(work / f"{arch}_weights", arch, calibration=calibration)
@@ -790,7 +790,7 @@ def main() -> None:
     started = time.time()
     result: dict[str, Any] = {
         "git": git_state(),
-        "command": " ".join([".venv/bin/python", "scripts/bench_doors.py", *map(shlex.quote, sys.argv[1:])]),
+        "command": " ".join([".venv/bin/python", "benchmarks/bench_doors.py", *map(shlex.quote, sys.argv[1:])]),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": machine(),
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "images": {"size": SIZE, "per_request": BATCH},

@@ -2,7 +2,7 @@
 """Time to READY of TorchServe serving a shipped archive: eager (as on a machine without a C++
 compiler), compiled with a cold inductor cache, and compiled again with that cache warm.
 
-    .venv/bin/python scripts/startup_time.py [--mars model_store/shapes.mar model_store/efficientnet_lite0.mar]
+    .venv/bin/python benchmarks/startup_time.py [--mars model_store/shapes.mar model_store/efficientnet_lite0.mar]
                                              [--json docs/startup.json]
 
 Each start is a fresh TorchServe (Java frontend + one Python worker) from a temp dir, one model at
@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ts_server import start_server
+from harness.ts_server import start_server
 
 ROOT = Path(__file__).resolve().parent.parent
 

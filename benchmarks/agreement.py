@@ -2,7 +2,7 @@
 """Do our answers stay with the stock pipeline's? Top-1 agreement and the largest probability
 difference, per photo size, beside the same stock pipeline on the photos merely re-encoded.
 
-    .venv/bin/python scripts/agreement.py --model model_store/efficientnet_lite0.mar \\
+    .venv/bin/python benchmarks/agreement.py --model model_store/efficientnet_lite0.mar \\
         [--sizes 640x480 1280x960 4032x3024] [--count 32] [--precisions fp32 bf16 int8] [--json docs/agreement.json]
 
 stock  PIL decode, Resize(resize_size, the model's interpolation), CenterCrop, ToTensor,
@@ -27,7 +27,7 @@ from typing import Callable
 import torch
 from PIL import Image
 
-from bench_images import SIZES, photo_jpegs
+from harness.bench_images import SIZES, photo_jpegs
 from handler.classifier import ImageClassifier, read_model
 from handler.config import HandlerConfig
 from handler.decode.dataset import LoaderItem
