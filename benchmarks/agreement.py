@@ -3,7 +3,7 @@
 difference, per photo size, beside the same stock pipeline on the photos merely re-encoded.
 
     .venv/bin/python benchmarks/agreement.py --model model_store/efficientnet_lite0.mar \\
-        [--sizes 640x480 1280x960 4032x3024] [--count 32] [--precisions fp32 bf16 int8] [--json docs/agreement.json]
+        [--sizes 640x480 1280x960 4032x3024] [--count 32] [--precisions fp32 bf16 int8] [--json docs/results/agreement_efficientnet_lite0.json]
 
 stock  PIL decode, Resize(resize_size, the model's interpolation), CenterCrop, ToTensor,
        Normalize(the model's mean/std), the plain eager model (what TorchServe's stock

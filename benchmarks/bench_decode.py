@@ -20,7 +20,7 @@ top-1 agreement with the stock input's top-1 and the max |probability difference
 
     .venv/bin/python benchmarks/bench_decode.py [--sizes 640x480 1280x960 4032x3024 1920x1080]
         [--images 16] [--rounds 7] [--accuracy-images 32] [--configs bicubic bilinear]
-        [--json docs/bench_decode.json]
+        [--json docs/results/bench_decode.json]
 """
 
 from __future__ import annotations

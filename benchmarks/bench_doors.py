@@ -25,7 +25,7 @@ response of each transport must have the same top-1 labels as TorchServe's multi
 
     .venv/bin/python benchmarks/bench_doors.py [--quick] [--models efficientnet_lite0 mobilenet_v3_small]
         [--rounds 3] [--seconds 20] [--warmup 10] [--clients 2] [--wait-quiet 60] [--transports ...]
-        [--json docs/bench_doors.json] [--md docs/bench_doors.md]
+        [--json docs/results/bench_doors.json] [--md docs/results/bench_doors.md]
 
 ``efficientnet_lite0`` is archived afresh by scripts/build_mar.py from models/efficientnet_lite0
 (its weights and model-config.yaml) into a temporary store, so that TorchServe runs the handler
@@ -776,7 +776,7 @@ def main() -> None:
     if args.quick:
         args.rounds, args.seconds, args.warmup, args.wait_quiet = 1, 3, 3, min(args.wait_quiet, 5)
     args.models = args.models or (["mobilenet_v3_small"] if args.quick else [LITE0, "mobilenet_v3_small"])
-    default_dir = Path(tempfile.gettempdir()) if args.quick else ROOT / "docs"
+    default_dir = Path(tempfile.gettempdir()) if args.quick else ROOT / "docs" / "results"
     args.json = args.json or default_dir / ("bench_doors_quick.json" if args.quick else "bench_doors.json")
     args.md = args.md or default_dir / ("bench_doors_quick.md" if args.quick else "bench_doors.md")
     if args.rounds < 1 or args.seconds <= 0 or args.clients < 1 or args.warmup < 0:

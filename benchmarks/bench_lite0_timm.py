@@ -3,7 +3,7 @@
 ``handler.model.architectures.EfficientNetLite0``? Both given the registry package's ImageNet weights
 (timm's mapped by position: every shape equal), measured side by side in one run:
 
-    .venv/bin/python benchmarks/bench_lite0_timm.py [--runs 7] [--batch 32] [--out docs/bench_lite0_timm.json]
+    .venv/bin/python benchmarks/bench_lite0_timm.py [--runs 7] [--batch 32] [--out docs/results/bench_lite0_timm.json]
 
 - equality: logits on random inputs and on the real photos (tests/data), fp32, eager;
 - compile: the time to compile batch ``--batch`` (inductor; bf16 frozen as the pipeline serves it

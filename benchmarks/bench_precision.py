@@ -3,7 +3,7 @@
 on the CPU was chosen (converted weights against autocast) and what each precision buys.
 
     .venv/bin/python benchmarks/bench_precision.py [--archs efficientnet_lite0 resnet50 mobilenet_v3_small] \\
-        [--modes fp32 bf16 bf16_autocast int8] [--batch 32] [--json docs/bench_precision.json]
+        [--modes fp32 bf16 bf16_autocast int8] [--batch 32] [--json docs/results/bench_precision.json]
 
 Each (arch, mode) runs in a fresh process (inductor's settings and caches stay apart), on random
 weights (speed does not depend on them), BatchNorm folded, channels_last, torch.compile for the

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The Ray doors measured on this machine, side by side with what they replace.
 
-    .venv/bin/python benchmarks/bench_ray.py [--rounds 20] [--files 320] [--json docs/bench_ray.json]
+    .venv/bin/python benchmarks/bench_ray.py [--rounds 20] [--files 320] [--json docs/results/bench_ray.json]
 
 serve   one archive served by TorchServe and by the Ray Serve door (one replica, on a one-node
         cluster on loopback) at the same time; 32-photo 640x480 multipart/mixed requests to each in

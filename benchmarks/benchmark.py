@@ -318,7 +318,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--clients", type=int, default=1, help="clients sending a 32-image batch at once")
     parser.add_argument("--sizes", nargs="+", default=["640x480", "1280x960", "4032x3024"])
-    parser.add_argument("--json", type=Path, default=ROOT / "docs" / "benchmark.json")
+    parser.add_argument("--json", type=Path, default=ROOT / "docs" / "results" / "benchmark.json")
     args = parser.parse_args()
     if args.quick:
         args.sizes, args.rounds = ["640x480", "1280x960"], 3

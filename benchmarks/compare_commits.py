@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -36,10 +37,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def build(root: Path, name: str, model_dir: Path, arch: str, config: Path, store: Path) -> None:
     """An archive of ``model_dir`` with the handler package of the tree at ``root``."""
+    # That tree's own handler package, not the installed one: its build_mar imports it.
+    env = {**os.environ, "PYTHONPATH": str(root)}
     subprocess.run([sys.executable, str(root / "scripts" / "build_mar.py"), "--arch", arch,
                     "--weights", str(model_dir / "weights.pt"), "--labels", str(model_dir / "index_to_name.json"),
                     "--name", name, "--export-path", str(store), "--config", str(config)],
-                   check=True, capture_output=True)
+                   check=True, capture_output=True, env=env)
 
 
 def main() -> None:

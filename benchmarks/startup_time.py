@@ -3,7 +3,7 @@
 compiler), compiled with a cold inductor cache, and compiled again with that cache warm.
 
     .venv/bin/python benchmarks/startup_time.py [--mars model_store/shapes.mar model_store/efficientnet_lite0.mar]
-                                             [--json docs/startup.json]
+                                             [--json docs/results/startup_time.json]
 
 Each start is a fresh TorchServe (Java frontend + one Python worker) from a temp dir, one model at
 a time; "READY" is what the management API reports, so it includes starting the JVM and the

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """How close the pipeline serves timm and transformers folders to the zoos' own fp32 pipelines.
 
-    .venv/bin/python benchmarks/zoo_parity.py [--out docs/zoo_parity.json]
+    .venv/bin/python benchmarks/zoo_parity.py [--out docs/results/zoo_parity.json]
 
 For each folder of ``zoo_folders.PARITY_CASES`` (random, image-sensitive weights; no hub here) and
 the photos of ``zoo_folders.photos()`` (tests/data at several sizes and aspect ratios): the model

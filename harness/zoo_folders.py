@@ -184,7 +184,7 @@ def reference_answers(model: torch.nn.Module, transform: Callable, images: Seque
 
 
 # Every answer's probabilities within this of the zoo's own fp32 pipeline's. What limits it: the
-# pixels (README, "Serving your own model"): a level or two apart, a few values up to 9, which moves
+# pixels (docs/serving-your-own-model.md): a level or two apart, a few values up to 9, which moves
 # these image-sensitive random models' probabilities by up to 7e-3 (benchmarks/zoo_parity.py).
 PROB_TOLERANCE = 0.02
 

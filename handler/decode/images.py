@@ -98,7 +98,7 @@ def decode_jpeg_fast(data: bytes) -> torch.Tensor | None:
 def decode_jpeg_scaled(data: bytes, image: Image.Image, target: int) -> torch.Tensor | None:
     """simplejpeg's (libjpeg-turbo) DCT-scaled decode at the factor Pillow's draft picks for
     ``target``: the largest of 1/2, 1/4, 1/8 keeping the short side >= ``target``. The same pixels
-    as the draft, 12-22 % faster end to end (benchmarks/bench_decode.py, docs/bench_decode.json).
+    as the draft, 12-22 % faster end to end (benchmarks/bench_decode.py, docs/results/bench_decode.json).
 
     Not libjpeg-turbo's other M/8 factors (3/8, 5/8..7/8): their IDCT has no SIMD code; in
     bench_decode.py 7/8 was slower than a full decode, and 3/8 no faster than 1/2 while further

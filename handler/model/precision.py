@@ -123,7 +123,7 @@ class Bf16Model(nn.Module):
     """A copy of a model with its weights in bf16, fp32 in and out. Its last Linear layer (the
     classifier head) stays fp32, so the logits are not rounded to bf16's 8 bits. Compiled, it
     runs efficientnet_lite0 faster than autocast does and the others as fast
-    (benchmarks/bench_precision.py, docs/bench_precision.json)."""
+    (benchmarks/bench_precision.py, docs/results/bench_precision.json)."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()

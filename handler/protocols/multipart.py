@@ -35,7 +35,7 @@ def parse_multipart_body(body: bytes | bytearray) -> ParsedRequest:
     """An undecoded multipart body (it starts with its ``--boundary`` line) -> its parts' images.
 
     TorchServe decodes ``multipart/form-data`` itself, in its frontend, which costs more than
-    splitting here (README, Performance: transport-only figures); a ``multipart/mixed`` body of
+    splitting here (docs/performance.md: transport-only figures); a ``multipart/mixed`` body of
     the same parts reaches the handler whole.
     """
     first_line_end = body.find(b"\r\n")

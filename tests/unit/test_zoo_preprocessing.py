@@ -2,8 +2,8 @@
 own transform on real photos: timm's ``create_transform`` of its resolved data config, and the
 transformers image processor's PIL backend.
 
-What may differ, and the bounds asserted here (in 0-255 pixel levels; README, "Serving your own
-model"): the pipeline decodes as Pillow does (the same libjpeg-turbo pixels) and takes the zoo's
+What may differ, and the bounds asserted here (in 0-255 pixel levels;
+docs/serving-your-own-model.md): the pipeline decodes as Pillow does (the same libjpeg-turbo pixels) and takes the zoo's
 sizes, crop offsets, padding and normalization exactly; only the resampling is torch's antialiased
 uint8 resize instead of Pillow's. Both implement Pillow's filters and round between their two
 passes; they land at most 1-2 levels apart, except where a bicubic overshoot is clipped between the
