@@ -48,3 +48,20 @@ def test_shipped_serve_configs_build_with_this_builder(path):
 
 def test_both_configs_are_shipped():
     assert [p.name for p in CONFIGS] == ["serve-cpu.yaml", "serve-gpu.yaml"]
+
+
+def test_rays_health_check_asks_the_models_health():
+    """Ray calls check_health on each replica; it answers from the same call as every door's
+    probe (ServingLoop.healthy, which replaces a dead loader worker first) and raises when the
+    model cannot serve, so that Ray replaces the replica."""
+    from types import SimpleNamespace
+
+    replica = object.__new__(ImageClassifierDeployment)
+    replica.name = "shapes"
+    asked = []
+    replica.loop = SimpleNamespace(healthy=lambda: asked.append(1) or True, close=lambda: None)
+    replica.check_health()
+    replica.loop = SimpleNamespace(healthy=lambda: asked.append(1) or False, close=lambda: None)
+    with pytest.raises(RuntimeError, match="model shapes is unhealthy"):
+        replica.check_health()
+    assert len(asked) == 2
