@@ -39,6 +39,7 @@ from harness.bench_images import photo_jpegs, stock_input
 from harness.model_dirs import random_model_dir
 from harness.wire import multipart_mixed
 from handler.model.architectures import LOCAL_ARCHITECTURES
+from harness.commands import load_command
 from harness.ts_server import Server, start_server
 from harness.timing import latency_summary
 
@@ -93,10 +94,9 @@ def stock_handler_file(handler: dict) -> str:
 def model_weights(arch: str, work: Path) -> tuple[Path, Path]:
     """(weights, labels): the real ImageNet model's, or calibrated random weights of ``arch``."""
     if arch == "efficientnet_lite0":
-        from build_mar import LITE0_DIR, LITE0_WEIGHTS, ensure_lite0_weights
-
-        ensure_lite0_weights()
-        return LITE0_WEIGHTS, LITE0_DIR / "index_to_name.json"
+        build_mar = load_command("scripts/build_mar.py")
+        build_mar.ensure_lite0_weights()
+        return build_mar.LITE0_WEIGHTS, build_mar.LITE0_DIR / "index_to_name.json"
     model_dir = random_model_dir(work / "weights", arch, calibration=stock_input(photo_jpegs("640x480", 16)))
     return model_dir / "weights.pt", model_dir / "index_to_name.json"
 
@@ -113,9 +113,8 @@ def build_archives(arch: str, store: Path, work: Path) -> None:
     # preprocessing), any other with every handler setting at its default.
     handler = {"arch": arch}
     if arch == "efficientnet_lite0":
-        from build_mar import LITE0_DIR
-
-        handler = yaml.safe_load((LITE0_DIR / "model-config.yaml").read_text())["handler"]
+        handler = yaml.safe_load((load_command("scripts/build_mar.py").LITE0_DIR / "model-config.yaml").read_text())[
+            "handler"]
     ours_cfg.write_text(yaml.safe_dump({**common, "batchSize": 8, "maxBatchDelay": 5, "handler": handler}))
     model_file = work / "stock_model.py"
     model_file.write_text(stock_model_file(arch, 1000))
@@ -128,7 +127,7 @@ def build_archives(arch: str, store: Path, work: Path) -> None:
         (work / f"{name}.yaml").write_text(yaml.safe_dump(config))
         subprocess.run([archiver, "--model-name", name, "--version", "1.0", "--model-file", str(model_file),
                         "--serialized-file", str(weights), "--handler", stock_handler,
-                        "--extra-files", f"{labels},{ROOT / 'handler' / 'architectures.py'}",
+                        "--extra-files", f"{labels},{ROOT / 'handler' / 'model' / 'architectures.py'}",
                         "--config-file", str(work / f"{name}.yaml"), "--export-path", str(store), "--force"],
                        check=True)
     # Random weights stand in for a trained model's speed; their answers mean nothing, so the

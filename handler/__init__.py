@@ -10,8 +10,8 @@ contract in pyproject.toml, checked by ``lint-imports`` in the test command); no
         kserve_door         KServe's model server (python -m handler.doors.kserve_door)
         ray_serve           Ray Serve (serve run handler.doors.ray_serve:app model=...)
         ray_data            offline classification on a Ray cluster (Ray Data actors)
-    serving       the serving loop every door calls: decode -> admit -> classify (batched by
-                  image count) -> encode -> reply or error -> telemetry; health
+    serving       the serving loop every door calls: parse -> classify (batched by image
+                  count) -> encode -> reply or error -> telemetry; health
     batcher       concurrent requests gathered into batches counted in images
     classifier    ImageClassifier: load / for_serving / classify / classify_requests / healthy
     protocols/    wire formats, one module each, parse and encode together (raw, multipart,

@@ -79,17 +79,22 @@ class ServingLoop:
             raise RuntimeError("this loop batches nothing itself (max_batch_delay_s is None): use serve_batch")
         return await self.batcher.submit(request.images)
 
-    def encode(self, request: ParsedRequest, outcome: Outcome, *, count: bool = True) -> Answer:
+    def encode(self, request: ParsedRequest, outcome: Outcome, *, count: bool = True,
+               index: int | None = None) -> Answer:
         """The answer in the request's own format, or its error's (``refuse``)."""
         if isinstance(outcome, RequestError):
-            return self.refuse(outcome, count=count)
+            return self.refuse(outcome, count=count, index=index)
         return Answer(200, request.reply(outcome, self.name))
 
-    def refuse(self, error: RequestError, *, count: bool = True) -> Answer:
-        """The answer to a request that fails: its status and JSON error body; a 4xx is counted
-        as rejected (``count`` False: the caller counts)."""
+    def refuse(self, error: RequestError, *, count: bool = True, index: int | None = None) -> Answer:
+        """The answer to a request that fails: its status and JSON error body; a 4xx is logged
+        (with the request's ``index`` in its server's batch, where there is one) and counted as
+        rejected (``count`` False: the caller counts, or it is no rejection of a request)."""
         if error.status < 500:
-            log.info("request rejected: %s", error)
+            if index is None:
+                log.info("request rejected: %s", error)
+            else:
+                log.info("request %d rejected: %s", index, error)
             if count:
                 self.exporter.rejected(1)
         return Answer(error.status, error_reply(error), error)
@@ -121,8 +126,10 @@ class ServingLoop:
         result = self.classifier.classify_requests([p.images for p in parsed if isinstance(p, ParsedRequest)])
         started = time.perf_counter()
         outcomes = iter(result.results)
-        answers = [self.refuse(p, count=False) if isinstance(p, RequestError) else self.encode(p, next(outcomes), count=False)
-                   for p in parsed]
+        answers = [self.refuse(p, count=False, index=i) if isinstance(p, RequestError)
+                   else self.encode(p, next(outcomes), count=False, index=i) for i, p in enumerate(parsed)]
+        for answer in answers:
+            answer.reply.body  # serialized here (made once), so that postprocessing's time holds it
         result.timings["PostprocessMs"] += (time.perf_counter() - started) * 1000.0
         exporter.batch(figures(result, len(parsed)))
         # One count per batch (zero included), as TorchServe's metrics have always had it.

@@ -10,4 +10,5 @@ with the package by scripts/setup.sh):
     bench_images  real photos at benchmark sizes, and the stock handler's transform
     timing        latency summaries and timed request loops
     wire          request bodies as clients send them (multipart/mixed)
+    commands      a command of scripts/ or benchmarks/ loaded as a module
 """

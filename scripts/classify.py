@@ -24,7 +24,7 @@ from pathlib import Path
 
 from handler.classifier import ImageClassifier, ModelSpec, read_model
 from handler.doors.ray_data import classify_dataset
-from handler.offline import RowWriter, images_per_call, row
+from handler.offline import OUTPUT_SUFFIXES, RowWriter, images_per_call, row
 from image_files import Progress, expand_or_exit, finish, write_rows
 
 
@@ -52,20 +52,16 @@ def main() -> None:
     parser.add_argument("--actors", type=int, help="with --ray: classifier actors (default: one per node)")
     parser.add_argument("--num-gpus", type=float, default=0.0, help="with --ray: GPUs per actor")
     args = parser.parse_args()
-    try:
-        writer = RowWriter(args.out)
-    except ValueError as exc:
-        raise SystemExit(f"classify: {exc}")
-    with writer:
-        if args.ray:
-            failures = classify_on_ray(args, writer)
-        else:
-            failures = classify_here(args, writer)
+    if args.out.suffix not in OUTPUT_SUFFIXES:
+        raise SystemExit(f"classify: --out {args.out} must end in {' or '.join(OUTPUT_SUFFIXES)}")
+    run = classify_on_ray if args.ray else classify_here
+    failures, writer = run(args)
     finish(writer, failures)
 
 
-def classify_here(args: argparse.Namespace, writer: RowWriter) -> list[dict]:
-    """The files classified in this process, a chunk at a time."""
+def classify_here(args: argparse.Namespace) -> tuple[list[dict], RowWriter]:
+    """The files classified in this process, a chunk at a time; the output opened once the
+    files and the model are known good (a failed start leaves an earlier output as it was)."""
     paths = expand_or_exit(args.paths, "classify")
     began = time.perf_counter()
     try:
@@ -77,7 +73,7 @@ def classify_here(args: argparse.Namespace, writer: RowWriter) -> list[dict]:
     progress = Progress(len(paths))
     failures = []
     ready = time.perf_counter()
-    with classifier:
+    with classifier, RowWriter(args.out) as writer:
         for start in range(0, len(paths), per_call):
             chunk = paths[start : start + per_call]
             rows = [row(str(path), result) for path, result in zip(chunk, classifier.classify(chunk))]
@@ -87,10 +83,10 @@ def classify_here(args: argparse.Namespace, writer: RowWriter) -> list[dict]:
     # Start-up (model read, compiled batch sizes warmed up) apart from the images' own time.
     print(f"\nclassify: {len(paths)} images in {elapsed:.2f} s ({len(paths) / max(elapsed, 1e-9):.1f} images/s) "
           f"after {ready - began:.1f} s of start-up", file=sys.stderr)
-    return failures
+    return failures, writer
 
 
-def classify_on_ray(args: argparse.Namespace, writer: RowWriter) -> list[dict]:
+def classify_on_ray(args: argparse.Namespace) -> tuple[list[dict], RowWriter]:
     """The same rows, classified on a Ray cluster: local paths expanded here, URIs as given."""
     paths = [str(p.resolve()) for p in expand_or_exit([p for p in args.paths if "://" not in p], "classify")]
     paths += [p for p in args.paths if "://" in p]
@@ -103,16 +99,17 @@ def classify_on_ray(args: argparse.Namespace, writer: RowWriter) -> list[dict]:
     progress = Progress(len(paths))
     per_call = images_per_call(spec.config)
     failures, chunk = [], []
-    for result in classify_dataset(paths, args.model.resolve(), address=args.ray, actors=args.actors,
-                                   num_gpus=args.num_gpus, device=args.device, overrides=overrides,
-                                   rows_per_call=per_call):
-        chunk.append(result)
-        if len(chunk) == per_call:
-            write_rows(writer, chunk, progress)
-            failures += [r for r in chunk if "error" in r]
-            chunk = []
-    write_rows(writer, chunk, progress)
-    return failures + [r for r in chunk if "error" in r]
+    rows = classify_dataset(paths, args.model.resolve(), address=args.ray, actors=args.actors,
+                            num_gpus=args.num_gpus, device=args.device, overrides=overrides, rows_per_call=per_call)
+    with RowWriter(args.out) as writer:
+        for result in rows:
+            chunk.append(result)
+            if len(chunk) == per_call:
+                write_rows(writer, chunk, progress)
+                failures += [r for r in chunk if "error" in r]
+                chunk = []
+        write_rows(writer, chunk, progress)
+    return failures + [r for r in chunk if "error" in r], writer
 
 
 if __name__ == "__main__":

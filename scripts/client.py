@@ -22,7 +22,7 @@ from typing import Any
 
 import requests
 
-from handler.offline import RowWriter, error_row, result_row
+from handler.offline import OUTPUT_SUFFIXES, RowWriter, error_row, result_row
 from harness.wire import multipart_mixed
 from image_files import Progress, expand_or_exit, finish, write_rows
 
@@ -95,6 +95,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.batch < 1 or args.concurrency < 1:
         parser.error("--batch and --concurrency must be at least 1")
+    if args.out.suffix not in OUTPUT_SUFFIXES:
+        parser.error(f"--out must end in {' or '.join(OUTPUT_SUFFIXES)}")
 
     paths = expand_or_exit(args.paths, "client")
     session = requests.Session()

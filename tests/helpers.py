@@ -2,32 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 from PIL import Image
 
-from harness.shapes import shape_image  # noqa: F401  (in harness/shapes.py, which the demo scripts import too)
-
-
-def load_command(relative: str) -> ModuleType:
-    """A command of scripts/ or benchmarks/ as a module, for the tests of its functions: neither
-    folder is a package, nor on the tests' import path (``load_command("scripts/build_mar.py")``)."""
-    path = Path(__file__).resolve().parents[1] / relative
-    name = f"command_{path.stem}"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, path)
-        assert spec is not None and spec.loader is not None, path
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # dataclasses look their module up here
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+from harness.commands import load_command  # noqa: F401  (tests load a command's functions)
+from harness.shapes import shape_image  # noqa: F401  (the demo's shapes, which its scripts draw too)
 
 
 def encode(image: Image.Image, fmt: str = "PNG", **save_args: Any) -> bytes:

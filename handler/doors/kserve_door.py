@@ -19,6 +19,7 @@ string per image; v1 ``{"predictions": [...]}``.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
 import uuid
@@ -139,7 +140,7 @@ class Exchange:
 
 
 def infer_response(document: dict[str, Any], request: InferRequest) -> InferResponse:
-    """Our v2 answer (``kserve_v2.InferResponse``'s document) as KServe's InferResponse, which
+    """Our v2 answer (``kserve_v2.V2Encoder``'s document) as KServe's InferResponse, which
     KServe sends over REST (JSON or binary, as the request asked) or gRPC."""
     outputs = [InferOutput(name=o["name"], shape=o["shape"], datatype=o["datatype"], data=o["data"])
                for o in document["outputs"]]
@@ -159,9 +160,14 @@ class ImageClassifierModel(Model):
         self.model_dir = model_dir
         self.device = device
         self.max_batch_delay_s = max_batch_delay_s
+        self.ready: bool = False
         self.loop: ServingLoop | None = None
 
     def load(self) -> bool:
+        """Start the model once. KServe calls this again for a model whose health check fails: a
+        second classifier would only leak the first's workers and memory, so it is not made."""
+        if self.loop is not None:
+            return bool(self.ready)
         classifier = ImageClassifier.for_serving(self.model_dir, device=self.device)
         self.loop = ServingLoop(classifier, self.name, PrometheusMetrics(self.name),
                                 max_batch_delay_s=self.max_batch_delay_s)
@@ -171,8 +177,12 @@ class ImageClassifierModel(Model):
         return self.ready
 
     async def healthy(self) -> bool:
-        """Readiness (``/v2/models/NAME/ready``, gRPC ModelReady): loaded, and the model healthy."""
-        return bool(self.ready and self.loop is not None and self.loop.healthy())
+        """Readiness (``/v2/models/NAME/ready``, gRPC ModelReady; KServe also asks before each
+        inference): loaded, and the model healthy. Off the event loop: replacing a dead loader
+        worker forks."""
+        if not self.ready or self.loop is None:
+            return False
+        return await asyncio.to_thread(self.loop.healthy)
 
     @property
     def classifier(self) -> ImageClassifier:

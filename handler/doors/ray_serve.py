@@ -89,10 +89,11 @@ class ImageClassifierDeployment:
         if request.method == "GET" and path in ("/ping", "/ping/"):
             return JSONResponse({"status": "Healthy"})
         if path not in self._routes:
+            # A wrong address, not a rejected request: not counted as one.
             return self._send(self.loop.refuse(RequestError(
-                "not_found", f"no route {request.method} {path}; POST to one of {sorted(self._routes)}")))
+                "not_found", f"no route {request.method} {path}; POST to one of {sorted(self._routes)}"), count=False))
         if request.method != "POST":
-            return self._send(self.loop.refuse(RequestError("method_not_allowed", f"{path} takes POST")))
+            return self._send(self.loop.refuse(RequestError("method_not_allowed", f"{path} takes POST"), count=False))
         headers = {key.lower(): value for key, value in request.headers.items()}
         return self._send(await self.loop.serve(await request.body(), headers))
 

@@ -11,7 +11,7 @@ A row is one request as TorchServe hands it to ``handle``:
 Request headers come separately (``context.get_all_request_header``): every HTTP request carries
 at least ``Host``; a gRPC call carries none at all (TorchServe's gRPC service passes no metadata).
 The wire formats themselves are ``handler.protocols`` and the loop ``handler.serving``; what is
-TorchServe's own is here. Nothing but this module and ``service`` imports ``ts``.
+TorchServe's own is here. Nothing but this module imports ``ts``.
 """
 
 from __future__ import annotations

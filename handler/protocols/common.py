@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import json
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -25,14 +26,14 @@ JSON_SHAPE_HELP = (
 class Reply:
     """An answer: its JSON ``document``, and how it goes on the wire (``body``, ``content_type``,
     ``headers``). A door that serializes answers itself (KServe) takes the document; the others
-    send the body, made only when asked for."""
+    send the body, made once, when first asked for."""
 
     content_type = "application/json"
 
     def __init__(self, document: Any) -> None:
         self.document = document
 
-    @property
+    @functools.cached_property
     def body(self) -> str | bytes:
         return json.dumps(self.document)
 

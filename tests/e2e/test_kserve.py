@@ -7,9 +7,10 @@ import json
 import pytest
 import requests
 
-from helpers import shape_image
-from kserve_package import package
 from harness.ts_server import start_server
+from helpers import load_command, shape_image
+
+package = load_command("scripts/kserve_package.py").package
 
 pytestmark = pytest.mark.e2e
 
