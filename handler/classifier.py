@@ -79,7 +79,8 @@ class ImageClassifier:
         self.labels: list[str] = spec.labels
         self.device = resolve_device(device)
         self._pipeline: Pipeline | None = Pipeline.start(spec.config, spec.labels, spec.weights, self.device,
-                                                           int8_program=spec.int8_program)
+                                                           int8_program=spec.int8_program,
+                                                           record=spec.gate_record)
         self._lock = threading.Lock()
 
     @classmethod

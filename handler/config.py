@@ -13,6 +13,7 @@ RESIZE_MODES = ("center_crop", "letterbox", "squash", "squash_center_crop", "bor
 CROP_OFFSETS = ("round", "floor")
 INTERPOLATIONS = ("bilinear", "bicubic")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16", "int8")
+RUNTIMES = ("auto", "torch", "openvino")
 DECODE_DEVICES = ("cpu", "cuda")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -72,12 +73,19 @@ class HandlerConfig:
         jpeg_draft_margin: DCT scaling stops at this many times the size the resize needs, so the
             antialiased resize still downscales after it (1.0: fastest, further from the stock
             pipeline's pixels).
-        precision: ``auto`` (the default): bf16 on a CPU with bf16 matrix units (AMX or
-            AVX512-BF16), fp32 elsewhere (GPUs included); ``fp32``; ``bf16`` (on the CPU the
+        precision: ``auto`` (the default): bf16 on a CPU where the runtime's bf16 is faster
+            (torch: AMX or AVX512-BF16; OpenVINO: AMX) and the model's gate record
+            (``gate_record.json``, ``handler.model.records``) says bf16 passed for these very
+            weights; fp32 otherwise (GPUs included), and the log says how to gate; ``fp32``; ``bf16`` (on the CPU the
             weights converted, ``handler.model.precision.Bf16Model``; on a GPU autocast); ``fp16``
             (CUDA autocast); ``int8``: the calibrated program that ``build_mar.py --calibrate``
             stores in the archive (CPU, compiled only). What cannot run here runs fp32, with an
             error in the log (``handler.model.precision``, the module).
+        runtime: what runs the model on a CPU: ``auto`` (the default): OpenVINO where it is
+            installed and converts the model, torch otherwise; ``torch`` (eager or
+            ``torch.compile``); ``openvino`` (the model converted once and cached by its weights'
+            hash, ``handler.model.ov_runtime``). A model OpenVINO cannot convert runs on torch,
+            with one log line; on a GPU the model runs on torch. int8 runs on torch.
         batch_buckets: pad every forward pass to the smallest of these batch sizes that fits, so
             the model only ever sees a few fixed shapes (each is warmed up in initialize). Empty:
             no padding, except for a compiled model, which gets ``compile_buckets``.
@@ -131,6 +139,7 @@ class HandlerConfig:
     jpeg_draft: bool = True
     jpeg_draft_margin: float = 1.5
     precision: str = "auto"
+    runtime: str = "auto"
     batch_buckets: tuple[int, ...] = ()
     cudnn_benchmark: bool = False
     fuse_batchnorm: bool = True
@@ -169,6 +178,8 @@ class HandlerConfig:
         _positive("batch_size", self.batch_size)
         _positive("max_images_per_request", self.max_images_per_request)
         _positive("max_image_pixels", self.max_image_pixels)
+        if self.runtime not in RUNTIMES:
+            raise ValueError(f"handler.runtime must be one of {', '.join(RUNTIMES)}; got {self.runtime!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"handler.precision must be one of {', '.join(PRECISIONS)}; got {self.precision!r}")
         buckets = self.batch_buckets

@@ -17,20 +17,24 @@ folder's, unless ``--name``), labels and evaluation preprocessing come from the 
 ``transformers``). ``--config`` (or a model-config.yaml in the folder) adds TorchServe keys and
 handler settings, which win over the folder's.
 
-Accuracy gates: an archive whose ``handler.precision`` is bf16 or int8 is refused when that
-precision's top-1 answers agree with fp32's on fewer than 99 % (bf16) or 98 % (int8) of the gate's
-images: those of ``--calibrate DIR``, else tests/data's photos and views of them. ``auto`` (the
-default: bf16 where the serving CPU has bf16 matrix units) is checked as bf16; below its gate the
-archive is built with ``precision: fp32`` instead, and says so. int8 needs ``--calibrate DIR``:
-its scales are observed on those images and the quantized program is stored in the archive.
-``--no-gate`` skips the gate: only for speed stand-ins with random weights (benchmarks), whose
-answers mean nothing.
+Accuracy gate (``--eval DIR_OR_CSV``: labelled held-out images, a folder per label or a CSV of
+``path,label``): fp32 and each candidate (bf16 on torch and on OpenVINO; int8 on torch) are served
+on them as a server serves them, and a candidate passes when its top-1 accuracy is at most 0.5
+point below fp32's (``handler.evaluate``, ``handler.model.records``). The figures go into the
+archive as ``gate_record.json``, tied to the weights' SHA-256: ``precision: auto`` (the default)
+runs bf16 only where that record says it passed, fp32 otherwise. An explicit ``--precision bf16``
+or ``int8`` needs ``--eval`` and is refused when it fails, naming the figures. int8 also needs
+``--calibrate DIR`` (its scales are observed there; the gate's images must be other images), and
+its program goes into the archive. The shipped efficientnet_lite0 carries the record measured on
+1,000 ImageNet photos (models/efficientnet_lite0/gate_record.json, docs/precision.md); a zoo
+folder's own gate_record.json (``scripts/gate.py --write``) is carried likewise. ``--no-gate``
+builds without refusing: only for speed stand-ins with random weights (benchmarks).
 """
 
 from __future__ import annotations
 
 import argparse
-import io
+import hashlib
 import json
 import re
 import shutil
@@ -42,7 +46,6 @@ from typing import Any
 
 import torch
 import yaml
-from PIL import Image, ImageOps
 
 from handler.config import PRECISIONS, HandlerConfig
 from handler.decode.images import ImageDecodeError
@@ -50,9 +53,10 @@ from handler.model.files import CONFIG_FILE, ModelSpec, read_model
 from handler.offline import IMAGE_SUFFIXES, expand
 from handler.model.loading import load_labels, load_model
 from handler.model.zoo import CONFIG as ZOO_CONFIG, PROCESSOR, ZooFiles
-from handler.model.optimize import prepare_for_inference
 from handler.decode.path import model_inputs
-from handler.model.precision import GATES, Agreement, GateFailed, agreement, check_gate, run_in
+from handler.evaluate import evaluate, labelled_images
+from handler.model.ov_runtime import openvino_problem
+from handler.model.records import GATE_RECORD, GateRecord, weights_sha256
 from handler.model.quantize import INT8_PROGRAM, quantize_int8, save_program
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -72,7 +76,6 @@ DEFAULT_FRONTEND_SETTINGS: dict[str, Any] = {
 }
 
 
-GATE_PHOTOS = ROOT / "tests" / "data"
 # Calibration and gate images read from --calibrate DIR, at most (sorted by path).
 MAX_CALIBRATION_IMAGES = 1024
 CALIBRATION_BATCH = 32
@@ -112,32 +115,9 @@ def calibration_images(directory: Path) -> list[bytes]:
     return [p.read_bytes() for p in files[:MAX_CALIBRATION_IMAGES]]
 
 
-def default_gate_images() -> list[bytes]:
-    """tests/data's four photos, each with seven views of it (mirrored, cropped at three scales,
-    the corners): 32 JPEGs. Real content, but few scenes: give ``--calibrate DIR`` for a gate
-    on images like the ones the model will serve."""
-    images = []
-    for path in sorted(GATE_PHOTOS.glob("*.jpg")):
-        photo = Image.open(path).convert("RGB")
-        width, height = photo.size
-        views = [photo, ImageOps.mirror(photo)]
-        for scale in (0.8, 0.65, 0.5):
-            w, h = int(width * scale), int(height * scale)
-            views.append(photo.crop(((width - w) // 2, (height - h) // 2, (width + w) // 2, (height + h) // 2)))
-        w, h = int(width * 0.7), int(height * 0.7)
-        views += [photo.crop((0, 0, w, h)), photo.crop((width - w, height - h, width, height)),
-                  ImageOps.mirror(photo.crop((width - w, 0, width, h)))]
-        for view in views:
-            buffer = io.BytesIO()
-            view.save(buffer, format="JPEG", quality=90)
-            images.append(buffer.getvalue())
-    return images
-
-
-def measure_precision(config: HandlerConfig, weights: Path | ZooFiles, classes: int, images: list[bytes],
-                      precision: str) -> tuple[Agreement, torch.export.ExportedProgram | None]:
-    """``precision``'s agreement with fp32 on ``images`` (through the handler's preprocessing,
-    the model as the handler prepares it), and for int8 the program quantized on them."""
+def quantize(config: HandlerConfig, weights: Path | ZooFiles, classes: int, images: list[bytes]) -> torch.export.ExportedProgram:
+    """The int8 program of the model, its scales observed on ``images`` (through the handler's
+    preprocessing)."""
     inputs = []
     for data in images:
         try:
@@ -146,74 +126,119 @@ def measure_precision(config: HandlerConfig, weights: Path | ZooFiles, classes: 
             print(f"build_mar: skipping an unreadable calibration image: {exc.reason}", file=sys.stderr)
     if len(inputs) < 2:
         raise SystemExit("build_mar: fewer than 2 readable calibration images")
-    batch = torch.cat(inputs)
-    # As the handler prepares it (channels_last included: bf16 rounds differently in another layout).
-    model = prepare_for_inference(config, weights, classes)
-    reference = run_in(model, batch, "fp32")
-    program = None
-    candidate = model
+    chunks = [c for c in torch.cat(inputs).split(CALIBRATION_BATCH) if len(c) >= 2]
+    try:
+        # The model as loaded: PT2E folds BatchNorm itself (and its x86 quantizer does not
+        # take every graph torch.fx's folding leaves, e.g. resnet50's).
+        return quantize_int8(load_model(config.arch, weights, classes), chunks)
+    except Exception as exc:
+        raise SystemExit(f"build_mar: this model cannot be quantized to int8 ({type(exc).__name__}: "
+                         f"{str(exc)[:300]}); use precision fp32 or bf16") from None
+
+
+def candidates_for(precision: str) -> list[tuple[str, str]]:
+    """The (precision, runtime) pairs the gate measures for an archive of ``precision``."""
     if precision == "int8":
-        chunks = [c for c in batch.split(CALIBRATION_BATCH) if len(c) >= 2]
-        try:
-            # The model as loaded: PT2E folds BatchNorm itself (and its x86 quantizer does not
-            # take every graph torch.fx's folding leaves, e.g. resnet50's).
-            program = quantize_int8(load_model(config.arch, weights, classes), chunks)
-        except Exception as exc:
-            raise SystemExit(f"build_mar: this model cannot be quantized to int8 ({type(exc).__name__}: "
-                             f"{str(exc)[:300]}); use precision fp32 or bf16") from None
-        candidate = program.module()
-    return agreement(reference, run_in(candidate, batch, precision)), program
+        return [("int8", "torch")]
+    if precision in ("auto", "bf16"):
+        return [("bf16", "torch")] + ([("bf16", "openvino")] if openvino_problem() is None else [])
+    return []
 
 
-def gate_precision(config: dict[str, Any], weights: Path | ZooFiles, classes: int, calibrate: Path | None,
-                   stage: Path, gate: bool = True, handler: HandlerConfig | None = None) -> None:
-    """Apply the accuracy gate of the archive's precision (see the module docstring): refuse it,
-    or (``auto``) pin fp32; an int8 program goes into ``stage``. ``gate`` False: measure and
+def gate_precision(config: dict[str, Any], weights: Path | ZooFiles, labels: list[str], calibrate: Path | None,
+                   eval_images: Path | None, stage: Path, gate: bool = True, handler: HandlerConfig | None = None,
+                   shipped_record: Path | None = None) -> None:
+    """The accuracy gate (see the module docstring): the int8 program into ``stage``; with
+    ``eval_images``, each candidate measured on them and the gate record into ``stage``; an
+    explicit bf16 or int8 that fails (or is not measured) refused. ``gate`` False: measure and
     report, refuse nothing. ``handler``: the settings the model is served with, where they are
-    more than ``config``'s (a zoo folder's own preprocessing)."""
+    more than ``config``'s (a zoo folder's own preprocessing). ``shipped_record``: a record
+    measured before (the shipped model's), copied when it is for these weights."""
     handler = handler or HandlerConfig.from_mapping(config["handler"])
     precision = handler.precision
     if precision == "int8" and calibrate is None:
         raise SystemExit("build_mar: precision int8 needs calibration images: --calibrate DIR (a few hundred "
                          "images like those the model will serve)")
-    checked = "bf16" if precision == "auto" else precision
-    if checked not in GATES:
-        if calibrate is not None:
-            print(f"build_mar: --calibrate is not used: precision {precision} has no gate", file=sys.stderr)
+    candidates = candidates_for(precision)
+    if not candidates:
+        for flag, value in (("--calibrate", calibrate), ("--eval", eval_images)):
+            if value is not None:
+                print(f"build_mar: {flag} is not used: precision {precision} has no gate", file=sys.stderr)
         return
-    images = calibration_images(calibrate) if calibrate is not None else default_gate_images()
-    source = str(calibrate) if calibrate is not None else "tests/data and views of it"
-    result, program = measure_precision(handler, weights, classes, images, checked)
-    print(f"build_mar: {checked}: top-1 agreement with fp32 {result.top1_agreement:.1%} on {result.images} images "
-          f"from {source} (max probability difference {result.max_prob_diff:.4f}; gate {GATES[checked]:.0%})",
-          file=sys.stderr)
+    program = None
+    if precision == "int8":
+        assert calibrate is not None
+        program = stage / INT8_PROGRAM
+        save_program(quantize(handler, weights, len(labels), calibration_images(calibrate)), program)
+    if eval_images is None:
+        _without_eval(precision, weights, stage, gate, shipped_record)
+        return
+    spec = ModelSpec("gate", handler, labels, weights, int8_program=program)
     try:
-        check_gate(checked, result)
-    except GateFailed as exc:
-        if not gate:
-            print(f"build_mar: {exc}: ignored (--no-gate)", file=sys.stderr)
-        elif precision != "auto":
-            raise SystemExit(f"build_mar: refused: {exc}") from None
-        else:
-            print(f"build_mar: {exc}: the archive runs fp32 (precision: fp32)", file=sys.stderr)
-            config["handler"]["precision"] = "fp32"
-    if program is not None:
-        save_program(program, stage / INT8_PROGRAM)
+        images = labelled_images(eval_images, labels)
+    except ValueError as exc:
+        raise SystemExit(f"build_mar: {exc}") from None
+    if calibrate is not None:
+        _apart(images, calibrate)
+    record = evaluate(spec, images, candidates, str(eval_images),
+                      progress=lambda line: print(f"build_mar: gate: {line}", file=sys.stderr))
+    (stage / GATE_RECORD).write_text(record.to_json())
+    failed = [c for c in record.candidates if not c.passed]
+    if precision != "auto" and len(failed) == len(record.candidates):
+        message = "; ".join(c.summary(record.images, record.fp32_top1) for c in failed)
+        if gate:
+            raise SystemExit(f"build_mar: refused: {message}")
+        print(f"build_mar: {message}: ignored (--no-gate)", file=sys.stderr)
+    for candidate in failed:
+        print(f"build_mar: {candidate.runtime} {candidate.precision} failed the gate: the archive will not run it",
+              file=sys.stderr)
+
+
+def _without_eval(precision: str, weights: Path | ZooFiles, stage: Path, gate: bool,
+                  shipped_record: Path | None) -> None:
+    """No labelled images: a shipped record of these weights is copied; else auto serves fp32
+    and an explicit reduced precision is refused (``--no-gate``: built, unmeasured)."""
+    if shipped_record is not None and shipped_record.is_file():
+        record = GateRecord.from_json(shipped_record.read_text(), str(shipped_record))
+        if record.weights_sha256 == weights_sha256(weights):
+            shutil.copy(shipped_record, stage / GATE_RECORD)
+            print(f"build_mar: gate record {shipped_record} ({record.images} images from {record.source}) "
+                  "goes into the archive", file=sys.stderr)
+            return
+        print(f"build_mar: {shipped_record} is for other weights: left out", file=sys.stderr)
+    if precision == "auto":
+        print("build_mar: no --eval: precision auto will serve fp32 (measure bf16 on labelled images with "
+              "--eval DIR to let it run bf16)", file=sys.stderr)
+    elif gate:
+        raise SystemExit(f"build_mar: refused: precision {precision} needs its accuracy measured on labelled "
+                         "held-out images: --eval DIR (one folder per label) or --eval labels.csv (path,label)")
+    else:
+        print(f"build_mar: precision {precision} is not measured: ignored (--no-gate)", file=sys.stderr)
+
+
+def _apart(images: list[tuple[Path, int]], calibrate: Path) -> None:
+    """Refuse evaluation images that are also calibration images (same bytes)."""
+    calibration = {hashlib.sha256(p.read_bytes()).hexdigest() for p in expand([str(calibrate)])}
+    shared = [p for p, _ in images if hashlib.sha256(p.read_bytes()).hexdigest() in calibration]
+    if shared:
+        raise SystemExit(f"build_mar: {len(shared)} --eval image(s) are also --calibrate images (e.g. "
+                         f"{shared[0]}): int8 must be scored on images it was not calibrated on")
 
 
 def build(arch: str, weights: Path, labels: Path, name: str, export_path: Path, config_path: Path | None,
-          *, precision: str | None = None, calibrate: Path | None = None, gate: bool = True) -> Path:
+          *, precision: str | None = None, calibrate: Path | None = None, eval_images: Path | None = None,
+          gate: bool = True, shipped_record: Path | None = None) -> Path:
     """Validate the inputs by loading them once, apply the precision's accuracy gate, stage the
     handler package, run the archiver."""
     config = model_config(arch, config_path, precision)
-    classes = len(load_labels(labels))
-    load_model(arch, weights, classes)
+    names = load_labels(labels)
+    load_model(arch, weights, len(names))
     export_path.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="build_mar_") as tmp:
         stage = Path(tmp)
         extra = stage / "extra"
         extra.mkdir()
-        gate_precision(config, weights, classes, calibrate, extra, gate)
+        gate_precision(config, weights, names, calibrate, eval_images, extra, gate, shipped_record=shipped_record)
         # TorchServe copies --extra-files directories flat: stage the package inside a folder.
         shutil.copytree(ROOT / "handler", extra / "handler", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         shutil.copy(labels, extra / "index_to_name.json")
@@ -224,7 +249,8 @@ def build(arch: str, weights: Path, labels: Path, name: str, export_path: Path, 
 
 
 def build_from_folder(folder: Path, name: str | None, export_path: Path, config_path: Path | None, *,
-                      precision: str | None = None, calibrate: Path | None = None, gate: bool = True) -> Path:
+                      precision: str | None = None, calibrate: Path | None = None, eval_images: Path | None = None,
+                      gate: bool = True) -> Path:
     """The archive of a timm or transformers model folder: read (and so validated) as the
     handler will read it, its model built (a folder that cannot be served stops here), the
     precision's gate applied; the folder's files, its labels and the handler package staged."""
@@ -260,7 +286,8 @@ def build_from_folder(folder: Path, name: str | None, export_path: Path, config_
         stage = Path(tmp)
         extra = stage / "extra"
         extra.mkdir()
-        gate_precision(config, zoo, len(spec.labels), calibrate, extra, gate, handler=spec.config)
+        gate_precision(config, zoo, spec.labels, calibrate, eval_images, extra, gate, handler=spec.config,
+                       shipped_record=folder / GATE_RECORD)
         shutil.copytree(ROOT / "handler", extra / "handler", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         for part in (ZOO_CONFIG, PROCESSOR):
             if part in zoo.files:
@@ -333,7 +360,7 @@ def build_shipped(export_path: Path) -> list[Path]:
     ensure_demo_weights()
     return [
         build("efficientnet_lite0", LITE0_WEIGHTS, LITE0_DIR / "index_to_name.json", "efficientnet_lite0",
-              export_path, LITE0_DIR / "model-config.yaml"),
+              export_path, LITE0_DIR / "model-config.yaml", shipped_record=LITE0_DIR / GATE_RECORD),
         build("shapes_cnn", DEMO_DIR / "shapes_cnn.pt", DEMO_DIR / "index_to_name.json", "shapes",
               export_path, DEMO_DIR / "model-config.yaml"),
     ]
@@ -351,10 +378,13 @@ def main() -> None:
     parser.add_argument("--config", type=Path, help="model-config.yaml (TorchServe keys + handler: section)")
     parser.add_argument("--precision", choices=PRECISIONS,
                         help="handler.precision of the archive (default: the config's, else auto)")
-    parser.add_argument("--calibrate", type=Path, metavar="DIR",
-                        help="images for int8 calibration and the accuracy gate (default gate: tests/data)")
+    parser.add_argument("--calibrate", type=Path, metavar="DIR", help="images for int8 calibration")
+    parser.add_argument("--eval", type=Path, metavar="DIR_OR_CSV", dest="eval_images",
+                        help="labelled held-out images for the accuracy gate: a folder per label, or a CSV of "
+                             "path,label")
     parser.add_argument("--no-gate", action="store_true",
-                        help="build even below the accuracy gate: only for speed stand-ins with random weights")
+                        help="build even below (or without) the accuracy gate: only for speed stand-ins with "
+                             "random weights")
     args = parser.parse_args()
 
     custom = [args.arch, args.weights, args.labels, args.name]
@@ -363,15 +393,16 @@ def main() -> None:
             parser.error("--from takes its architecture, weights and labels from the folder: drop --arch, "
                          "--weights and --labels")
         mars = [build_from_folder(args.folder, args.name, args.export_path, args.config, precision=args.precision,
-                                  calibrate=args.calibrate, gate=not args.no_gate)]
+                                  calibrate=args.calibrate, eval_images=args.eval_images, gate=not args.no_gate)]
     elif not any(custom):
-        if args.config or args.precision or args.calibrate or args.no_gate:
-            parser.error("--config, --precision and --calibrate go with --arch/--weights/--labels/--name "
+        if args.config or args.precision or args.calibrate or args.eval_images or args.no_gate:
+            parser.error("--config, --precision, --calibrate and --eval go with --arch/--weights/--labels/--name "
                          "(the shipped models have their own)")
         mars = build_shipped(args.export_path)
     elif all(custom):
         mars = [build(args.arch, args.weights, args.labels, args.name, args.export_path, args.config,
-                      precision=args.precision, calibrate=args.calibrate, gate=not args.no_gate)]
+                      precision=args.precision, calibrate=args.calibrate, eval_images=args.eval_images,
+                      gate=not args.no_gate)]
     else:
         parser.error("--arch, --weights, --labels and --name go together (or give none for the shipped models)")
     print(json.dumps({"mar": [str(m) for m in mars]}))

@@ -4,7 +4,9 @@ A model is three files:
     index_to_name.json   {"0": "label", ...}
     the weights          a state_dict for ``handler.arch``, a TorchScript file or a .pt2 program
     model-config.yaml    optional: TorchServe keys and the ``handler:`` section (HandlerConfig)
-and, for ``handler.precision: int8``, the calibrated program (``handler.model.quantize.INT8_PROGRAM``).
+and, for ``handler.precision: int8``, the calibrated program (``handler.model.quantize.INT8_PROGRAM``);
+and the gate record of the weights (``gate_record.json``, ``handler.model.records``), without which
+``precision: auto`` runs fp32.
 In a .mar (or the directory TorchServe or KServe unpacked one into) MAR-INF/MANIFEST.json names
 the weights file; elsewhere it is the one file with a weights suffix.
 
@@ -30,6 +32,7 @@ import yaml
 from handler.config import HandlerConfig
 from handler.model.loading import parse_labels
 from handler.model.quantize import INT8_PROGRAM
+from handler.model.records import GATE_RECORD, GateRecord
 from handler.model.zoo import (CONFIG as ZOO_CONFIG, PROCESSOR, WEIGHT_NAMES, ZOO_ARCHS, ZooFiles, ZooFolderError,
                          imagenet_labels, read_json, read_zoo, zoo_kind)
 
@@ -53,6 +56,7 @@ class ModelSpec:
             transformers model, its ZooFiles.
         model_yaml: the whole model-config.yaml (server keys such as ``batchSize`` included).
         int8_program: the calibrated int8 program (its file, or bytes out of a .mar), if any.
+        gate_record: what the accuracy gate measured for these weights (``gate_record.json``), if any.
     """
 
     name: str
@@ -61,6 +65,7 @@ class ModelSpec:
     weights: Path | bytes | ZooFiles = field(repr=False)
     model_yaml: dict[str, Any] = field(default_factory=dict)
     int8_program: Path | bytes | None = field(default=None, repr=False)
+    gate_record: GateRecord | None = field(default=None, repr=False)
 
 
 def read_model(
@@ -164,6 +169,8 @@ def _read(files: Any, where: str, default_name: str, overrides: Mapping[str, Any
         weights=model_weights,
         model_yaml=dict(model_yaml),
         int8_program=files.weights(INT8_PROGRAM) if files.has(INT8_PROGRAM) else None,
+        gate_record=(GateRecord.from_json(files.read(GATE_RECORD), f"{where}/{GATE_RECORD}")
+                     if files.has(GATE_RECORD) else None),
     )
 
 

@@ -1,9 +1,11 @@
 """Which numeric precision the model runs in, and how close a precision stays to fp32.
 
-``handler.precision: auto`` (the default) runs the model in bf16 on a CPU whose matrix units
-do bf16 (AMX or AVX512-BF16), in fp32 elsewhere (on a GPU too, until it is measured there).
-``int8`` runs a program quantized at archive time (``handler.model.quantize``). Archive builders
-refuse a precision whose answers stray from fp32's: ``GATES`` and ``check_gate``.
+``handler.precision: auto`` (the default) runs the model in bf16 on a CPU where the runtime's
+bf16 is faster than its fp32 (``bf16_is_fast``) and the model's gate record says bf16 passed on
+labelled images for these very weights (``handler.model.records``, ``handler.evaluate``); fp32
+elsewhere (on a GPU too, until it is measured there). ``int8`` runs a program quantized at
+archive time (``handler.model.quantize``), trusted only with a record of the same weights.
+``agreement`` and ``run_in`` compare a precision's outputs with fp32's (benchmarks).
 """
 
 from __future__ import annotations
@@ -16,15 +18,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from handler.model.records import GATE_RECORD, GateRecord
+
 log = logging.getLogger(__name__)
 
 # CPU features whose bf16 matrix math beats fp32 (AMX tiles, or AVX512's bf16 dot products).
 BF16_CPU_FEATURES = ("amx_bf16", "avx512_bf16")
 # "0" turns bf16 detection off (the CPU is then treated as having none), "1" on; unset: detect.
 BF16_ENV = "HANDLER_CPU_BF16"
-
-# The least top-1 agreement with fp32 a precision must keep on the gate's images.
-GATES = {"bf16": 0.99, "int8": 0.98}
 
 
 def cpu_bf16_feature() -> str | None:
@@ -50,29 +51,65 @@ def _cpu_flags() -> frozenset[str]:
     return frozenset(flag for flag, name in checks.items() if getattr(torch.cpu, name, lambda: False)())
 
 
-def resolve_precision(setting: str, device: torch.device, *, has_int8_program: bool) -> tuple[str, str]:
+def bf16_is_fast(runtime: str) -> str | None:
+    """The CPU feature that makes ``runtime``'s bf16 beat its fp32 here, or None. torch: AMX or
+    AVX512-BF16; OpenVINO: AMX only (with AVX512-BF16 alone its bf16 ran slower than its fp32:
+    docs/precision.md). ``$HANDLER_CPU_BF16`` forces either way."""
+    feature = cpu_bf16_feature()
+    if runtime == "openvino" and feature == "avx512_bf16":
+        return None
+    return feature
+
+
+def resolve_precision(setting: str, device: torch.device, *, has_int8_program: bool, runtime: str = "torch",
+                      record: GateRecord | None = None, weights_hash: str | None = None) -> tuple[str, str]:
     """The precision the model runs in (``fp32``, ``fp16``, ``bf16`` or ``int8``) and why.
 
-    ``auto``: bf16 on a CPU with bf16 matrix units, else fp32. A precision that cannot run here
-    (fp16 or int8 on a CPU or GPU that lacks what it needs) is fp32, and the reason says so;
-    the caller logs it as an error when it was asked for explicitly."""
+    ``auto``: bf16 on a CPU where ``runtime``'s bf16 is fast, and only when ``record`` (the gate
+    record) is for these weights (``weights_hash``) and says bf16 on this runtime passed; else
+    fp32, and the reason says how to gate. A record for other weights (stale) is refused for
+    every reduced precision. int8 needs the calibrated program and a record of these weights
+    (the program was made from them). A precision that cannot run here (fp16 or int8 on a CPU
+    or GPU that lacks what it needs) is fp32, and the reason says so; the caller logs it as an
+    error when it was asked for explicitly."""
+    stale = None
+    if record is not None and weights_hash is not None and record.weights_sha256 != weights_hash:
+        stale = (f"its {GATE_RECORD} was measured on other weights (sha256 {record.weights_sha256[:12]}..., these "
+                 f"are {weights_hash[:12]}...): gate them again (build_mar.py --eval DIR)")
     if setting == "auto":
         if device.type != "cpu":
             return "fp32", f"handler.precision is auto and the model is on {device.type} (bf16 there is not measured)"
-        feature = cpu_bf16_feature()
+        feature = bf16_is_fast(runtime)
         if feature is None:
-            return "fp32", f"handler.precision is auto and this CPU has no bf16 matrix units (or {BF16_ENV}=0)"
-        return "bf16", f"handler.precision is auto and this CPU has {feature}"
+            return "fp32", (f"handler.precision is auto and {runtime}'s bf16 is not faster than fp32 on this CPU "
+                            f"(no AMX{' or AVX512-BF16' if runtime == 'torch' else ''}, or {BF16_ENV}=0)")
+        if stale:
+            return "fp32", f"handler.precision is auto but {stale}"
+        if record is None:
+            return "fp32", (f"handler.precision is auto and no gate record is there for these weights: measure bf16 "
+                            f"on labelled images (build_mar.py --eval DIR) to run it")
+        passed = record.passed("bf16", runtime)
+        if passed is None:
+            gated = next((c for c in record.candidates if c.precision == "bf16" and c.runtime == runtime), None)
+            why = gated.summary(record.images, record.fp32_top1) if gated else f"bf16 on {runtime} was not gated"
+            return "fp32", f"handler.precision is auto and the gate record refuses bf16 ({why})"
+        return "bf16", f"handler.precision is auto, this CPU has {feature} and the gate passed ({passed.summary(record.images, record.fp32_top1)})"
     if setting == "fp16" and device.type != "cuda":
         return "fp32", f"handler.precision fp16 needs CUDA; the model is on {device.type}"
+    if setting in ("bf16", "int8") and stale:
+        return "fp32", f"handler.precision is {setting} but {stale}"
     if setting == "int8":
         if device.type != "cpu":
             return "fp32", f"handler.precision int8 runs on the CPU only; the model is on {device.type}"
         if not has_int8_program:
             return "fp32", ("handler.precision is int8 but the model has no calibrated int8 program "
-                            "(build the archive with scripts/build_mar.py --calibrate DIR)")
-    if setting == "bf16" and device.type == "cpu" and cpu_bf16_feature() is None:
-        return "bf16", "handler.precision is bf16 (this CPU has no bf16 matrix units: expect it slower than fp32)"
+                            "(build the archive with scripts/build_mar.py --precision int8 --calibrate DIR)")
+        if record is None or weights_hash is None or record.passed("int8", "torch") is None:
+            return "fp32", (f"handler.precision is int8 but no gate record of these weights vouches for the int8 "
+                            f"program (a program without one may be stale): build it again with build_mar.py "
+                            f"--precision int8 --calibrate DIR --eval DIR")
+    if setting == "bf16" and device.type == "cpu" and bf16_is_fast(runtime) is None:
+        return "bf16", f"handler.precision is bf16 ({runtime}'s bf16 is not faster than fp32 on this CPU)"
     return setting, f"handler.precision is {setting}"
 
 
@@ -94,20 +131,6 @@ def agreement(reference_logits: torch.Tensor, logits: torch.Tensor) -> Agreement
     same = (ref.argmax(1) == got.argmax(1)).float().mean()
     diff = (ref.softmax(1) - got.softmax(1)).abs().max()
     return Agreement(len(logits), float(same), float(diff))
-
-
-class GateFailed(ValueError):
-    """A precision's answers strayed from fp32's more than its gate allows."""
-
-
-def check_gate(precision: str, result: Agreement) -> None:
-    """Raise GateFailed, naming the figures, when ``result`` is below ``precision``'s gate."""
-    gate = GATES.get(precision)
-    if gate is not None and result.top1_agreement < gate:
-        raise GateFailed(
-            f"{precision} agrees with fp32 on {result.top1_agreement:.1%} of top-1 answers "
-            f"({result.images} images; max probability difference {result.max_prob_diff:.3f}); "
-            f"the gate is {gate:.0%}")
 
 
 @torch.inference_mode()

@@ -1,9 +1,11 @@
 """The model on its device: loaded, prepared, compiled, in a precision that works here, and its
 forward pass.
 
-    ModelRunner(...)   resolves the precision (``handler.model.precision``), loads and prepares the
-                       model (BatchNorm folded, channels_last; bf16 weights on a CPU; the int8
-                       program), on the device; says in the log what it chose and why
+    ModelRunner(...)   resolves the runtime (torch or OpenVINO, ``handler.model.ov_runtime``) and
+                       the precision (``handler.model.precision``, with the model's gate record),
+                       loads and prepares the model (BatchNorm folded, channels_last; bf16
+                       weights on a CPU; the int8 program; or the OpenVINO model), on the device;
+                       says in the log what it chose and why
     warm_up(normalize) compiles each batch bucket (``handler.model.optimize``) and runs it once; a
                        bf16 or int8 model that fails or overflows here serves fp32 instead
     forward(x)         the model on a normalized batch, padded to its bucket
@@ -21,8 +23,10 @@ import torch
 from handler.config import HandlerConfig
 from handler.devices import autocast_dtype
 from handler.model.optimize import compile_model, prepare_for_inference, should_compile
+from handler.model.ov_runtime import OpenVinoModel, load_openvino, resolve_runtime
 from handler.model.precision import Bf16Model, resolve_precision
 from handler.model.quantize import load_int8_program
+from handler.model.records import GateRecord, weights_sha256
 from handler.model.zoo import ZooFiles
 
 log = logging.getLogger(__name__)
@@ -37,6 +41,8 @@ class ModelRunner:
     Attributes:
         precision: what the model runs in (``fp32``, ``fp16``, ``bf16``, ``int8``): the
             configured precision where it works here, else fp32 (the log says why).
+        runtime: what runs it (``torch`` or ``openvino``).
+        weights_hash: the weights' SHA-256, which the gate record must name.
         model: the eager model.
         compiled: the compiled model, once ``warm_up`` compiled it; ``compiled_buckets`` the
             batch sizes it was compiled for (other sizes run the eager model).
@@ -44,17 +50,30 @@ class ModelRunner:
     """
 
     def __init__(self, config: HandlerConfig, weights: Path | bytes | ZooFiles, num_classes: int,
-                 device: torch.device, int8_program: Path | bytes | None = None) -> None:
+                 device: torch.device, int8_program: Path | bytes | None = None,
+                 record: GateRecord | None = None) -> None:
         self.config, self.device = config, device
         self._weights, self._num_classes, self._int8_program = weights, num_classes, int8_program
-        self.precision, reason = resolve_precision(config.precision, device, has_int8_program=int8_program is not None)
-        honoured = self.precision == config.precision or config.precision == "auto"
-        (log.info if honoured else log.error)("precision %s (%s)", self.precision, reason)
+        self._record = record
+        self.weights_hash = weights_sha256(weights)
+        self.runtime, reason = resolve_runtime(config.runtime, device, config.precision)
+        honoured = self.runtime == config.runtime or config.runtime == "auto"
+        (log.info if honoured else log.error)("runtime %s (%s)", self.runtime, reason)
+        self._resolve_precision()
         self.compiled: torch.nn.Module | None = None
         self.compiled_buckets: tuple[int, ...] = ()
         self.model = self._prepare_model()
         self.autocast_dtype: torch.dtype | None = None
         self._set_up_device()
+
+    def _resolve_precision(self) -> None:
+        """Choose the precision for this runtime (again after a runtime fallback), and log why."""
+        setting = self.config.precision
+        self.precision, reason = resolve_precision(setting, self.device, has_int8_program=self._int8_program is not None,
+                                                   runtime=self.runtime, record=self._record,
+                                                   weights_hash=self.weights_hash)
+        honoured = self.precision == setting or setting == "auto"
+        (log.info if honoured else log.error)("precision %s (%s)", self.precision, reason)
 
     def _set_up_device(self) -> None:
         """A GPU autocasts (on the CPU a bf16 model has bf16 weights, ``Bf16Model``, instead);
@@ -68,6 +87,14 @@ class ModelRunner:
         on the CPU: its weights converted (``Bf16Model``); int8: the calibrated program (its
         BatchNorm is folded already)."""
         cfg = self.config
+        if self.runtime == "openvino":
+            try:
+                return self._openvino_model()
+            except Exception as exc:
+                log.error("OpenVINO cannot run this model (%s: %s); running it on torch", type(exc).__name__,
+                          str(exc)[:300])
+                self.runtime = "torch"
+                self._resolve_precision()
         if self.precision == "int8":
             assert self._int8_program is not None
             compiled, reason = should_compile(cfg.compile, self.device, cfg.arch)
@@ -87,6 +114,15 @@ class ModelRunner:
             except Exception as exc:
                 self._log_fallback(f"its weights do not convert: {type(exc).__name__}: {str(exc)[:300]}")
                 self.precision = "fp32"
+        return model
+
+    def _openvino_model(self) -> torch.nn.Module:
+        """The model converted by OpenVINO (or read from its cache) and compiled in this precision."""
+        started = time.perf_counter()
+        converted, source = load_openvino(self.config, self._weights, self._num_classes, self.weights_hash)
+        model = OpenVinoModel(converted, self.precision, torch.get_num_threads())
+        log.info("OpenVINO model %s, compiled for %s with %d threads in %.1f s", source, self.precision,
+                 torch.get_num_threads(), time.perf_counter() - started)
         return model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -161,6 +197,14 @@ class ModelRunner:
         decided. A failed compile serves the eager model in fp32; in bf16 or int8 it raises, and
         warm_up falls back to fp32."""
         cfg = self.config
+        if self.runtime == "openvino":
+            # OpenVINO compiled the model when it was loaded; its dynamic batch dimension takes
+            # every size: the buckets are run once, so that their kernels are ready.
+            started = time.perf_counter()
+            self._run_buckets(cfg.batch_buckets or cfg.compile_buckets, normalize)
+            log.info("torch.compile not used (OpenVINO runs the model): batch sizes %s warmed in %.1f s",
+                     list(cfg.batch_buckets or cfg.compile_buckets), time.perf_counter() - started)
+            return
         wanted, reason = should_compile(cfg.compile, self.device, cfg.arch)
         if not wanted:
             log.info("torch.compile off (%s): serving the eager model", reason)

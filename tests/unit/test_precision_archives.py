@@ -1,5 +1,7 @@
-"""Accuracy gates in build_mar.py, and int8 from calibration to serving: a real archive built
-with ``--calibrate``, read back and run compiled."""
+"""Accuracy gates in build_mar.py (labelled images, records tied to the weights) and what
+``precision: auto`` makes of them when serving; int8 from calibration to serving: a real archive
+built with ``--calibrate`` and ``--eval``, read back and run compiled, refused when its weights
+changed."""
 
 import zipfile
 from pathlib import Path
@@ -15,6 +17,7 @@ from handler.classifier import ImageClassifier
 from handler.model.files import read_model
 from handler.model.precision import BF16_ENV
 from handler.model.quantize import INT8_PROGRAM
+from handler.model.records import GATE_RECORD, GateRecord, weights_sha256
 from helpers import shape_image
 from harness.ts_server import ROOT
 
@@ -56,29 +59,86 @@ def near_tie_weights(tmp_path_factory) -> Path:
     return path
 
 
-def test_auto_passes_its_bf16_gate_on_the_default_images_and_stays_auto(tmp_path, capsys):
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory) -> Path:
+    """Held-out labelled shape images (a folder per label), apart from the calibration images."""
+    directory = tmp_path_factory.mktemp("labelled")
+    for label in LABELS:
+        (directory / label).mkdir()
+    for i in range(60):
+        label = LABELS[i % 3]
+        (directory / label / f"{i:02d}.jpg").write_bytes(shape_image(label, seed=700 + i, fmt="JPEG"))
+    return directory
+
+
+def record_of(mar: Path) -> GateRecord | None:
+    with zipfile.ZipFile(mar) as archive:
+        if GATE_RECORD not in archive.namelist():
+            return None
+        return GateRecord.from_json(archive.read(GATE_RECORD))
+
+
+def test_auto_measured_on_labelled_images_carries_its_record_and_serves_bf16(tmp_path, labelled, monkeypatch, capsys):
+    mar = build(tmp_path, eval_images=labelled)
+    record = record_of(mar)
+    assert record is not None and record.images == 60 and record.weights_sha256 == weights_sha256(DEMO / "shapes_cnn.pt")
+    assert {(c.precision, c.runtime) for c in record.candidates} == {("bf16", "torch"), ("bf16", "openvino")}
+    assert all(c.passed for c in record.candidates), record
+    assert "torch bf16: top-1" in capsys.readouterr().err
+    monkeypatch.setenv(BF16_ENV, "1")
+    for runtime in ("torch", "openvino"):
+        with ImageClassifier.load(mar, device="cpu", overrides={"batch_size": 4, "runtime": runtime,
+                                                                "compile": False}) as clf:
+            assert (clf.pipeline.runner.runtime, clf.pipeline.precision) == (runtime, "bf16")
+
+
+def test_auto_without_a_record_serves_fp32_and_says_how_to_gate(tmp_path, monkeypatch, caplog, capsys):
     mar = build(tmp_path)
-    assert shipped_precision(mar) == "auto (default)"
-    assert "bf16: top-1 agreement with fp32 100.0% on 32 images from tests/data" in capsys.readouterr().err
+    assert record_of(mar) is None and "precision auto will serve fp32" in capsys.readouterr().err
+    monkeypatch.setenv(BF16_ENV, "1")
+    with ImageClassifier.load(mar, device="cpu", overrides={"batch_size": 4, "compile": False}) as clf:
+        assert clf.config.precision == "auto" and clf.pipeline.precision == "fp32"
+    assert any("no gate record is there for these weights" in r.getMessage() and "--eval" in r.getMessage()
+               for r in caplog.records)
 
 
-def test_bf16_below_its_gate_is_refused_naming_the_figure(tmp_path, near_tie_weights, calibration):
-    with pytest.raises(SystemExit, match=r"refused: bf16 agrees with fp32 on \d+\.\d% of top-1 answers "
-                                         r"\(48 images.*the gate is 99%"):
-        build(tmp_path, near_tie_weights, precision="bf16", calibrate=calibration)
+def test_bf16_that_loses_accuracy_is_refused_naming_the_figure(tmp_path, near_tie_weights, labelled):
+    with pytest.raises(SystemExit, match=r"refused: torch bf16: top-1 \d+\.\d% against fp32's \d+\.\d% on 60 "
+                                         r"labelled images: a drop of \+\d+\.\d+ points \(95 % upper bound"):
+        build(tmp_path, near_tie_weights, precision="bf16", eval_images=labelled)
     assert not (tmp_path / "store" / "shapes.mar").exists()
 
 
-def test_auto_below_the_bf16_gate_builds_an_fp32_archive_and_says_why(tmp_path, near_tie_weights, capsys):
-    mar = build(tmp_path, near_tie_weights)
-    assert shipped_precision(mar) == "fp32"
-    assert "the archive runs fp32" in capsys.readouterr().err
+def test_auto_whose_bf16_fails_is_built_and_serves_fp32(tmp_path, near_tie_weights, labelled, monkeypatch, caplog):
+    mar = build(tmp_path, near_tie_weights, eval_images=labelled)
+    record = record_of(mar)
+    assert record is not None and not any(c.passed for c in record.candidates)
+    monkeypatch.setenv(BF16_ENV, "1")
+    with ImageClassifier.load(mar, device="cpu", overrides={"batch_size": 4, "runtime": "torch",
+                                                            "compile": False}) as clf:
+        assert clf.pipeline.precision == "fp32"
+    assert any("the gate record refuses bf16" in r.getMessage() and "a drop of" in r.getMessage()
+               for r in caplog.records)
 
 
-def test_no_gate_builds_below_the_gate_and_reports_the_figure(tmp_path, near_tie_weights, capsys):
+def test_an_explicit_reduced_precision_needs_labelled_images(tmp_path, near_tie_weights, capsys):
+    with pytest.raises(SystemExit, match="precision bf16 needs its accuracy measured on labelled held-out images"):
+        build(tmp_path, precision="bf16")
     mar = build(tmp_path, near_tie_weights, precision="bf16", gate=False)
-    assert shipped_precision(mar) == "bf16"
-    assert "the gate is 99%: ignored (--no-gate)" in capsys.readouterr().err
+    assert shipped_precision(mar) == "bf16" and record_of(mar) is None
+    assert "is not measured: ignored (--no-gate)" in capsys.readouterr().err
+
+
+def test_labelled_images_that_do_not_fit_the_model_are_refused(tmp_path, labelled):
+    wrong = tmp_path / "wrong"
+    (wrong / "hexagon").mkdir(parents=True)
+    (wrong / "hexagon" / "a.jpg").write_bytes(shape_image("circle", seed=1))
+    with pytest.raises(SystemExit, match="label 'hexagon' .* is not one of the model's 3 labels"):
+        build(tmp_path, eval_images=wrong)
+    few = tmp_path / "few.csv"
+    few.write_text("path,label\n" + "".join(f"{p},{p.parent.name}\n" for p in sorted(labelled.rglob("*.jpg"))[:10]))
+    with pytest.raises(SystemExit, match="10 labelled images; the gate needs at least 50"):
+        build(tmp_path, eval_images=few)
 
 
 def test_int8_is_refused_without_calibration_images(tmp_path, monkeypatch):
@@ -90,9 +150,21 @@ def test_int8_is_refused_without_calibration_images(tmp_path, monkeypatch):
         build(tmp_path, precision="int8", calibrate=empty)
 
 
+def test_int8_is_scored_on_images_apart_from_its_calibration_images(tmp_path, calibration):
+    with pytest.raises(SystemExit, match="are also --calibrate images"):
+        build(tmp_path, precision="int8", calibrate=calibration, eval_images=_as_labelled(calibration, tmp_path))
+
+
+def _as_labelled(calibration: Path, tmp_path: Path) -> Path:
+    rows = [f"{p},{LABELS[int(p.stem) % 3]}" for p in sorted(calibration.iterdir()) if p.suffix != ".txt"]
+    (tmp_path / "calibration.csv").write_text("\n".join(rows * 2) + "\n")
+    return tmp_path / "calibration.csv"
+
+
 @pytest.fixture(scope="module")
-def int8_mar(tmp_path_factory, calibration) -> Path:
-    return build(tmp_path_factory.mktemp("int8"), precision="int8", calibrate=calibration)
+def int8_mar(tmp_path_factory, calibration, labelled) -> Path:
+    return build(tmp_path_factory.mktemp("int8"), precision="int8", calibrate=calibration,
+                 eval_images=labelled)
 
 
 def test_an_int8_archive_holds_its_calibrated_program_and_serves_it_compiled(int8_mar, real_compiler, caplog):
@@ -129,6 +201,24 @@ def test_a_broken_int8_program_serves_fp32_and_says_why(int8_mar, tmp_path, real
         assert clf.pipeline.precision == "fp32"
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert any("the int8 program does not load" in m for m in errors), errors
+
+
+def test_an_int8_program_whose_weights_changed_is_refused_and_fp32_served(int8_mar, near_tie_weights, tmp_path,
+                                                                          real_compiler, caplog):
+    with zipfile.ZipFile(int8_mar) as archive:
+        archive.extractall(tmp_path / "model")
+    (tmp_path / "model" / "shapes_cnn.pt").write_bytes(near_tie_weights.read_bytes())  # weights updated
+    with ImageClassifier.load(tmp_path / "model", device="cpu", overrides={"batch_size": 4}) as clf:
+        assert clf.pipeline.precision == "fp32"
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert any("precision is int8 but its gate_record.json was measured on other weights" in m for m in errors), errors
+    (tmp_path / "model" / "shapes_cnn.pt").write_bytes((DEMO / "shapes_cnn.pt").read_bytes())
+    (tmp_path / "model" / GATE_RECORD).unlink()  # a program with no record of its weights
+    caplog.clear()
+    with ImageClassifier.load(tmp_path / "model", device="cpu", overrides={"batch_size": 4}) as clf:
+        assert clf.pipeline.precision == "fp32"
+    assert any("no gate record of these weights vouches for the int8 program" in r.getMessage()
+               for r in caplog.records if r.levelname == "ERROR")
 
 
 def test_bf16_forced_off_the_shipped_demo_runs_fp32(monkeypatch):
