@@ -79,8 +79,7 @@ class ImageClassifier:
         self.labels: list[str] = spec.labels
         self.device = resolve_device(device)
         self._pipeline: Pipeline | None = Pipeline.start(spec.config, spec.labels, spec.weights, self.device,
-                                                           int8_program=spec.int8_program,
-                                                           record=spec.gate_record)
+                                                           artifacts=spec.artifacts)
         self._lock = threading.Lock()
 
     @classmethod

@@ -110,7 +110,7 @@ def _answers(spec: ModelSpec, precision: str, runtime: str, images: Sequence[tup
     # The record being measured does not exist yet; int8's program is trusted for this run only
     # (it was made from these weights by the caller).
     provisional = GateRecord(weights_hash, 0, "provisional", 0.0, (
-        Candidate("int8", "torch", 0.0, 0, 0, 0, 0.0, 0.0, True),)) if precision == "int8" else None
+        Candidate("int8", runtime, 0.0, 0, 0, 0, 0.0, 0.0, True),)) if precision == "int8" else None
     run = dataclasses.replace(spec, config=config, gate_record=provisional)
     out: list[tuple[int, float] | None] = []
     with ImageClassifier(run, device="cpu") as clf:

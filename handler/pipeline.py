@@ -28,7 +28,7 @@ from handler.decode.gpu import BatchedJpegDecoder
 from handler.decode.loader import PersistentImageLoader
 from handler.metrics import StageClock
 from handler.model.topk import Prediction, top_k_labels
-from handler.model.records import GateRecord
+from handler.model.records import ModelArtifacts
 from handler.model.runner import ModelRunner
 from handler.model.zoo import ZooFiles
 
@@ -54,14 +54,14 @@ class Pipeline:
 
     @classmethod
     def start(cls, config: HandlerConfig, labels: list[str], weights: Path | bytes | ZooFiles, device: torch.device,
-              int8_program: Path | bytes | None = None, record: GateRecord | None = None) -> "Pipeline":
+              artifacts: ModelArtifacts = ModelArtifacts()) -> "Pipeline":
         """Fork the loader's workers (while this process is small and has no CUDA context), load
         and prepare the model on ``device``, set the decode path up there, then warm the model up
         (compiling each batch bucket: this can take minutes)."""
         decoding = DecodePath(config, device)
         try:
             decoding.start()
-            runner = ModelRunner(config, weights, len(labels), device, int8_program, record)
+            runner = ModelRunner(config, weights, len(labels), device, artifacts)
             decoding.attach()
             decoding.warm_up()
             runner.warm_up(decoding.to_model_input)

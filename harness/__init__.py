@@ -11,4 +11,5 @@ with the package by scripts/setup.sh):
     timing        latency summaries and timed request loops
     wire          request bodies as clients send them (multipart/mixed)
     commands      a command of scripts/ or benchmarks/ loaded as a module
+    machine       the CPU model, its features and the versions, for result files
 """

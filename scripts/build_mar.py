@@ -55,7 +55,7 @@ from handler.model.loading import load_labels, load_model
 from handler.model.zoo import CONFIG as ZOO_CONFIG, PROCESSOR, ZooFiles
 from handler.decode.path import model_inputs
 from handler.evaluate import evaluate, labelled_images
-from handler.model.ov_runtime import openvino_problem
+from handler.model.ov_runtime import INT8_IR, openvino_problem, quantize_openvino
 from handler.model.records import GATE_RECORD, GateRecord, weights_sha256
 from handler.model.quantize import INT8_PROGRAM, quantize_int8, save_program
 
@@ -115,9 +115,11 @@ def calibration_images(directory: Path) -> list[bytes]:
     return [p.read_bytes() for p in files[:MAX_CALIBRATION_IMAGES]]
 
 
-def quantize(config: HandlerConfig, weights: Path | ZooFiles, classes: int, images: list[bytes]) -> torch.export.ExportedProgram:
-    """The int8 program of the model, its scales observed on ``images`` (through the handler's
-    preprocessing)."""
+def quantize(config: HandlerConfig, weights: Path | ZooFiles, classes: int, images: list[bytes],
+             stage: Path) -> list[str]:
+    """The int8 models of the model, their scales observed on ``images`` (through the handler's
+    preprocessing), written to ``stage``: torch's PT2E program and, where OpenVINO is installed,
+    OpenVINO's NNCF model. The runtimes that got one; a model neither can quantize is refused."""
     inputs = []
     for data in images:
         try:
@@ -127,19 +129,33 @@ def quantize(config: HandlerConfig, weights: Path | ZooFiles, classes: int, imag
     if len(inputs) < 2:
         raise SystemExit("build_mar: fewer than 2 readable calibration images")
     chunks = [c for c in torch.cat(inputs).split(CALIBRATION_BATCH) if len(c) >= 2]
+    made, problems = [], []
     try:
         # The model as loaded: PT2E folds BatchNorm itself (and its x86 quantizer does not
         # take every graph torch.fx's folding leaves, e.g. resnet50's).
-        return quantize_int8(load_model(config.arch, weights, classes), chunks)
+        save_program(quantize_int8(load_model(config.arch, weights, classes), chunks), stage / INT8_PROGRAM)
+        made.append("torch")
     except Exception as exc:
-        raise SystemExit(f"build_mar: this model cannot be quantized to int8 ({type(exc).__name__}: "
-                         f"{str(exc)[:300]}); use precision fp32 or bf16") from None
+        problems.append(f"torch (PT2E): {type(exc).__name__}: {str(exc)[:300]}")
+    if openvino_problem() is None:
+        try:
+            quantize_openvino(config, weights, classes, weights_sha256(weights), chunks, stage)
+            made.append("openvino")
+        except Exception as exc:
+            problems.append(f"OpenVINO (NNCF): {type(exc).__name__}: {str(exc)[:300]}")
+    for problem in problems:
+        print(f"build_mar: int8 on {problem}", file=sys.stderr)
+    if not made:
+        raise SystemExit(f"build_mar: this model cannot be quantized to int8 ({'; '.join(problems)}); use "
+                         "precision fp32 or bf16")
+    return made
 
 
-def candidates_for(precision: str) -> list[tuple[str, str]]:
-    """The (precision, runtime) pairs the gate measures for an archive of ``precision``."""
+def candidates_for(precision: str, int8_runtimes: list[str] | None = None) -> list[tuple[str, str]]:
+    """The (precision, runtime) pairs the gate measures for an archive of ``precision``
+    (int8: on each runtime that has an int8 model)."""
     if precision == "int8":
-        return [("int8", "torch")]
+        return [("int8", runtime) for runtime in int8_runtimes or ["torch"]]
     if precision in ("auto", "bf16"):
         return [("bf16", "torch")] + ([("bf16", "openvino")] if openvino_problem() is None else [])
     return []
@@ -165,15 +181,17 @@ def gate_precision(config: dict[str, Any], weights: Path | ZooFiles, labels: lis
             if value is not None:
                 print(f"build_mar: {flag} is not used: precision {precision} has no gate", file=sys.stderr)
         return
-    program = None
     if precision == "int8":
         assert calibrate is not None
-        program = stage / INT8_PROGRAM
-        save_program(quantize(handler, weights, len(labels), calibration_images(calibrate)), program)
+        candidates = candidates_for(precision, quantize(handler, weights, len(labels), calibration_images(calibrate),
+                                                        stage))
     if eval_images is None:
         _without_eval(precision, weights, stage, gate, shipped_record)
         return
-    spec = ModelSpec("gate", handler, labels, weights, int8_program=program)
+    spec = ModelSpec("gate", handler, labels, weights,
+                     int8_program=stage / INT8_PROGRAM if (stage / INT8_PROGRAM).is_file() else None,
+                     openvino_int8=((stage / INT8_IR[0], stage / INT8_IR[1]) if (stage / INT8_IR[0]).is_file()
+                                    else None))
     try:
         images = labelled_images(eval_images, labels)
     except ValueError as exc:
@@ -201,6 +219,10 @@ def _without_eval(precision: str, weights: Path | ZooFiles, stage: Path, gate: b
     if shipped_record is not None and shipped_record.is_file():
         record = GateRecord.from_json(shipped_record.read_text(), str(shipped_record))
         if record.weights_sha256 == weights_sha256(weights):
+            mine = [c for c in record.candidates if c.precision == precision]
+            if gate and precision != "auto" and not any(c.passed for c in mine):
+                raise SystemExit(f"build_mar: refused: {shipped_record} does not pass precision {precision}: " + (
+                    "; ".join(c.summary(record.images, record.fp32_top1) for c in mine) or "not measured"))
             shutil.copy(shipped_record, stage / GATE_RECORD)
             print(f"build_mar: gate record {shipped_record} ({record.images} images from {record.source}) "
                   "goes into the archive", file=sys.stderr)
@@ -382,6 +404,9 @@ def main() -> None:
     parser.add_argument("--eval", type=Path, metavar="DIR_OR_CSV", dest="eval_images",
                         help="labelled held-out images for the accuracy gate: a folder per label, or a CSV of "
                              "path,label")
+    parser.add_argument("--record", type=Path, metavar="GATE_RECORD",
+                        help="a gate record measured before (scripts/gate.py --json) for these weights, carried "
+                             "into the archive instead of measuring again")
     parser.add_argument("--no-gate", action="store_true",
                         help="build even below (or without) the accuracy gate: only for speed stand-ins with "
                              "random weights")
@@ -395,14 +420,14 @@ def main() -> None:
         mars = [build_from_folder(args.folder, args.name, args.export_path, args.config, precision=args.precision,
                                   calibrate=args.calibrate, eval_images=args.eval_images, gate=not args.no_gate)]
     elif not any(custom):
-        if args.config or args.precision or args.calibrate or args.eval_images or args.no_gate:
-            parser.error("--config, --precision, --calibrate and --eval go with --arch/--weights/--labels/--name "
+        if args.config or args.precision or args.calibrate or args.eval_images or args.record or args.no_gate:
+            parser.error("--config, --precision, --calibrate, --eval and --record go with --arch/--weights/--labels/--name "
                          "(the shipped models have their own)")
         mars = build_shipped(args.export_path)
     elif all(custom):
         mars = [build(args.arch, args.weights, args.labels, args.name, args.export_path, args.config,
                       precision=args.precision, calibrate=args.calibrate, eval_images=args.eval_images,
-                      gate=not args.no_gate)]
+                      gate=not args.no_gate, shipped_record=args.record)]
     else:
         parser.error("--arch, --weights, --labels and --name go together (or give none for the shipped models)")
     print(json.dumps({"mar": [str(m) for m in mars]}))

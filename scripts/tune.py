@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Find the fastest DataLoader batch size x loader workers x TorchServe backend workers x compile
-on/off x precision for YOUR machine and model, and write it into a model-config.yaml (the blog's advice to
+on/off x precision x runtime (torch or OpenVINO) for YOUR machine and model, and write it into a model-config.yaml (the blog's advice to
 benchmark these on your own system, automated).
 
 Drives the classifier directly (no TorchServe needed). For every combination it starts that many
@@ -11,9 +11,10 @@ them; a compiled one compiles first, which the timing leaves out), lets each ser
     scripts/setup.sh --bench
     .venv/bin/python scripts/tune.py --arch mobilenet_v3_small [--images DIR] [--config in.yaml] [--out tuned.yaml]
 
-Precision: fp32 and, on a CPU with bf16 matrix units, bf16 (``--precisions``). Only speed is
-measured here: build the archive from the tuned config with scripts/build_mar.py, whose accuracy
-gate checks bf16 against fp32 (int8 needs calibration images: build_mar.py --calibrate).
+Precision: fp32 and, on a CPU with bf16 matrix units, bf16 (``--precisions``); runtime: torch and,
+where it is installed, OpenVINO (``--runtimes``; compile applies to torch only). Only speed is
+measured here: build the archive from the tuned config with scripts/build_mar.py --eval DIR, whose
+accuracy gate measures bf16 against fp32 on labelled images (an explicit bf16 needs it).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import Any
 import yaml
 
 from handler.classifier import ImageClassifier
+from handler.model.ov_runtime import openvino_problem
 from handler.model.precision import cpu_bf16_feature
 from harness.model_dirs import random_model_dir
 from harness.timing import request_batch
@@ -100,6 +102,9 @@ def main() -> None:
     parser.add_argument("--precisions", nargs="+", choices=["fp32", "bf16", "auto"],
                         default=["fp32", "bf16"] if cpu_bf16_feature() else ["fp32"],
                         help="handler.precision values to try (default: fp32, and bf16 where the CPU has bf16 units)")
+    parser.add_argument("--runtimes", nargs="+", choices=["torch", "openvino"],
+                        default=["torch"] + (["openvino"] if openvino_problem() is None else []),
+                        help="handler.runtime values to try (default: torch, and OpenVINO where it is installed)")
     parser.add_argument("--seconds", type=float, default=4.0, help="serving time per combination")
     parser.add_argument("--config", type=Path, help="model-config.yaml to start from")
     parser.add_argument("--out", type=Path, default=Path("model-config.tuned.yaml"))
@@ -114,25 +119,28 @@ def main() -> None:
         if args.weights:
             (model_dir / "weights.pt").write_bytes(args.weights.read_bytes())
         results = []
-        print("| backend workers | batch_size | num_workers | compile | precision | images/s |\n"
-              "|---|---|---|---|---|---|", flush=True)
-        combinations = itertools.product(args.backend_workers, args.batch_sizes, args.workers, args.compile,
-                                         args.precisions)
-        for backends, batch_size, workers, compiled, precision in combinations:
+        print("| backend workers | batch_size | num_workers | runtime | compile | precision | images/s |\n"
+              "|---|---|---|---|---|---|---|", flush=True)
+        combinations = [c for c in itertools.product(args.backend_workers, args.batch_sizes, args.workers,
+                                                     args.runtimes, args.compile, args.precisions)
+                        if c[3] == "torch" or c[4] == args.compile[0]]  # OpenVINO compiles its own way
+        for backends, batch_size, workers, runtime, compiled, precision in combinations:
             trial = {**settings, "batch_size": batch_size, "num_workers": workers, "compile": COMPILE[compiled],
-                     "precision": precision}
+                     "precision": precision, "runtime": runtime}
             trial.pop("batch_buckets", None)  # buckets must cover batch_size: derived from it when compiling
             speed = measure(model_dir, {**base, "handler": trial}, images, args.seconds, backends)
-            results.append((speed, backends, batch_size, workers, compiled, precision))
-            print(f"| {backends} | {batch_size} | {workers} | {compiled} | {precision} | {speed:.1f} |", flush=True)
-    best_speed, best_backends, best_batch, best_workers, best_compile, best_precision = max(results)
+            results.append((speed, backends, batch_size, workers, runtime, compiled, precision))
+            print(f"| {backends} | {batch_size} | {workers} | {runtime} | {compiled} | {precision} | {speed:.1f} |",
+                  flush=True)
+    best_speed, best_backends, best_batch, best_workers, best_runtime, best_compile, best_precision = max(results)
     settings.update(batch_size=best_batch, num_workers=best_workers, compile=COMPILE[best_compile],
-                    precision=best_precision)
+                    precision=best_precision, runtime=best_runtime)
     settings.pop("batch_buckets", None)
     base.update(handler=settings, minWorkers=best_backends, maxWorkers=best_backends)
     args.out.write_text(yaml.safe_dump(base, sort_keys=False))
     print(f"\nbest: {best_backends} backend worker(s), batch_size={best_batch} num_workers={best_workers} "
-          f"compile={best_compile} precision={best_precision} ({best_speed:.1f} images/s); wrote {args.out}")
+          f"runtime={best_runtime} compile={best_compile} precision={best_precision} ({best_speed:.1f} images/s); "
+          f"wrote {args.out}")
 
 
 if __name__ == "__main__":

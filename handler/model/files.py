@@ -32,7 +32,8 @@ import yaml
 from handler.config import HandlerConfig
 from handler.model.loading import parse_labels
 from handler.model.quantize import INT8_PROGRAM
-from handler.model.records import GATE_RECORD, GateRecord
+from handler.model.ov_runtime import INT8_IR
+from handler.model.records import GATE_RECORD, GateRecord, ModelArtifacts
 from handler.model.zoo import (CONFIG as ZOO_CONFIG, PROCESSOR, WEIGHT_NAMES, ZOO_ARCHS, ZooFiles, ZooFolderError,
                          imagenet_labels, read_json, read_zoo, zoo_kind)
 
@@ -57,6 +58,7 @@ class ModelSpec:
         model_yaml: the whole model-config.yaml (server keys such as ``batchSize`` included).
         int8_program: the calibrated int8 program (its file, or bytes out of a .mar), if any.
         gate_record: what the accuracy gate measured for these weights (``gate_record.json``), if any.
+        openvino_int8: OpenVINO's int8 model (``openvino_int8.xml`` and ``.bin``), if any.
     """
 
     name: str
@@ -66,6 +68,12 @@ class ModelSpec:
     model_yaml: dict[str, Any] = field(default_factory=dict)
     int8_program: Path | bytes | None = field(default=None, repr=False)
     gate_record: GateRecord | None = field(default=None, repr=False)
+    openvino_int8: tuple[Path | bytes, Path | bytes] | None = field(default=None, repr=False)
+
+    @property
+    def artifacts(self) -> ModelArtifacts:
+        """The int8 models and the gate record, for the model runner."""
+        return ModelArtifacts(self.int8_program, self.openvino_int8, self.gate_record)
 
 
 def read_model(
@@ -171,6 +179,8 @@ def _read(files: Any, where: str, default_name: str, overrides: Mapping[str, Any
         int8_program=files.weights(INT8_PROGRAM) if files.has(INT8_PROGRAM) else None,
         gate_record=(GateRecord.from_json(files.read(GATE_RECORD), f"{where}/{GATE_RECORD}")
                      if files.has(GATE_RECORD) else None),
+        openvino_int8=((files.weights(INT8_IR[0]), files.weights(INT8_IR[1]))
+                       if files.has(INT8_IR[0]) and files.has(INT8_IR[1]) else None),
     )
 
 

@@ -17,6 +17,7 @@ see the same numbers.
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 import shutil
@@ -36,8 +37,11 @@ log = logging.getLogger(__name__)
 
 CACHE_ENV = "HANDLER_CACHE_DIR"
 IR_NAME = "model.xml"  # OpenVINO's IR: the graph (.xml) and its weights (.bin) beside it
-# OpenVINO's name for each precision this runtime runs.
-PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16"}
+# The int8 model NNCF quantized at archive time, in a model folder or archive: graph and weights.
+INT8_IR = ("openvino_int8.xml", "openvino_int8.bin")
+# OpenVINO's precision hint for each precision this runtime runs (int8: the quantized model's
+# int8 layers run int8 whatever the hint; the rest runs fp32).
+PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}
 
 
 @functools.lru_cache(maxsize=1)
@@ -73,6 +77,10 @@ def load_openvino(config: HandlerConfig, weights: Path | bytes | ZooFiles, num_c
     Raises what conversion raises for a model OpenVINO cannot take."""
     import openvino as ov
 
+    if isinstance(weights, ZooFiles):  # the architecture is in config.json, beside the weights
+        source = weights.files["config.json"]
+        text = source if isinstance(source, bytes) else source.read_bytes()
+        weights_hash = hashlib.sha256(weights_hash.encode() + text).hexdigest()
     folder = cache_folder(config, num_classes, weights_hash)
     core = ov.Core()
     if (folder / IR_NAME).is_file():
@@ -125,24 +133,57 @@ class OpenVinoModel(nn.Module):
         self._lock = threading.Lock()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        array = x.float().contiguous().numpy()
+        array = x.float().contiguous().numpy()  # NCHW, as converted
         with self._lock:
             out = self._request.infer({0: array})[0]
             return torch.from_numpy(out.copy())  # the request's buffer is reused by the next call
 
 
-def resolve_runtime(setting: str, device: torch.device, precision: str) -> tuple[str, str]:
+def resolve_runtime(setting: str, device: torch.device, precision: str, *, openvino_int8: bool = False,
+                    torch_int8: bool = False) -> tuple[str, str]:
     """``torch`` or ``openvino`` for ``handler.runtime`` ``setting``, and why. OpenVINO runs the
-    model on the CPU only, in fp32 or bf16 (int8 is torch's PT2E program); ``auto`` picks it on a
-    CPU where it is installed: measured faster than inductor for every shipped architecture, in
-    fp32 and in bf16 (docs/performance.md), and it starts from its cache without compiling."""
+    model on the CPU only, in fp32, bf16, or int8 when the model has its NNCF int8 model
+    (``openvino_int8``; else int8 is torch's PT2E program, ``torch_int8``); ``auto`` picks it on a
+    CPU where it is installed: measured faster than inductor (docs/precision.md), and it starts
+    from its cache without compiling."""
     if setting == "torch":
         return "torch", "handler.runtime is torch"
     if device.type != "cpu":
         return "torch", f"handler.runtime is {setting} and the model is on {device.type} (OpenVINO runs it on the CPU)"
+    if precision == "int8" and not openvino_int8:
+        return "torch", (f"handler.runtime is {setting} and the model's int8 is "
+                         f"{'a torch (PT2E) program' if torch_int8 else 'not there'} (no OpenVINO int8 model)")
     if precision not in PRECISION_HINTS and precision != "auto":
         return "torch", f"handler.runtime is {setting} and precision {precision} runs on torch"
     problem = openvino_problem()
     if problem is not None:
         return "torch", f"handler.runtime is {setting} but {problem}"
     return "openvino", f"handler.runtime is {setting} and OpenVINO is installed"
+
+
+def read_int8(ir: tuple[Path | bytes, Path | bytes]) -> Any:
+    """The int8 model of a folder (files) or an archive (bytes): its graph and weights."""
+    import numpy as np
+    import openvino as ov
+
+    graph, weights = ir
+    core = ov.Core()
+    if isinstance(graph, Path) and isinstance(weights, Path):
+        return core.read_model(str(graph), str(weights))
+    graph_text = graph.decode() if isinstance(graph, bytes) else graph.read_text()
+    data = weights if isinstance(weights, bytes) else weights.read_bytes()
+    return core.read_model(graph_text, ov.Tensor(np.frombuffer(data, dtype=np.uint8).copy()))
+
+
+def quantize_openvino(config: HandlerConfig, weights: Path | bytes | ZooFiles, num_classes: int,
+                      weights_hash: str, batches: list[torch.Tensor], folder: Path) -> None:
+    """Quantize the converted model to int8 with NNCF's post-training quantization, its
+    activation ranges observed on ``batches`` (normalized model input), and write it to
+    ``folder`` under INT8_IR's names."""
+    import nncf
+    import openvino as ov
+
+    model, _ = load_openvino(config, weights, num_classes, weights_hash)
+    data = [b.float().contiguous().numpy() for b in batches]
+    quantized = nncf.quantize(model, nncf.Dataset(data), subset_size=sum(len(b) for b in data))
+    ov.save_model(quantized, str(folder / INT8_IR[0]), compress_to_fp16=False)

@@ -104,7 +104,7 @@ def resolve_precision(setting: str, device: torch.device, *, has_int8_program: b
         if not has_int8_program:
             return "fp32", ("handler.precision is int8 but the model has no calibrated int8 program "
                             "(build the archive with scripts/build_mar.py --precision int8 --calibrate DIR)")
-        if record is None or weights_hash is None or record.passed("int8", "torch") is None:
+        if record is None or weights_hash is None or record.passed("int8", runtime) is None:
             return "fp32", (f"handler.precision is int8 but no gate record of these weights vouches for the int8 "
                             f"program (a program without one may be stale): build it again with build_mar.py "
                             f"--precision int8 --calibrate DIR --eval DIR")

@@ -124,3 +124,19 @@ class GateRecord:
                        float(data["fp32_top1"]), candidates)
         except (ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"{where} is not a gate record ({type(exc).__name__}: {exc})") from None
+
+
+@dataclass(frozen=True)
+class ModelArtifacts:
+    """What was made from the weights at archive time, each trusted only with a gate record of
+    the same weights.
+
+    Attributes:
+        int8_program: torch's PT2E int8 program (its file, or bytes out of a .mar).
+        openvino_int8: OpenVINO's int8 model (graph and weights: files, or bytes).
+        gate_record: what the accuracy gate measured for these weights.
+    """
+
+    int8_program: Path | bytes | None = None
+    openvino_int8: tuple[Path | bytes, Path | bytes] | None = None
+    gate_record: GateRecord | None = None

@@ -23,10 +23,10 @@ import torch
 from handler.config import HandlerConfig
 from handler.devices import autocast_dtype
 from handler.model.optimize import compile_model, prepare_for_inference, should_compile
-from handler.model.ov_runtime import OpenVinoModel, load_openvino, resolve_runtime
+from handler.model.ov_runtime import OpenVinoModel, load_openvino, read_int8, resolve_runtime
 from handler.model.precision import Bf16Model, resolve_precision
 from handler.model.quantize import load_int8_program
-from handler.model.records import GateRecord, weights_sha256
+from handler.model.records import ModelArtifacts, weights_sha256
 from handler.model.zoo import ZooFiles
 
 log = logging.getLogger(__name__)
@@ -50,13 +50,13 @@ class ModelRunner:
     """
 
     def __init__(self, config: HandlerConfig, weights: Path | bytes | ZooFiles, num_classes: int,
-                 device: torch.device, int8_program: Path | bytes | None = None,
-                 record: GateRecord | None = None) -> None:
+                 device: torch.device, artifacts: ModelArtifacts = ModelArtifacts()) -> None:
         self.config, self.device = config, device
-        self._weights, self._num_classes, self._int8_program = weights, num_classes, int8_program
-        self._record = record
+        self._weights, self._num_classes, self._artifacts = weights, num_classes, artifacts
         self.weights_hash = weights_sha256(weights)
-        self.runtime, reason = resolve_runtime(config.runtime, device, config.precision)
+        self.runtime, reason = resolve_runtime(config.runtime, device, config.precision,
+                                               openvino_int8=artifacts.openvino_int8 is not None,
+                                               torch_int8=artifacts.int8_program is not None)
         honoured = self.runtime == config.runtime or config.runtime == "auto"
         (log.info if honoured else log.error)("runtime %s (%s)", self.runtime, reason)
         self._resolve_precision()
@@ -69,8 +69,9 @@ class ModelRunner:
     def _resolve_precision(self) -> None:
         """Choose the precision for this runtime (again after a runtime fallback), and log why."""
         setting = self.config.precision
-        self.precision, reason = resolve_precision(setting, self.device, has_int8_program=self._int8_program is not None,
-                                                   runtime=self.runtime, record=self._record,
+        program = self._artifacts.openvino_int8 if self.runtime == "openvino" else self._artifacts.int8_program
+        self.precision, reason = resolve_precision(setting, self.device, has_int8_program=program is not None,
+                                                   runtime=self.runtime, record=self._artifacts.gate_record,
                                                    weights_hash=self.weights_hash)
         honoured = self.precision == setting or setting == "auto"
         (log.info if honoured else log.error)("precision %s (%s)", self.precision, reason)
@@ -96,14 +97,14 @@ class ModelRunner:
                 self.runtime = "torch"
                 self._resolve_precision()
         if self.precision == "int8":
-            assert self._int8_program is not None
+            assert self._artifacts.int8_program is not None
             compiled, reason = should_compile(cfg.compile, self.device, cfg.arch)
             if not compiled:  # eagerly, the int8 program is a slow reference: not worth loading
                 self._log_fallback(f"int8 runs compiled only, and torch.compile is off ({reason})")
                 self.precision = "fp32"
             else:
                 try:
-                    return load_int8_program(self._int8_program)
+                    return load_int8_program(self._artifacts.int8_program)
                 except Exception as exc:
                     self._log_fallback(f"the int8 program does not load: {type(exc).__name__}: {str(exc)[:300]}")
                     self.precision = "fp32"
@@ -119,7 +120,11 @@ class ModelRunner:
     def _openvino_model(self) -> torch.nn.Module:
         """The model converted by OpenVINO (or read from its cache) and compiled in this precision."""
         started = time.perf_counter()
-        converted, source = load_openvino(self.config, self._weights, self._num_classes, self.weights_hash)
+        if self.precision == "int8":
+            assert self._artifacts.openvino_int8 is not None
+            converted, source = read_int8(self._artifacts.openvino_int8), "int8 (NNCF, made at archive time) read"
+        else:
+            converted, source = load_openvino(self.config, self._weights, self._num_classes, self.weights_hash)
         model = OpenVinoModel(converted, self.precision, torch.get_num_threads())
         log.info("OpenVINO model %s, compiled for %s with %d threads in %.1f s", source, self.precision,
                  torch.get_num_threads(), time.perf_counter() - started)

@@ -86,7 +86,7 @@ def answers(model_dir, settings: dict, compiled: tuple[int, ...] | None = None) 
     been compiled (None: not checked)."""
     # fp32: compiled and eager answers agree to 1e-4 there (in bf16 they differ by rounding).
     base = {"arch": "shapes_cnn", "image_size": 64, "resize_mode": "letterbox", "top_k": 3, "batch_size": 4,
-            "num_workers": 0, "precision": "fp32"}
+            "num_workers": 0, "precision": "fp32", "runtime": "torch"}
     images = [shape_image(("circle", "square", "triangle")[i % 3], seed=i) for i in range(6)]
     with ImageClassifier(read_model(model_dir, {**base, **settings}), device="cpu") as classifier:
         if compiled is not None:

@@ -96,6 +96,7 @@ def test_auto_without_a_record_serves_fp32_and_says_how_to_gate(tmp_path, monkey
     mar = build(tmp_path)
     assert record_of(mar) is None and "precision auto will serve fp32" in capsys.readouterr().err
     monkeypatch.setenv(BF16_ENV, "1")
+    caplog.set_level("INFO", logger="handler.model.runner")
     with ImageClassifier.load(mar, device="cpu", overrides={"batch_size": 4, "compile": False}) as clf:
         assert clf.config.precision == "auto" and clf.pipeline.precision == "fp32"
     assert any("no gate record is there for these weights" in r.getMessage() and "--eval" in r.getMessage()
@@ -114,6 +115,7 @@ def test_auto_whose_bf16_fails_is_built_and_serves_fp32(tmp_path, near_tie_weigh
     record = record_of(mar)
     assert record is not None and not any(c.passed for c in record.candidates)
     monkeypatch.setenv(BF16_ENV, "1")
+    caplog.set_level("INFO", logger="handler.model.runner")
     with ImageClassifier.load(mar, device="cpu", overrides={"batch_size": 4, "runtime": "torch",
                                                             "compile": False}) as clf:
         assert clf.pipeline.precision == "fp32"
@@ -173,20 +175,28 @@ def test_an_int8_archive_holds_its_calibrated_program_and_serves_it_compiled(int
     with zipfile.ZipFile(int8_mar) as archive:
         assert INT8_PROGRAM in archive.namelist()
     images = [shape_image(LABELS[i % 3], seed=900 + i, fmt="JPEG") for i in range(16)]
-    with ImageClassifier.load(int8_mar, device="cpu", overrides={"batch_size": 8, "batch_buckets": [8]}) as clf:
+    torch_int8 = {"batch_size": 8, "batch_buckets": [8], "runtime": "torch"}
+    with ImageClassifier.load(int8_mar, device="cpu", overrides=torch_int8) as clf:
         assert clf.pipeline.precision == "int8" and clf.pipeline.runner.compiled_buckets == (8,)
         int8 = clf.classify(images)
+    with ImageClassifier.load(int8_mar, device="cpu", overrides={"batch_size": 8}) as clf:  # runtime auto
+        assert (clf.pipeline.runner.runtime, clf.pipeline.precision) == ("openvino", "int8")
+        openvino_int8 = clf.classify(images)
     with ImageClassifier.load(int8_mar, device="cpu", overrides={"batch_size": 8, "precision": "fp32",
                                                                  "compile": False}) as clf:
         fp32 = clf.classify(images)
-    assert [next(iter(r)) for r in int8] == [next(iter(r)) for r in fp32]  # type: ignore[call-overload]
-    moved = max(abs(a[k] - b[k]) for a, b in zip(int8, fp32) for k in b)  # type: ignore[index, union-attr]
-    assert 0 < moved < 0.1, moved  # the int8 program ran: its scores differ a little
+    for quantized in (int8, openvino_int8):
+        assert [next(iter(r)) for r in quantized] == [next(iter(r)) for r in fp32]  # type: ignore[call-overload]
+        moved = max(abs(a[k] - b[k]) for a, b in zip(quantized, fp32) for k in b)  # type: ignore[index, union-attr]
+        assert 0 < moved < 0.1, moved  # the int8 model ran: its scores differ a little
+    record = record_of(int8_mar)
+    assert record is not None and {(c.precision, c.runtime) for c in record.candidates} == {("int8", "torch"),
+                                                                                           ("int8", "openvino")}
     assert not [r for r in caplog.records if r.levelname == "ERROR"]
 
 
-def test_int8_without_a_compiler_serves_fp32_and_says_why(int8_mar, caplog):
-    with ImageClassifier.load(int8_mar, device="cpu", overrides={"batch_size": 4}) as clf:
+def test_torch_int8_without_a_compiler_serves_fp32_and_says_why(int8_mar, caplog):
+    with ImageClassifier.load(int8_mar, device="cpu", overrides={"batch_size": 4, "runtime": "torch"}) as clf:
         assert clf.pipeline.precision == "fp32"
         assert all(isinstance(r, dict) for r in clf.classify([shape_image("circle", seed=1)]))
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
@@ -197,7 +207,7 @@ def test_a_broken_int8_program_serves_fp32_and_says_why(int8_mar, tmp_path, real
     with zipfile.ZipFile(int8_mar) as archive:
         archive.extractall(tmp_path / "model")
     (tmp_path / "model" / INT8_PROGRAM).write_bytes(b"not a program")
-    with ImageClassifier.load(tmp_path / "model", device="cpu", overrides={"batch_size": 4}) as clf:
+    with ImageClassifier.load(tmp_path / "model", device="cpu", overrides={"batch_size": 4, "runtime": "torch"}) as clf:
         assert clf.pipeline.precision == "fp32"
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert any("the int8 program does not load" in m for m in errors), errors

@@ -61,7 +61,7 @@ def test_bf16_and_compile_apply_to_zoo_models(hf_vit, real_compiler):
     """What the project does for its models applies: bf16 weights (kept, not fallen back from),
     torch.compile of a batch bucket; answers still those of the fp32 zoo pipeline at top-1."""
     want = reference_answers(*hf_reference(hf_vit), PHOTOS)
-    settings = {"precision": "bf16", "compile": True, "batch_size": 8, "batch_buckets": [8]}
+    settings = {"precision": "bf16", "runtime": "torch", "compile": True, "batch_size": 8, "batch_buckets": [8]}
     with ImageClassifier.load(hf_vit, device="cpu", overrides=settings) as clf:
         assert clf.pipeline.precision == "bf16"
         assert clf.pipeline.runner.compiled_buckets == (8,)
