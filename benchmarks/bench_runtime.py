@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The model's forward pass alone, per runtime and precision, each prepared exactly as the
 handler prepares it (``handler.model.runner.ModelRunner``): which runtime ``handler.runtime: auto``
-should pick, and what bf16 buys on each.
+should pick, and what bf16 and int8 buy on each.
 
     .venv/bin/python benchmarks/bench_runtime.py [--archs efficientnet_lite0 resnet50 mobilenet_v3_small] \\
         [--modes torch/fp32 torch/bf16 openvino/fp32 openvino/bf16] [--runs 3] [--batch 32] \\
@@ -9,7 +9,8 @@ should pick, and what bf16 buys on each.
 
 torch: BatchNorm folded, channels_last, torch.compile (bf16: weights converted, frozen);
 openvino: the same fp32 model converted (from the cache after its first run), compiled with the
-precision hint. efficientnet_lite0 runs its real weights, the others random ones (speed does not
+precision hint; int8 (``--modes openvino/int8 torch/int8``): quantized as build_mar.py does (NNCF
+or PT2E) on 64 benchmark photos before the timed start-up. efficientnet_lite0 runs its real weights, the others random ones (speed does not
 depend on them). Each (run, arch, mode) is a fresh process, runs interleaved (run 1 of every
 mode, then run 2, ...), all cores' threads. Prints per mode the median of the runs' ms per batch
 (each run: the median of --repeats calls after two warm-up calls), their min and max, and the
@@ -27,7 +28,31 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-MODES = ("torch/fp32", "torch/bf16", "openvino/fp32", "openvino/bf16")
+MODES = ("torch/fp32", "torch/bf16", "openvino/fp32", "openvino/bf16", "openvino/int8", "torch/int8")
+DEFAULT_MODES = MODES[:4]
+
+
+def int8_artifacts(config, weights: Path, runtime: str, folder: Path):
+    """The int8 model of ``runtime``, calibrated on 64 benchmark photos, with a record that vouches
+    for it (speed only: the accuracy gate is build_mar.py's)."""
+    import torch
+
+    from handler.decode.path import model_inputs
+    from handler.model.loading import load_model
+    from handler.model.ov_runtime import INT8_IR, quantize_openvino
+    from handler.model.quantize import INT8_PROGRAM, quantize_int8, save_program
+    from handler.model.records import Candidate, GateRecord, ModelArtifacts, weights_sha256
+    from harness.bench_images import photo_jpegs
+
+    digest = weights_sha256(weights)
+    batches = list(torch.cat([model_inputs(config, [jpeg]) for jpeg in photo_jpegs("640x480", 64)]).split(32))
+    folder.mkdir(parents=True, exist_ok=True)
+    record = GateRecord(digest, 0, "speed only", 0.0, (Candidate("int8", runtime, 0, 0, 0, 0, 0, 0, True),))
+    if runtime == "openvino":
+        quantize_openvino(config, weights, 1000, digest, batches, folder)
+        return ModelArtifacts(openvino_int8=(folder / INT8_IR[0], folder / INT8_IR[1]), gate_record=record)
+    save_program(quantize_int8(load_model(config.arch, weights, 1000), batches), folder / INT8_PROGRAM)
+    return ModelArtifacts(int8_program=folder / INT8_PROGRAM, gate_record=record)
 
 
 def one(arch: str, mode: str, batch: int, repeats: int, work: Path) -> dict:
@@ -35,6 +60,7 @@ def one(arch: str, mode: str, batch: int, repeats: int, work: Path) -> dict:
     import torch
 
     from handler.config import HandlerConfig
+    from handler.model.records import ModelArtifacts
     from handler.model.runner import ModelRunner
 
     torch.set_flush_denormal(True)
@@ -61,8 +87,11 @@ def one(arch: str, mode: str, batch: int, repeats: int, work: Path) -> dict:
     def normalize(pixels: torch.Tensor) -> torch.Tensor:
         return ((pixels.float() / 255 - mean) / std).contiguous(memory_format=torch.channels_last)
 
+    artifacts = ModelArtifacts()
+    if precision == "int8":  # quantized as build_mar.py does, on 64 photos; not part of the start-up time
+        artifacts = int8_artifacts(config, weights, runtime, work / f"{arch}-{runtime}-int8")
     started = time.perf_counter()
-    runner = ModelRunner(config, weights, 1000, torch.device("cpu"))
+    runner = ModelRunner(config, weights, 1000, torch.device("cpu"), artifacts)
     runner.warm_up(normalize)
     startup_s = time.perf_counter() - started
     if (runner.runtime, runner.precision) != (runtime, precision):
@@ -84,7 +113,7 @@ def one(arch: str, mode: str, batch: int, repeats: int, work: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--archs", nargs="+", default=["efficientnet_lite0", "resnet50", "mobilenet_v3_small"])
-    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--modes", nargs="+", default=list(DEFAULT_MODES), choices=MODES)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=5)

@@ -73,8 +73,8 @@ class HandlerConfig:
         jpeg_draft_margin: DCT scaling stops at this many times the size the resize needs, so the
             antialiased resize still downscales after it (1.0: fastest, further from the stock
             pipeline's pixels).
-        precision: ``auto`` (the default): bf16 on a CPU where the runtime's bf16 is faster
-            (torch: AMX or AVX512-BF16; OpenVINO: AMX) and the model's gate record
+        precision: ``auto`` (the default): bf16 on a CPU where bf16 is faster than fp32
+            (AMX; AVX512-BF16 alone measured no faster) and the model's gate record
             (``gate_record.json``, ``handler.model.records``) says bf16 passed for these very
             weights; fp32 otherwise (GPUs included), and the log says how to gate; ``fp32``; ``bf16`` (on the CPU the
             weights converted, ``handler.model.precision.Bf16Model``; on a GPU autocast); ``fp16``

@@ -12,4 +12,5 @@ with the package by scripts/setup.sh):
     wire          request bodies as clients send them (multipart/mixed)
     commands      a command of scripts/ or benchmarks/ loaded as a module
     machine       the CPU model, its features and the versions, for result files
+    archives      a copy of an archive with other handler settings
 """

@@ -224,8 +224,13 @@ def _without_eval(precision: str, weights: Path | ZooFiles, stage: Path, gate: b
                 raise SystemExit(f"build_mar: refused: {shipped_record} does not pass precision {precision}: " + (
                     "; ".join(c.summary(record.images, record.fp32_top1) for c in mine) or "not measured"))
             shutil.copy(shipped_record, stage / GATE_RECORD)
+            int8 = [shipped_record.parent / name for name in INT8_IR]
+            if record.passed("int8", "openvino") and all(path.is_file() for path in int8):
+                for path in int8:  # the int8 model the record vouches for
+                    shutil.copy(path, stage / path.name)
             print(f"build_mar: gate record {shipped_record} ({record.images} images from {record.source}) "
-                  "goes into the archive", file=sys.stderr)
+                  f"goes into the archive{' with its OpenVINO int8 model' if (stage / INT8_IR[0]).is_file() else ''}",
+                  file=sys.stderr)
             return
         print(f"build_mar: {shipped_record} is for other weights: left out", file=sys.stderr)
     if precision == "auto":

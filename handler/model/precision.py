@@ -1,7 +1,8 @@
 """Which numeric precision the model runs in, and how close a precision stays to fp32.
 
-``handler.precision: auto`` (the default) runs the model in bf16 on a CPU where the runtime's
-bf16 is faster than its fp32 (``bf16_is_fast``) and the model's gate record says bf16 passed on
+``handler.precision: auto`` (the default) runs OpenVINO's int8 model where the model has one, the
+CPU has int8 dot products (VNNI or AMX) and the gate record passed it; else bf16 on a CPU where the runtime's
+bf16 is faster than fp32 (AMX: ``bf16_is_fast``) and the model's gate record says bf16 passed on
 labelled images for these very weights (``handler.model.records``, ``handler.evaluate``); fp32
 elsewhere (on a GPU too, until it is measured there). ``int8`` runs a program quantized at
 archive time (``handler.model.quantize``), trusted only with a record of the same weights.
@@ -51,14 +52,22 @@ def _cpu_flags() -> frozenset[str]:
     return frozenset(flag for flag, name in checks.items() if getattr(torch.cpu, name, lambda: False)())
 
 
-def bf16_is_fast(runtime: str) -> str | None:
-    """The CPU feature that makes ``runtime``'s bf16 beat its fp32 here, or None. torch: AMX or
-    AVX512-BF16; OpenVINO: AMX only (with AVX512-BF16 alone its bf16 ran slower than its fp32:
-    docs/precision.md). ``$HANDLER_CPU_BF16`` forces either way."""
+# CPU features with int8 dot products (VNNI, or AMX's int8 tiles): what makes int8 pay.
+INT8_CPU_FEATURES = ("amx_int8", "avx512_vnni", "avx_vnni")
+
+
+def cpu_int8_feature() -> str | None:
+    """The CPU feature that makes int8 fast here, or None."""
+    flags = _cpu_flags()
+    return next((feature for feature in INT8_CPU_FEATURES if feature in flags), None)
+
+
+def bf16_is_fast() -> str | None:
+    """The CPU feature that makes bf16 beat fp32 here (AMX), or None. With AVX512-BF16 alone bf16
+    ran no faster than fp32 on either runtime, and slower for resnet50 (docs/precision.md,
+    benchmarks/bench_runtime.py). ``$HANDLER_CPU_BF16`` forces either way."""
     feature = cpu_bf16_feature()
-    if runtime == "openvino" and feature == "avx512_bf16":
-        return None
-    return feature
+    return None if feature == "avx512_bf16" else feature
 
 
 def resolve_precision(setting: str, device: torch.device, *, has_int8_program: bool, runtime: str = "torch",
@@ -79,12 +88,17 @@ def resolve_precision(setting: str, device: torch.device, *, has_int8_program: b
     if setting == "auto":
         if device.type != "cpu":
             return "fp32", f"handler.precision is auto and the model is on {device.type} (bf16 there is not measured)"
-        feature = bf16_is_fast(runtime)
-        if feature is None:
-            return "fp32", (f"handler.precision is auto and {runtime}'s bf16 is not faster than fp32 on this CPU "
-                            f"(no AMX{' or AVX512-BF16' if runtime == 'torch' else ''}, or {BF16_ENV}=0)")
         if stale:
             return "fp32", f"handler.precision is auto but {stale}"
+        int8 = cpu_int8_feature()
+        passed_int8 = record.passed("int8", runtime) if record is not None else None
+        if runtime == "openvino" and has_int8_program and int8 and passed_int8 is not None:
+            return "int8", (f"handler.precision is auto, this CPU has {int8}, the model has OpenVINO's int8 and the "
+                            f"gate passed ({passed_int8.summary(record.images, record.fp32_top1)})")  # type: ignore[union-attr]
+        feature = bf16_is_fast()
+        if feature is None:
+            return "fp32", (f"handler.precision is auto and bf16 is not faster than fp32 on this CPU (no AMX, "
+                            f"or {BF16_ENV}=0)")
         if record is None:
             return "fp32", (f"handler.precision is auto and no gate record is there for these weights: measure bf16 "
                             f"on labelled images (build_mar.py --eval DIR) to run it")
@@ -108,8 +122,8 @@ def resolve_precision(setting: str, device: torch.device, *, has_int8_program: b
             return "fp32", (f"handler.precision is int8 but no gate record of these weights vouches for the int8 "
                             f"program (a program without one may be stale): build it again with build_mar.py "
                             f"--precision int8 --calibrate DIR --eval DIR")
-    if setting == "bf16" and device.type == "cpu" and bf16_is_fast(runtime) is None:
-        return "bf16", f"handler.precision is bf16 ({runtime}'s bf16 is not faster than fp32 on this CPU)"
+    if setting == "bf16" and device.type == "cpu" and bf16_is_fast() is None:
+        return "bf16", "handler.precision is bf16 (bf16 is not faster than fp32 on this CPU: no AMX)"
     return setting, f"handler.precision is {setting}"
 
 

@@ -33,7 +33,7 @@ def test_each_photo_alone_gets_a_sensible_imagenet_label(server):
 
 
 def test_the_shipped_archive_is_served_by_openvino_in_its_gated_precision_by_default(server):
-    """OpenVINO runs the model on a CPU; bf16 where OpenVINO's bf16 is fast here (AMX), since the
+    """OpenVINO runs the model on a CPU; bf16 where bf16 is fast here (AMX), since the
     archive carries a gate record of its weights in which bf16 passed; fp32 elsewhere."""
     from handler.model.precision import bf16_is_fast
 
@@ -42,7 +42,7 @@ def test_the_shipped_archive_is_served_by_openvino_in_its_gated_precision_by_def
     runtime = [line for line in log if "MODEL_LOG - runtime " in line]
     assert len(runtime) == 1 and "runtime openvino (handler.runtime is auto and OpenVINO is installed)" in runtime[0]
     precision = [line for line in log if "MODEL_LOG - precision " in line]
-    if bf16_is_fast("openvino"):
+    if bf16_is_fast():
         assert len(precision) == 1 and "precision bf16 (" in precision[0] and "the gate passed" in precision[0]
     else:
         assert len(precision) == 1 and "precision fp32 (" in precision[0], precision

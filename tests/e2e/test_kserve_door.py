@@ -69,7 +69,10 @@ def test_health_readiness_and_metadata_over_http_and_grpc(door):
     assert metadata["outputs"] == [{"name": "predictions", "datatype": "BYTES", "shape": [-1]}]
     assert grpc.get_model_metadata(MODEL, as_json=True)["outputs"][0]["name"] == "predictions"
     # The handler's own start-up line reaches the door's log (KServe configures only its loggers).
-    assert "runtime openvino (handler.runtime is auto and OpenVINO is installed)" in door.log.read_text()
+    log = door.log.read_text()
+    assert "runtime openvino (handler.runtime is auto and OpenVINO is installed)" in log
+    # The demo folder carries no gate record: precision auto serves fp32 (whatever this CPU has).
+    assert "precision fp32 (handler.precision is auto" in log
 
 
 @pytest.mark.parametrize(("binary", "binary_output"), [(True, False), (True, True), (False, False)],

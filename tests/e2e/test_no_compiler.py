@@ -1,18 +1,21 @@
-"""A machine without a C++ compiler still serves the shipped archive: eager, with one log line."""
+"""A machine without a C++ compiler still serves the shipped archive on torch: eager, with one log
+line. (OpenVINO, the CPU default, needs no compiler.)"""
 
 import pytest
 
 from helpers import shape_image
+from harness.archives import with_settings
 from harness.ts_server import start_server
 
 pytestmark = pytest.mark.e2e
 
 
-def test_without_a_cpp_compiler_the_default_serves_eager_and_says_so_once(model_store, tmp_path):
+def test_without_a_cpp_compiler_torch_serves_eager_and_says_so_once(model_store, tmp_path):
     workdir = tmp_path / "server"
     workdir.mkdir()
+    store = with_settings(model_store / "shapes.mar", {"runtime": "torch"}, tmp_path / "store").parent
     # Inductor takes its compiler from $CXX: one that does not exist is a machine without one.
-    server = start_server(workdir, model_store, ["shapes.mar"], env={"CXX": "/nonexistent/g++"})
+    server = start_server(workdir, store, ["shapes.mar"], env={"CXX": "/nonexistent/g++"})
     try:
         response = server.predict(data=shape_image("square", 77, size_range=(0.4, 0.8)))
         assert response.status_code == 200 and next(iter(response.json())) == "square", response.text

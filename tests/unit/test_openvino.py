@@ -23,10 +23,21 @@ FP32 = {"batch_size": 4, "precision": "fp32", "compile": False}
     ("openvino", CPU, "bf16", "openvino", "OpenVINO is installed"),
     ("torch", CPU, "auto", "torch", "handler.runtime is torch"),
     ("auto", CUDA, "auto", "torch", "the model is on cuda"),
-    ("openvino", CPU, "int8", "torch", "precision int8 runs on torch"),
+    ("openvino", CPU, "int8", "torch", "the model's int8 is not there (no OpenVINO int8 model)"),
 ])
 def test_the_runtime_resolves_to_what_can_run_here(setting, device, precision, want, why):
     runtime, reason = resolve_runtime(setting, device, precision)
+    assert runtime == want and why in reason, (runtime, reason)
+
+
+@pytest.mark.parametrize(("setting", "openvino_int8", "torch_int8", "want", "why"), [
+    ("auto", True, True, "openvino", "OpenVINO is installed"),
+    ("openvino", True, False, "openvino", "OpenVINO is installed"),
+    ("auto", False, True, "torch", "the model's int8 is a torch (PT2E) program"),
+    ("torch", True, True, "torch", "handler.runtime is torch"),
+])
+def test_int8_runs_where_its_model_is(setting, openvino_int8, torch_int8, want, why):
+    runtime, reason = resolve_runtime(setting, CPU, "int8", openvino_int8=openvino_int8, torch_int8=torch_int8)
     assert runtime == want and why in reason, (runtime, reason)
 
 

@@ -45,7 +45,7 @@ HASH, OTHER = "a" * 64, "b" * 64
 def record(*passed: str, weights: str = HASH) -> GateRecord:
     """A gate record of ``weights`` in which the ``runtime/precision`` candidates named passed and
     bf16 on every other runtime failed."""
-    runs = [("torch", "bf16"), ("openvino", "bf16"), ("torch", "int8")]
+    runs = [("torch", "bf16"), ("openvino", "bf16"), ("torch", "int8"), ("openvino", "int8")]
     return GateRecord(weights, 1000, "test", 0.8, tuple(
         Candidate(precision, runtime, 0.8 if f"{runtime}/{precision}" in passed else 0.7, 0, 0, 0,
                   0.0 if f"{runtime}/{precision}" in passed else 10.0, 1.0, f"{runtime}/{precision}" in passed)
@@ -62,7 +62,7 @@ def record(*passed: str, weights: str = HASH) -> GateRecord:
     ("fp32", CPU, "1", False, None, "torch", "fp32", "is fp32"),
     ("bf16", CPU, "1", False, None, "openvino", "bf16", "is bf16"),
     ("bf16", CPU, "1", False, record("torch/bf16", weights=OTHER), "torch", "fp32", "measured on other weights"),
-    ("bf16", CPU, "0", False, None, "torch", "bf16", "not faster than fp32"),
+    ("bf16", CPU, "0", False, None, "torch", "bf16", "not faster than fp32 on this CPU: no AMX"),
     ("fp16", CPU, "1", False, None, "torch", "fp32", "fp16 needs CUDA"),
     ("fp16", CUDA, "1", False, None, "torch", "fp16", "is fp16"),
     ("int8", CPU, "1", True, record("torch/int8"), "torch", "int8", "is int8"),
@@ -79,15 +79,39 @@ def test_each_setting_resolves_to_what_can_run_here(monkeypatch, setting, device
     assert precision == want and why in reason, (precision, reason)
 
 
-def test_openvino_bf16_counts_as_fast_only_with_amx(monkeypatch):
-    """With AVX512-BF16 alone OpenVINO's bf16 ran slower than its fp32 here (docs/precision.md)."""
+@pytest.mark.parametrize(("flags", "runtime", "program", "gate", "want", "why"), [
+    ({"avx512_vnni"}, "openvino", True, record("openvino/int8"), "int8", "this CPU has avx512_vnni"),
+    ({"amx_int8", "amx_bf16"}, "openvino", True, record("openvino/int8", "openvino/bf16"), "int8", "has amx_int8"),
+    (set(), "openvino", True, record("openvino/int8"), "fp32", "bf16 is not faster"),  # no int8 dot products
+    ({"avx512_vnni"}, "openvino", False, record("openvino/int8"), "fp32", "bf16 is not faster"),  # no int8 model
+    ({"avx512_vnni"}, "openvino", True, record("openvino/bf16"), "fp32", "bf16 is not faster"),  # int8 failed
+    ({"avx512_vnni"}, "torch", True, record("torch/int8"), "fp32", "bf16 is not faster"),  # PT2E: never auto
+    ({"avx512_vnni", "amx_bf16"}, "openvino", True, record("openvino/bf16"), "bf16", "the gate passed"),
+    ({"avx512_vnni"}, "openvino", True, record("openvino/int8", weights=OTHER), "fp32", "measured on other weights"),
+])
+def test_auto_runs_openvinos_int8_only_with_int8_units_its_model_and_a_passed_record(monkeypatch, flags, runtime,
+                                                                                     program, gate, want, why):
+    import handler.model.precision as precision
+
+    monkeypatch.delenv(BF16_ENV, raising=False)
+    monkeypatch.setattr(precision, "_cpu_flags", lambda: frozenset(flags))
+    got, reason = resolve_precision("auto", CPU, has_int8_program=program, runtime=runtime, record=gate,
+                                    weights_hash=HASH)
+    assert got == want and why in reason, (got, reason)
+
+
+def test_bf16_counts_as_fast_only_with_amx(monkeypatch):
+    """With AVX512-BF16 alone bf16 ran no faster than fp32 on either runtime (docs/precision.md)."""
     import handler.model.precision as precision
 
     monkeypatch.delenv(BF16_ENV, raising=False)
     monkeypatch.setattr(precision, "_cpu_flags", lambda: frozenset({"avx512_bf16"}))
-    assert precision.bf16_is_fast("torch") == "avx512_bf16" and precision.bf16_is_fast("openvino") is None
+    assert precision.cpu_bf16_feature() == "avx512_bf16" and precision.bf16_is_fast() is None
     monkeypatch.setattr(precision, "_cpu_flags", lambda: frozenset({"amx_bf16", "avx512_bf16"}))
-    assert precision.bf16_is_fast("openvino") == "amx_bf16"
+    assert precision.bf16_is_fast() == "amx_bf16"
+    monkeypatch.setenv(BF16_ENV, "1")
+    monkeypatch.setattr(precision, "_cpu_flags", lambda: frozenset())
+    assert precision.bf16_is_fast() == "forced"
 
 
 def test_compare_counts_lost_and_gained_answers_and_bounds_the_drop():
