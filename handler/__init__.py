@@ -13,6 +13,8 @@ contract in pyproject.toml, checked by ``lint-imports`` in the test command); no
     serving       the serving loop every door calls: parse -> classify (batched by image
                   count) -> encode -> reply or error -> telemetry; health
     batcher       concurrent requests gathered into batches counted in images
+    evaluate      the accuracy gate: top-1 on labelled images, fp32 against each candidate
+                  (precision x runtime) as served -> a GateRecord
     classifier    ImageClassifier: load / for_serving / classify / classify_requests / healthy
     protocols/    wire formats, one module each, parse and encode together (raw, multipart,
                   json_images, kserve_v1, kserve_v2), and parse_request, the one decoder
@@ -30,9 +32,11 @@ contract in pyproject.toml, checked by ``lint-imports`` in the test command); no
         files         read_model: a model directory, a zoo folder or a .mar -> ModelSpec
         zoo/          timm and transformers folders: preprocessing, labels, loaders
         loading       architectures built and weights loaded; architectures: our own models
-        optimize      BatchNorm folding, torch.compile; precision: bf16 detection and the gates;
-                      quantize: int8 (PT2E)
-        runner        ModelRunner: precision and its fallback, prepare, compile, forward
+        optimize      BatchNorm folding, torch.compile; precision: what auto resolves to (CPU
+                      features, the gate record); quantize: int8 (PT2E)
+        ov_runtime    OpenVINO: the runtime choice, conversion cached by the weights' hash, int8 (NNCF)
+        records       gate records tied to the weights' SHA-256, and the artifacts they vouch for
+        runner        ModelRunner: runtime, precision and their fallbacks, prepare, compile, forward
         topk          logits -> top-k {label: score}
     config, errors, devices, process, memory, metrics, telemetry
                   the ground floor: settings, failure types and statuses, device choice,

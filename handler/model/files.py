@@ -261,7 +261,8 @@ def _parse_yaml(data: bytes, name: str) -> dict[str, Any]:
 def _weights_name(files: Any, manifest: Mapping[str, Any]) -> str:
     if manifest.get("serializedFile"):
         return str(manifest["serializedFile"])
-    candidates = [n for n in files.names() if PurePosixPath(n).suffix in WEIGHT_SUFFIXES and n != INT8_PROGRAM]
+    made = {INT8_PROGRAM, *INT8_IR}  # int8 models made from the weights, not weights
+    candidates = [n for n in files.names() if PurePosixPath(n).suffix in WEIGHT_SUFFIXES and n not in made]
     if len(candidates) != 1:
         found = ", ".join(candidates) or "none"
         raise FileNotFoundError(f"expected exactly one weights file ({', '.join(WEIGHT_SUFFIXES)}); found {found}")

@@ -33,19 +33,22 @@ def test_each_photo_alone_gets_a_sensible_imagenet_label(server):
 
 
 def test_the_shipped_archive_is_served_by_openvino_in_its_gated_precision_by_default(server):
-    """OpenVINO runs the model on a CPU; bf16 where bf16 is fast here (AMX), since the
-    archive carries a gate record of its weights in which bf16 passed; fp32 elsewhere."""
-    from handler.model.precision import bf16_is_fast
+    """OpenVINO runs the model on a CPU, in the fastest precision its gate record passed that this
+    CPU runs fast: int8 with VNNI or AMX (the archive carries OpenVINO's int8 model), else bf16
+    with AMX, else fp32."""
+    from handler.model.precision import bf16_is_fast, cpu_int8_feature
 
     log = (server.workdir / "logs" / "model_log.log").read_text().splitlines()
     log = [line for line in log if "efficientnet_lite0" in line]
     runtime = [line for line in log if "MODEL_LOG - runtime " in line]
     assert len(runtime) == 1 and "runtime openvino (handler.runtime is auto and OpenVINO is installed)" in runtime[0]
-    precision = [line for line in log if "MODEL_LOG - precision " in line]
-    if bf16_is_fast():
-        assert len(precision) == 1 and "precision bf16 (" in precision[0] and "the gate passed" in precision[0]
+    (precision,) = [line for line in log if "MODEL_LOG - precision " in line]
+    if cpu_int8_feature():
+        assert "precision int8 (" in precision and "the gate passed" in precision, precision
+    elif bf16_is_fast():
+        assert "precision bf16 (" in precision and "the gate passed" in precision, precision
     else:
-        assert len(precision) == 1 and "precision fp32 (" in precision[0], precision
+        assert "precision fp32 (" in precision, precision
     warmed = [line for line in log if "OpenVINO runs the model): batch sizes [1, 2, 4, 8, 16, 32] warmed" in line]
     assert len(warmed) == 1, warmed
 

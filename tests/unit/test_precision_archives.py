@@ -235,3 +235,33 @@ def test_bf16_forced_off_the_shipped_demo_runs_fp32(monkeypatch):
     monkeypatch.setenv(BF16_ENV, "0")
     with ImageClassifier.load(DEMO, device="cpu", overrides={"batch_size": 4}) as clf:
         assert clf.config.precision == "auto" and clf.pipeline.precision == "fp32"
+
+
+def test_gate_py_writes_the_record_and_openvinos_int8_into_a_model_folder(tmp_path, labelled, calibration):
+    """scripts/gate.py --calibrate --write: the folder then holds its int8 model and a record of
+    its weights, reads back as before (the int8 model is no weights file), and precision auto
+    serves int8 on a CPU with int8 dot products."""
+    import shutil
+    import subprocess
+    import sys
+
+    from handler.model.precision import cpu_int8_feature
+
+    folder = tmp_path / "shapes"
+    shutil.copytree(DEMO, folder)
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "gate.py"), "--model", str(folder), "--eval",
+                           str(labelled), "--calibrate", str(calibration), "--candidates", "openvino/bf16",
+                           "--write"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "openvino int8: top-1" in done.stderr and "on 60 labelled images" in done.stderr
+    spec = read_model(folder)
+    assert spec.openvino_int8 is not None and spec.gate_record is not None
+    assert spec.gate_record.passed("int8", "openvino") and spec.gate_record.passed("bf16", "openvino")
+    with ImageClassifier.load(folder, device="cpu", overrides={"batch_size": 4}) as clf:
+        want = "int8" if cpu_int8_feature() else "fp32"
+        assert (clf.pipeline.runner.runtime, clf.pipeline.precision) == ("openvino", want)
+        assert all(isinstance(r, dict) for r in clf.classify([shape_image("circle", seed=3)]))
+    overlap = subprocess.run([sys.executable, str(ROOT / "scripts" / "gate.py"), "--model", str(folder), "--eval",
+                              str(_as_labelled(calibration, tmp_path)), "--calibrate", str(calibration)],
+                             capture_output=True, text=True, timeout=600)
+    assert overlap.returncode != 0 and "none of them an --eval image" in overlap.stderr
