@@ -71,8 +71,12 @@ def test_health_readiness_and_metadata_over_http_and_grpc(door):
     # The handler's own start-up line reaches the door's log (KServe configures only its loggers).
     log = door.log.read_text()
     assert "runtime openvino (handler.runtime is auto and OpenVINO is installed)" in log
-    # The demo folder carries no gate record: precision auto serves fp32 (whatever this CPU has).
-    assert "precision fp32 (handler.precision is auto" in log
+    # The archive carries its gate record and OpenVINO int8 model: precision auto serves the
+    # fastest precision the record passed that this CPU runs fast.
+    from handler.model.precision import bf16_is_fast, cpu_int8_feature
+
+    want = "int8" if cpu_int8_feature() else "bf16" if bf16_is_fast() else "fp32"
+    assert f"precision {want} (handler.precision is auto" in log
 
 
 @pytest.mark.parametrize(("binary", "binary_output"), [(True, False), (True, True), (False, False)],
