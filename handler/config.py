@@ -85,7 +85,8 @@ class HandlerConfig:
             installed and converts the model, torch otherwise; ``torch`` (eager or
             ``torch.compile``); ``openvino`` (the model converted once and cached by its weights'
             hash, ``handler.model.ov_runtime``). A model OpenVINO cannot convert runs on torch,
-            with one log line; on a GPU the model runs on torch. int8 runs on torch.
+            with one log line; on a GPU the model runs on torch. int8 runs on OpenVINO when the model has
+            OpenVINO's int8 model, else torch's PT2E program on torch.
         batch_buckets: pad every forward pass to the smallest of these batch sizes that fits, so
             the model only ever sees a few fixed shapes (each is warmed up in initialize). Empty:
             no padding, except for a compiled model, which gets ``compile_buckets``.

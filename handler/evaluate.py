@@ -94,7 +94,8 @@ def evaluate(spec: ModelSpec, images: Sequence[tuple[Path, int]], candidates: Se
         got = [answers[i] for i in kept]
         if any(a is None for a in got):
             raise RuntimeError(f"{runtime} {precision} failed on images fp32 decoded")
-        result = compare(precision, runtime, truth, fp32, [a[0] for a in got if a is not None])
+        artifact = (spec.artifacts.int8_sha256(runtime) or "") if precision == "int8" else ""
+        result = compare(precision, runtime, truth, fp32, [a[0] for a in got if a is not None], artifact)
         progress(result.summary(len(kept), fp32_top1))
         results.append(result)
     return GateRecord(weights_hash, len(kept), source, round(fp32_top1, 6), tuple(results))
@@ -110,7 +111,8 @@ def _answers(spec: ModelSpec, precision: str, runtime: str, images: Sequence[tup
     # The record being measured does not exist yet; int8's program is trusted for this run only
     # (it was made from these weights by the caller).
     provisional = GateRecord(weights_hash, 0, "provisional", 0.0, (
-        Candidate("int8", runtime, 0.0, 0, 0, 0, 0.0, 0.0, True),)) if precision == "int8" else None
+        Candidate("int8", runtime, 0.0, 0, 0, 0, 0.0, 0.0, True, spec.artifacts.int8_sha256(runtime) or ""),)
+    ) if precision == "int8" else None
     run = dataclasses.replace(spec, config=config, gate_record=provisional)
     out: list[tuple[int, float] | None] = []
     with ImageClassifier(run, device="cpu") as clf:

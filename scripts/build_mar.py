@@ -18,7 +18,7 @@ folder's, unless ``--name``), labels and evaluation preprocessing come from the 
 handler settings, which win over the folder's.
 
 Accuracy gate (``--eval DIR_OR_CSV``: labelled held-out images, a folder per label or a CSV of
-``path,label``): fp32 and each candidate (bf16 on torch and on OpenVINO; int8 on torch) are served
+``path,label``): fp32 and each candidate (bf16 on torch and on OpenVINO; int8 on each runtime that got an int8 model) are served
 on them as a server serves them, and a candidate passes when its top-1 accuracy is at most 0.5
 point below fp32's (``handler.evaluate``, ``handler.model.records``). The figures go into the
 archive as ``gate_record.json``, tied to the weights' SHA-256: ``precision: auto`` (the default)

@@ -66,8 +66,9 @@ def cache_folder(config: HandlerConfig, num_classes: int, weights_hash: str) -> 
 
     version = ov.__version__.split("-")[0]
     fold = "bnfold" if config.fuse_batchnorm else "nofold"
+    # torch's version too: the graph converted is what this torch builds and folds from the weights.
     return cache_root() / (f"{config.arch}-{num_classes}c-{config.image_size}px-{fold}-"
-                           f"{weights_hash[:24]}-ov{version}")
+                           f"{weights_hash[:24]}-ov{version}-torch{torch.__version__.split('+')[0]}")
 
 
 def load_openvino(config: HandlerConfig, weights: Path | bytes | ZooFiles, num_classes: int,
@@ -88,6 +89,7 @@ def load_openvino(config: HandlerConfig, weights: Path | bytes | ZooFiles, num_c
             return core.read_model(str(folder / IR_NAME)), f"read from {folder}"
         except Exception as exc:  # a torn or foreign cache entry: convert again
             log.warning("OpenVINO cache %s unreadable (%s); converting again", folder, str(exc)[:200])
+            shutil.rmtree(folder, ignore_errors=True)
     model = prepare_for_inference(config, weights, num_classes)
     size = config.image_size
     example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
@@ -108,6 +110,8 @@ def _save(model: Any, folder: Path) -> None:
         staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=folder.parent))
         # Full fp32 weights: save_model would otherwise halve them to fp16.
         ov.save_model(model, str(staging / IR_NAME), compress_to_fp16=False)
+        if folder.exists() and not (folder / IR_NAME).is_file():
+            shutil.rmtree(folder, ignore_errors=True)  # a torn entry (no graph): replaced
         try:
             staging.rename(folder)
         except OSError:  # another process got there first
@@ -129,6 +133,10 @@ class OpenVinoModel(nn.Module):
         config = {"INFERENCE_PRECISION_HINT": PRECISION_HINTS[precision], "INFERENCE_NUM_THREADS": threads,
                   "PERFORMANCE_HINT": "LATENCY"}
         self._compiled = ov.Core().compile_model(model, "CPU", config)
+        ran = str(self._compiled.get_property("INFERENCE_PRECISION_HINT"))
+        if precision == "bf16" and "bfloat16" not in ran and "bf16" not in ran:
+            # A CPU without bf16 support keeps f32 silently: that is not bf16 (nor what a gate measures).
+            raise RuntimeError(f"OpenVINO runs this model in {ran} on this CPU, not bf16")
         self._request = self._compiled.create_infer_request()
         self._lock = threading.Lock()
 

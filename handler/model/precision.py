@@ -71,14 +71,16 @@ def bf16_is_fast() -> str | None:
 
 
 def resolve_precision(setting: str, device: torch.device, *, has_int8_program: bool, runtime: str = "torch",
-                      record: GateRecord | None = None, weights_hash: str | None = None) -> tuple[str, str]:
+                      record: GateRecord | None = None, weights_hash: str | None = None,
+                      int8_sha256: str | None = None) -> tuple[str, str]:
     """The precision the model runs in (``fp32``, ``fp16``, ``bf16`` or ``int8``) and why.
 
-    ``auto``: bf16 on a CPU where ``runtime``'s bf16 is fast, and only when ``record`` (the gate
-    record) is for these weights (``weights_hash``) and says bf16 on this runtime passed; else
-    fp32, and the reason says how to gate. A record for other weights (stale) is refused for
-    every reduced precision. int8 needs the calibrated program and a record of these weights
-    (the program was made from them). A precision that cannot run here (fp16 or int8 on a CPU
+    ``auto`` on a CPU: OpenVINO's int8 where the CPU has int8 dot products, else bf16 where it has
+    AMX, each only when ``record`` (the gate record) is for these weights (``weights_hash``) and
+    passed it on ``runtime`` (int8: that very int8 model, ``int8_sha256``); else fp32, and the
+    reason says how to gate. A record for other weights (stale) is refused for every reduced
+    precision; an explicit bf16 that the record failed on this runtime is refused; int8 needs its
+    model and a record that measured it. A precision that cannot run here (fp16 or int8 on a CPU
     or GPU that lacks what it needs) is fp32, and the reason says so; the caller logs it as an
     error when it was asked for explicitly."""
     stale = None
@@ -86,45 +88,59 @@ def resolve_precision(setting: str, device: torch.device, *, has_int8_program: b
         stale = (f"its {GATE_RECORD} was measured on other weights (sha256 {record.weights_sha256[:12]}..., these "
                  f"are {weights_hash[:12]}...): gate them again (build_mar.py --eval DIR)")
     if setting == "auto":
-        if device.type != "cpu":
-            return "fp32", f"handler.precision is auto and the model is on {device.type} (bf16 there is not measured)"
-        if stale:
-            return "fp32", f"handler.precision is auto but {stale}"
-        int8 = cpu_int8_feature()
-        passed_int8 = record.passed("int8", runtime) if record is not None else None
-        if runtime == "openvino" and has_int8_program and int8 and passed_int8 is not None:
-            return "int8", (f"handler.precision is auto, this CPU has {int8}, the model has OpenVINO's int8 and the "
-                            f"gate passed ({passed_int8.summary(record.images, record.fp32_top1)})")  # type: ignore[union-attr]
-        feature = bf16_is_fast()
-        if feature is None:
-            return "fp32", (f"handler.precision is auto and bf16 is not faster than fp32 on this CPU (no AMX, "
-                            f"or {BF16_ENV}=0)")
-        if record is None:
-            return "fp32", (f"handler.precision is auto and no gate record is there for these weights: measure bf16 "
-                            f"on labelled images (build_mar.py --eval DIR) to run it")
-        passed = record.passed("bf16", runtime)
-        if passed is None:
-            gated = next((c for c in record.candidates if c.precision == "bf16" and c.runtime == runtime), None)
-            why = gated.summary(record.images, record.fp32_top1) if gated else f"bf16 on {runtime} was not gated"
-            return "fp32", f"handler.precision is auto and the gate record refuses bf16 ({why})"
-        return "bf16", f"handler.precision is auto, this CPU has {feature} and the gate passed ({passed.summary(record.images, record.fp32_top1)})"
+        return _resolve_auto(device, runtime, record, stale, has_int8_program, int8_sha256)
     if setting == "fp16" and device.type != "cuda":
         return "fp32", f"handler.precision fp16 needs CUDA; the model is on {device.type}"
     if setting in ("bf16", "int8") and stale:
         return "fp32", f"handler.precision is {setting} but {stale}"
+    if setting == "bf16" and record is not None and record.failed("bf16", runtime) and not record.passed("bf16", runtime):
+        failed = record.failed("bf16", runtime)
+        assert failed is not None
+        return "fp32", f"handler.precision is bf16 but the gate record refuses it ({failed.summary(record.images, record.fp32_top1)})"
     if setting == "int8":
         if device.type != "cpu":
             return "fp32", f"handler.precision int8 runs on the CPU only; the model is on {device.type}"
         if not has_int8_program:
             return "fp32", ("handler.precision is int8 but the model has no calibrated int8 program "
                             "(build the archive with scripts/build_mar.py --precision int8 --calibrate DIR)")
-        if record is None or weights_hash is None or record.passed("int8", runtime) is None:
-            return "fp32", (f"handler.precision is int8 but no gate record of these weights vouches for the int8 "
-                            f"program (a program without one may be stale): build it again with build_mar.py "
-                            f"--precision int8 --calibrate DIR --eval DIR")
+        if record is None or weights_hash is None or record.passed("int8", runtime, int8_sha256) is None:
+            return "fp32", (f"handler.precision is int8 but no gate record of these weights vouches for this int8 "
+                            f"program (a program the gate did not measure may be stale): build it again with "
+                            f"build_mar.py --precision int8 --calibrate DIR --eval DIR")
     if setting == "bf16" and device.type == "cpu" and bf16_is_fast() is None:
         return "bf16", "handler.precision is bf16 (bf16 is not faster than fp32 on this CPU: no AMX)"
     return setting, f"handler.precision is {setting}"
+
+
+def _resolve_auto(device: torch.device, runtime: str, record: GateRecord | None, stale: str | None,
+                  has_int8_program: bool, int8_sha256: str | None) -> tuple[str, str]:
+    """``precision: auto`` (see resolve_precision)."""
+    if device.type != "cpu":
+        return "fp32", f"handler.precision is auto and the model is on {device.type} (bf16 there is not measured)"
+    if stale:
+        return "fp32", f"handler.precision is auto but {stale}"
+    if record is None:
+        return "fp32", ("handler.precision is auto and no gate record is there for these weights: measure a reduced "
+                        "precision on labelled images (build_mar.py --eval DIR, scripts/gate.py) to run it")
+    int8, not_int8 = cpu_int8_feature(), ""
+    if runtime == "openvino" and has_int8_program:
+        passed_int8 = record.passed("int8", runtime, int8_sha256)
+        if int8 and passed_int8 is not None:
+            return "int8", (f"handler.precision is auto, this CPU has {int8}, the model has OpenVINO's int8 and the "
+                            f"gate passed ({passed_int8.summary(record.images, record.fp32_top1)})")
+        not_int8 = ("; not int8: this CPU has no int8 dot products (VNNI, AMX)" if not int8 else
+                    "; not int8: the gate record did not pass this int8 model")
+    feature = bf16_is_fast()
+    if feature is None:
+        return "fp32", (f"handler.precision is auto and bf16 is not faster than fp32 on this CPU (no AMX, "
+                        f"or {BF16_ENV}=0){not_int8}")
+    passed = record.passed("bf16", runtime)
+    if passed is None:
+        gated = record.failed("bf16", runtime)
+        why = gated.summary(record.images, record.fp32_top1) if gated else f"bf16 on {runtime} was not gated"
+        return "fp32", f"handler.precision is auto and the gate record refuses bf16 ({why}){not_int8}"
+    return "bf16", (f"handler.precision is auto, this CPU has {feature} and the gate passed "
+                    f"({passed.summary(record.images, record.fp32_top1)}){not_int8}")
 
 
 @dataclass(frozen=True)

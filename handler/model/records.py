@@ -25,6 +25,14 @@ MAX_DROP_POINTS = 0.5
 BOUND_Z = 1.645
 
 
+def artifact_sha256(*parts: Path | bytes) -> str:
+    """The SHA-256 of an int8 model: its file(s) or their bytes, in order."""
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part if isinstance(part, bytes) else part.read_bytes())
+    return digest.hexdigest()
+
+
 def weights_sha256(weights: Path | bytes | ZooFiles) -> str:
     """The SHA-256 (hex) of the weights: a file, its bytes, or a zoo folder's weights file."""
     if isinstance(weights, ZooFiles):
@@ -51,6 +59,8 @@ class Candidate:
         drop_points: fp32's accuracy minus this one's, in points (100 × fraction).
         drop_bound_points: the 95 % one-sided upper bound of that drop (paired, normal approx.).
         passed: drop_points <= MAX_DROP_POINTS.
+        artifact_sha256: for int8, the SHA-256 of the int8 model measured (``artifact_sha256``):
+            only that very model is trusted, not another made later from the same weights.
     """
 
     precision: str
@@ -62,6 +72,7 @@ class Candidate:
     drop_points: float
     drop_bound_points: float
     passed: bool
+    artifact_sha256: str = ""
 
     @property
     def key(self) -> str:
@@ -76,9 +87,9 @@ class Candidate:
 
 
 def compare(precision: str, runtime: str, truth: list[int], reference: list[tuple[int, float]],
-            candidate: list[int]) -> Candidate:
+            candidate: list[int], artifact: str = "") -> Candidate:
     """The candidate's figures: ``truth`` the labels, ``reference`` fp32's (top-1, its probability)
-    and ``candidate`` the candidate's top-1, per image."""
+    and ``candidate`` the candidate's top-1, per image; ``artifact`` the int8 model's SHA-256."""
     n = len(truth)
     if not n or len(reference) != n or len(candidate) != n:
         raise ValueError("compare needs one reference and one candidate answer per labelled image")
@@ -91,7 +102,7 @@ def compare(precision: str, runtime: str, truth: list[int], reference: list[tupl
     spread = math.sqrt(max(worse + better - (worse - better) ** 2 / n, 0.0)) / n
     drop_points = round(100 * drop, 3)
     return Candidate(precision, runtime, sum(got_right) / n, worse, better, confident, drop_points,
-                     round(100 * (drop + BOUND_Z * spread), 3), drop_points <= MAX_DROP_POINTS)
+                     round(100 * (drop + BOUND_Z * spread), 3), drop_points <= MAX_DROP_POINTS, artifact)
 
 
 @dataclass(frozen=True)
@@ -104,10 +115,16 @@ class GateRecord:
     fp32_top1: float
     candidates: tuple[Candidate, ...] = field(default=())
 
-    def passed(self, precision: str, runtime: str) -> Candidate | None:
-        """The candidate ``runtime/precision`` if it was gated and passed, else None."""
-        return next((c for c in self.candidates if c.precision == precision and c.runtime == runtime and c.passed),
-                    None)
+    def passed(self, precision: str, runtime: str, artifact: str | None = None) -> Candidate | None:
+        """The candidate ``runtime/precision`` if it was gated and passed (and, given ``artifact``,
+        measured that very int8 model), else None."""
+        return next((c for c in self.candidates if c.precision == precision and c.runtime == runtime and c.passed
+                     and (artifact is None or c.artifact_sha256 == artifact)), None)
+
+    def failed(self, precision: str, runtime: str) -> Candidate | None:
+        """The candidate ``runtime/precision`` if it was gated and failed, else None."""
+        return next((c for c in self.candidates if c.precision == precision and c.runtime == runtime
+                     and not c.passed), None)
 
     def to_json(self) -> str:
         data = asdict(self)
@@ -120,6 +137,8 @@ class GateRecord:
         try:
             data: dict[str, Any] = json.loads(text)
             candidates = tuple(Candidate(**c) for c in data["candidates"])
+            if not all(isinstance(c.passed, bool) for c in candidates):
+                raise TypeError("'passed' must be true or false")
             return cls(str(data["weights_sha256"]), int(data["images"]), str(data["source"]),
                        float(data["fp32_top1"]), candidates)
         except (ValueError, KeyError, TypeError) as exc:
@@ -140,3 +159,9 @@ class ModelArtifacts:
     int8_program: Path | bytes | None = None
     openvino_int8: tuple[Path | bytes, Path | bytes] | None = None
     gate_record: GateRecord | None = None
+
+    def int8_sha256(self, runtime: str) -> str | None:
+        """The SHA-256 of ``runtime``'s int8 model, or None when there is none."""
+        if runtime == "openvino":
+            return artifact_sha256(*self.openvino_int8) if self.openvino_int8 is not None else None
+        return artifact_sha256(self.int8_program) if self.int8_program is not None else None

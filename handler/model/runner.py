@@ -53,6 +53,7 @@ class ModelRunner:
                  device: torch.device, artifacts: ModelArtifacts = ModelArtifacts()) -> None:
         self.config, self.device = config, device
         self._weights, self._num_classes, self._artifacts = weights, num_classes, artifacts
+        self._pinned_fp32 = False
         self.weights_hash = weights_sha256(weights)
         self.runtime, reason = resolve_runtime(config.runtime, device, config.precision,
                                                openvino_int8=artifacts.openvino_int8 is not None,
@@ -69,10 +70,13 @@ class ModelRunner:
     def _resolve_precision(self) -> None:
         """Choose the precision for this runtime (again after a runtime fallback), and log why."""
         setting = self.config.precision
-        program = self._artifacts.openvino_int8 if self.runtime == "openvino" else self._artifacts.int8_program
-        self.precision, reason = resolve_precision(setting, self.device, has_int8_program=program is not None,
+        if self._pinned_fp32:  # a reduced precision failed here: fp32 on whatever runtime serves
+            self.precision = "fp32"
+            return
+        int8 = self._artifacts.int8_sha256(self.runtime)
+        self.precision, reason = resolve_precision(setting, self.device, has_int8_program=int8 is not None,
                                                    runtime=self.runtime, record=self._artifacts.gate_record,
-                                                   weights_hash=self.weights_hash)
+                                                   weights_hash=self.weights_hash, int8_sha256=int8)
         honoured = self.precision == setting or setting == "auto"
         (log.info if honoured else log.error)("precision %s (%s)", self.precision, reason)
 
@@ -92,29 +96,36 @@ class ModelRunner:
             try:
                 return self._openvino_model()
             except Exception as exc:
-                log.error("OpenVINO cannot run this model (%s: %s); running it on torch", type(exc).__name__,
-                          str(exc)[:300])
-                self.runtime = "torch"
-                self._resolve_precision()
+                why = f"{type(exc).__name__}: {str(exc)[:300]}"
+            if self.precision != "fp32":  # bf16 or int8 OpenVINO cannot run here: its fp32, then torch
+                self._log_fallback(why)
+                self.precision, self._pinned_fp32 = "fp32", True
+                try:
+                    return self._openvino_model()
+                except Exception as exc:
+                    why = f"{type(exc).__name__}: {str(exc)[:300]}"
+            log.error("OpenVINO cannot run this model (%s); running it on torch", why)
+            self.runtime = "torch"
+            self._resolve_precision()
         if self.precision == "int8":
             assert self._artifacts.int8_program is not None
             compiled, reason = should_compile(cfg.compile, self.device, cfg.arch)
             if not compiled:  # eagerly, the int8 program is a slow reference: not worth loading
                 self._log_fallback(f"int8 runs compiled only, and torch.compile is off ({reason})")
-                self.precision = "fp32"
+                self.precision, self._pinned_fp32 = "fp32", True
             else:
                 try:
                     return load_int8_program(self._artifacts.int8_program)
                 except Exception as exc:
                     self._log_fallback(f"the int8 program does not load: {type(exc).__name__}: {str(exc)[:300]}")
-                    self.precision = "fp32"
+                    self.precision, self._pinned_fp32 = "fp32", True
         model = prepare_for_inference(cfg, self._weights, self._num_classes, self.device)
         if self.precision == "bf16" and self.device.type == "cpu":
             try:
                 return Bf16Model(model)
             except Exception as exc:
                 self._log_fallback(f"its weights do not convert: {type(exc).__name__}: {str(exc)[:300]}")
-                self.precision = "fp32"
+                self.precision, self._pinned_fp32 = "fp32", True
         return model
 
     def _openvino_model(self) -> torch.nn.Module:
@@ -162,11 +173,26 @@ class ModelRunner:
         ``normalize`` makes model input of uint8 pixels (the decode path's)."""
         try:
             self._warm_model(normalize)
+            return
         except Exception as exc:
-            if self.precision == "fp32":
+            if self.precision == "fp32" and self.runtime == "torch":
                 raise
-            self._fall_back_to_fp32(f"{type(exc).__name__}: {str(exc)[:300]}")
-            self._warm_model(normalize)
+            why = f"{type(exc).__name__}: {str(exc)[:300]}"
+        if self.precision != "fp32":
+            self._fall_back_to_fp32(why)
+            try:
+                self._warm_model(normalize)
+                return
+            except Exception as exc:
+                if self.runtime == "torch":
+                    raise
+                why = f"{type(exc).__name__}: {str(exc)[:300]}"
+        # OpenVINO fails even in fp32: torch serves it.
+        log.error("OpenVINO cannot run this model (%s); running it on torch", why)
+        self.runtime, self.compiled, self.compiled_buckets = "torch", None, ()
+        self._resolve_precision()
+        self.model = self._prepare_model()
+        self._warm_model(normalize)
 
     def _warm_model(self, normalize: Normalize) -> None:
         self._compile(normalize)  # runs each bucket it compiles
@@ -191,7 +217,7 @@ class ModelRunner:
     def _fall_back_to_fp32(self, why: str) -> None:
         """Serve the fp32 model instead of the chosen precision's, saying why in the log."""
         self._log_fallback(why)
-        self.precision, self.autocast_dtype = "fp32", None
+        self.precision, self.autocast_dtype, self._pinned_fp32 = "fp32", None, True
         self.compiled, self.compiled_buckets = None, ()
         self.model = self._prepare_model()
 

@@ -132,3 +132,39 @@ def test_the_default_is_openvino_on_the_cpu(tmp_path, monkeypatch):
         assert clf.config.runtime == "auto" and clf.pipeline.runner.runtime == "openvino"
         assert clf.pipeline.runner.compiled is None  # no torch.compile: OpenVINO compiled it
         answers(clf)
+
+
+def test_a_reduced_precision_openvino_cannot_run_serves_its_fp32(tmp_path, monkeypatch, caplog):
+    """Explicit bf16 that OpenVINO refuses here (as on a CPU without bf16): OpenVINO fp32, pinned."""
+    import handler.model.ov_runtime as ov_runtime
+
+    real = ov_runtime.OpenVinoModel.__init__
+
+    def no_bf16(self, model, precision, threads):
+        if precision == "bf16":
+            raise RuntimeError("OpenVINO runs this model in f32 on this CPU, not bf16")
+        real(self, model, precision, threads)
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setattr(ov_runtime.OpenVinoModel, "__init__", no_bf16)
+    with ImageClassifier.load(DEMO, device="cpu", overrides={"batch_size": 4, "precision": "bf16"}) as clf:
+        assert (clf.pipeline.runner.runtime, clf.pipeline.precision) == ("openvino", "fp32")
+        answers(clf)
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert any("precision bf16 does not work" in m and "not bf16" in m for m in errors), errors
+
+
+def test_openvino_failing_at_warm_up_even_in_fp32_runs_on_torch(tmp_path, monkeypatch, caplog):
+    import handler.model.ov_runtime as ov_runtime
+
+    def broken(self, x):
+        raise RuntimeError("CPU plugin: out of the blue")
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setattr(ov_runtime.OpenVinoModel, "forward", broken)
+    with ImageClassifier.load(DEMO, device="cpu", overrides=FP32) as clf:
+        assert (clf.pipeline.runner.runtime, clf.pipeline.precision) == ("torch", "fp32")
+        answers(clf)
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert any("OpenVINO cannot run this model (RuntimeError: CPU plugin: out of the blue); running it on torch" in m
+               for m in errors), errors

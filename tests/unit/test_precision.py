@@ -129,12 +129,33 @@ def test_compare_counts_lost_and_gained_answers_and_bounds_the_drop():
         compare("bf16", "torch", truth, reference[:5], candidate)
 
 
+def test_an_explicit_bf16_the_record_failed_is_refused_and_an_unmeasured_int8_model_is_not_trusted(monkeypatch):
+    monkeypatch.setenv(BF16_ENV, "1")
+    got, why = resolve_precision("bf16", CPU, has_int8_program=False, runtime="openvino", record=record("torch/bf16"),
+                                 weights_hash=HASH)
+    assert got == "fp32" and "the gate record refuses it (openvino bf16: top-1 70.0%" in why, why
+    got, _ = resolve_precision("bf16", CPU, has_int8_program=False, runtime="torch", record=record("torch/bf16"),
+                               weights_hash=HASH)
+    assert got == "bf16"
+    measured = GateRecord(HASH, 100, "test", 0.8, (Candidate("int8", "openvino", 0.8, 0, 0, 0, 0.0, 0.1, True, "c" * 64),))
+    for setting in ("int8", "auto"):
+        got, why = resolve_precision(setting, CPU, has_int8_program=True, runtime="openvino", record=measured,
+                                     weights_hash=HASH, int8_sha256="d" * 64)
+        assert got != "int8", why
+    got, _ = resolve_precision("int8", CPU, has_int8_program=True, runtime="openvino", record=measured,
+                               weights_hash=HASH, int8_sha256="c" * 64)
+    assert got == "int8"
+
+
 def test_a_gate_record_reads_back_what_it_wrote_and_refuses_other_json():
     written = record("torch/bf16")
     assert GateRecord.from_json(written.to_json()) == written
     assert written.passed("bf16", "torch") is not None and written.passed("bf16", "openvino") is None
     with pytest.raises(ValueError, match="gate_record.json is not a gate record"):
         GateRecord.from_json('{"weights_sha256": "x"}')
+    tampered = written.to_json().replace('"passed": false', '"passed": "false"')
+    with pytest.raises(ValueError, match="'passed' must be true or false"):
+        GateRecord.from_json(tampered)
 
 
 def test_agreement_counts_top1_matches_and_the_largest_probability_difference():

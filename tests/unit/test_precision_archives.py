@@ -227,7 +227,7 @@ def test_an_int8_program_whose_weights_changed_is_refused_and_fp32_served(int8_m
     caplog.clear()
     with ImageClassifier.load(tmp_path / "model", device="cpu", overrides={"batch_size": 4}) as clf:
         assert clf.pipeline.precision == "fp32"
-    assert any("no gate record of these weights vouches for the int8 program" in r.getMessage()
+    assert any("no gate record of these weights vouches for this int8 program" in r.getMessage()
                for r in caplog.records if r.levelname == "ERROR")
 
 
@@ -237,7 +237,8 @@ def test_bf16_forced_off_the_shipped_demo_runs_fp32(monkeypatch):
         assert clf.config.precision == "auto" and clf.pipeline.precision == "fp32"
 
 
-def test_gate_py_writes_the_record_and_openvinos_int8_into_a_model_folder(tmp_path, labelled, calibration):
+def test_gate_py_writes_the_record_and_openvinos_int8_into_a_model_folder(tmp_path, labelled, calibration,
+                                                                          monkeypatch):
     """scripts/gate.py --calibrate --write: the folder then holds its int8 model and a record of
     its weights, reads back as before (the int8 model is no weights file), and precision auto
     serves int8 on a CPU with int8 dot products."""
@@ -245,8 +246,9 @@ def test_gate_py_writes_the_record_and_openvinos_int8_into_a_model_folder(tmp_pa
     import subprocess
     import sys
 
-    from handler.model.precision import cpu_int8_feature
+    from handler.model.precision import bf16_is_fast, cpu_int8_feature
 
+    monkeypatch.delenv(BF16_ENV, raising=False)
     folder = tmp_path / "shapes"
     shutil.copytree(DEMO, folder)
     done = subprocess.run([sys.executable, str(ROOT / "scripts" / "gate.py"), "--model", str(folder), "--eval",
@@ -258,9 +260,13 @@ def test_gate_py_writes_the_record_and_openvinos_int8_into_a_model_folder(tmp_pa
     assert spec.openvino_int8 is not None and spec.gate_record is not None
     assert spec.gate_record.passed("int8", "openvino") and spec.gate_record.passed("bf16", "openvino")
     with ImageClassifier.load(folder, device="cpu", overrides={"batch_size": 4}) as clf:
-        want = "int8" if cpu_int8_feature() else "fp32"
+        want = "int8" if cpu_int8_feature() else "bf16" if bf16_is_fast() else "fp32"
         assert (clf.pipeline.runner.runtime, clf.pipeline.precision) == ("openvino", want)
         assert all(isinstance(r, dict) for r in clf.classify([shape_image("circle", seed=3)]))
+    # A new int8 model beside the record (made later from the same weights) is not the one it measured.
+    (folder / "openvino_int8.xml").write_text((folder / "openvino_int8.xml").read_text() + "\n")
+    with ImageClassifier.load(folder, device="cpu", overrides={"batch_size": 4, "precision": "int8"}) as clf:
+        assert clf.pipeline.precision == "fp32"
     overlap = subprocess.run([sys.executable, str(ROOT / "scripts" / "gate.py"), "--model", str(folder), "--eval",
                               str(_as_labelled(calibration, tmp_path)), "--calibrate", str(calibration)],
                              capture_output=True, text=True, timeout=600)
