@@ -4,6 +4,7 @@ built with ``--calibrate`` and ``--eval``, read back and run compiled, refused w
 changed."""
 
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ from handler.classifier import ImageClassifier
 from handler.model.files import read_model
 from handler.model.precision import BF16_ENV
 from handler.model.quantize import INT8_PROGRAM
-from handler.model.records import GATE_RECORD, GateRecord, weights_sha256
+from handler.model.records import GATE_RECORD, GateRecord, artifact_sha256, weights_sha256
 from helpers import shape_image
 from harness.ts_server import ROOT
 
@@ -206,8 +207,20 @@ def test_torch_int8_without_a_compiler_serves_fp32_and_says_why(int8_mar, caplog
 def test_a_broken_int8_program_serves_fp32_and_says_why(int8_mar, tmp_path, real_compiler, caplog):
     with zipfile.ZipFile(int8_mar) as archive:
         archive.extractall(tmp_path / "model")
-    (tmp_path / "model" / INT8_PROGRAM).write_bytes(b"not a program")
-    with ImageClassifier.load(tmp_path / "model", device="cpu", overrides={"batch_size": 4, "runtime": "torch"}) as clf:
+    program = tmp_path / "model" / INT8_PROGRAM
+    program.write_bytes(b"not a program")
+    overrides = {"batch_size": 4, "runtime": "torch"}
+    with ImageClassifier.load(tmp_path / "model", device="cpu", overrides=overrides) as clf:
+        assert clf.pipeline.precision == "fp32"  # not the program the record measured
+    assert any("no gate record of these weights vouches for this int8 program" in r.getMessage()
+               for r in caplog.records if r.levelname == "ERROR")
+    # A record that did measure these bytes: the program is tried, does not load, and fp32 serves.
+    record = GateRecord.from_json((tmp_path / "model" / GATE_RECORD).read_text())
+    vouching = replace(record, candidates=tuple(replace(c, artifact_sha256=artifact_sha256(program))
+                                                for c in record.candidates))
+    (tmp_path / "model" / GATE_RECORD).write_text(vouching.to_json())
+    caplog.clear()
+    with ImageClassifier.load(tmp_path / "model", device="cpu", overrides=overrides) as clf:
         assert clf.pipeline.precision == "fp32"
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert any("the int8 program does not load" in m for m in errors), errors
