@@ -100,19 +100,20 @@ def test_a_bad_image_fails_only_its_own_request(zoo_server, zoo):
         assert_answers_match(response.json(), want[i : i + 2], LABELS)
 
 
-def test_build_mar_from_a_folder_with_the_default_precision_applies_the_gate(zoo, tmp_path):
-    """No --config: the default frontend settings and precision auto, gated as bf16 on the
-    folder's own preprocessing; the archive reads back as the folder's model."""
+def test_build_mar_from_a_folder_with_the_default_precision_says_it_serves_fp32_until_gated(zoo, tmp_path):
+    """No --config, no --eval: the default frontend settings and precision auto, which serves fp32
+    until labelled images gate a reduced precision (the build says so); the archive reads back as
+    the folder's model, with no gate record."""
     from handler.model.files import read_model
 
     folder, _ = zoo[PARITY_CASES[0].name]
     done = subprocess.run([sys.executable, str(ROOT / "scripts" / "build_mar.py"), "--from", str(folder),
                            "--name", "gated", "--export-path", str(tmp_path)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert "bf16: top-1 agreement with fp32" in done.stderr, done.stderr
+    assert "no --eval: precision auto will serve fp32" in done.stderr, done.stderr
     spec = read_model(tmp_path / "gated.mar")
     assert spec.name == "gated" and spec.config.arch == "timm" and spec.labels == LABELS
-    assert spec.config.precision in ("auto", "fp32")  # fp32 when bf16 fell below its gate
+    assert spec.config.precision == "auto" and spec.gate_record is None
     assert spec.config.resize_size == 235 and spec.config.interpolation == "bicubic"
 
 
