@@ -3,6 +3,7 @@ precision × runtime, each run as served (the classifier's own decode, compile o
 
     labelled_images(source, labels)   a folder per label, or a CSV of ``path,label`` -> (path, class)
     evaluate(spec, images, candidates) -> GateRecord (``handler.model.records``)
+    calibration_batches(config, ...)  images -> model input batches for int8 calibration
 
 Used by ``scripts/build_mar.py --eval`` (the record goes into the archive) and ``scripts/gate.py``
 (the record goes beside a model folder's weights).
@@ -16,7 +17,12 @@ import logging
 from pathlib import Path
 from typing import Callable, Sequence
 
+import torch
+
 from handler.classifier import ImageClassifier
+from handler.config import HandlerConfig
+from handler.decode.images import ImageDecodeError
+from handler.decode.path import model_inputs
 from handler.errors import ImageError
 from handler.model.files import ModelSpec
 from handler.model.records import Candidate, GateRecord, compare, weights_sha256
@@ -28,6 +34,25 @@ log = logging.getLogger(__name__)
 CHUNK = 64
 # Fewer labelled images than this and the gate refuses to speak: its bound would be meaningless.
 MIN_IMAGES = 50
+# Calibration images used at most (the first, sorted by path), and per calibration batch.
+MAX_CALIBRATION_IMAGES = 1024
+CALIBRATION_BATCH = 32
+
+
+def calibration_batches(config: HandlerConfig, images: Sequence[bytes],
+                        skipped: Callable[[str], None]) -> list[torch.Tensor]:
+    """Normalized model input of ``images`` (the handler's own preprocessing), in batches of at
+    least 2 images, for int8 calibration. An unreadable image is skipped and ``skipped`` told
+    why; fewer than 2 readable images is a ValueError."""
+    inputs = []
+    for data in images[:MAX_CALIBRATION_IMAGES]:
+        try:
+            inputs.append(model_inputs(config, [data]))
+        except ImageDecodeError as exc:  # one unreadable file does not spoil a calibration set
+            skipped(exc.reason)
+    if len(inputs) < 2:
+        raise ValueError("fewer than 2 readable calibration images")
+    return [c for c in torch.cat(inputs).split(CALIBRATION_BATCH) if len(c) >= 2]
 
 
 def labelled_images(source: Path, labels: Sequence[str]) -> list[tuple[Path, int]]:

@@ -44,17 +44,14 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
 from handler.config import PRECISIONS, HandlerConfig
-from handler.decode.images import ImageDecodeError
 from handler.model.files import CONFIG_FILE, ModelSpec, read_model
 from handler.offline import IMAGE_SUFFIXES, expand
 from handler.model.loading import load_labels, load_model
 from handler.model.zoo import CONFIG as ZOO_CONFIG, PROCESSOR, ZooFiles
-from handler.decode.path import model_inputs
-from handler.evaluate import evaluate, labelled_images
+from handler.evaluate import MAX_CALIBRATION_IMAGES, calibration_batches, evaluate, labelled_images
 from handler.model.ov_runtime import INT8_IR, openvino_problem, quantize_openvino
 from handler.model.records import GATE_RECORD, GateRecord, weights_sha256
 from handler.model.quantize import INT8_PROGRAM, quantize_int8, save_program
@@ -76,9 +73,6 @@ DEFAULT_FRONTEND_SETTINGS: dict[str, Any] = {
 }
 
 
-# Calibration and gate images read from --calibrate DIR, at most (sorted by path).
-MAX_CALIBRATION_IMAGES = 1024
-CALIBRATION_BATCH = 32
 
 
 def model_config(arch: str, config_path: Path | None, precision: str | None = None, *,
@@ -112,7 +106,7 @@ def calibration_images(directory: Path) -> list[bytes]:
     if len(files) < 2:
         raise SystemExit(f"build_mar: --calibrate {directory}: found {len(files)} image file(s) "
                          f"({', '.join(sorted(IMAGE_SUFFIXES))}); calibration needs at least 2, better hundreds")
-    return [p.read_bytes() for p in files[:MAX_CALIBRATION_IMAGES]]
+    return [p.read_bytes() for p in files[:MAX_CALIBRATION_IMAGES]]  # the rest would not be used
 
 
 def quantize(config: HandlerConfig, weights: Path | ZooFiles, classes: int, images: list[bytes],
@@ -120,15 +114,11 @@ def quantize(config: HandlerConfig, weights: Path | ZooFiles, classes: int, imag
     """The int8 models of the model, their scales observed on ``images`` (through the handler's
     preprocessing), written to ``stage``: torch's PT2E program and, where OpenVINO is installed,
     OpenVINO's NNCF model. The runtimes that got one; a model neither can quantize is refused."""
-    inputs = []
-    for data in images:
-        try:
-            inputs.append(model_inputs(config, [data]))
-        except ImageDecodeError as exc:  # one unreadable file does not spoil a calibration set
-            print(f"build_mar: skipping an unreadable calibration image: {exc.reason}", file=sys.stderr)
-    if len(inputs) < 2:
-        raise SystemExit("build_mar: fewer than 2 readable calibration images")
-    chunks = [c for c in torch.cat(inputs).split(CALIBRATION_BATCH) if len(c) >= 2]
+    try:
+        chunks = calibration_batches(config, images, skipped=lambda reason: print(
+            f"build_mar: skipping an unreadable calibration image: {reason}", file=sys.stderr))
+    except ValueError as exc:
+        raise SystemExit(f"build_mar: {exc}") from None
     made, problems = [], []
     try:
         # The model as loaded: PT2E folds BatchNorm itself (and its x86 quantizer does not

@@ -28,10 +28,7 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-import torch
-
-from handler.evaluate import evaluate, labelled_images
-from handler.decode.path import model_inputs
+from handler.evaluate import MAX_CALIBRATION_IMAGES, calibration_batches, evaluate, labelled_images
 from handler.model.files import ModelSpec, read_model
 from handler.model.ov_runtime import INT8_IR, openvino_problem, quantize_openvino
 from handler.model.records import GATE_RECORD, weights_sha256
@@ -47,13 +44,17 @@ def quantize(spec: ModelSpec, calibrate: Path, images: list[tuple[Path, int]],
              folder: Path) -> tuple[Path, Path]:
     """OpenVINO's int8 model of ``spec``, calibrated on the images under ``calibrate`` (none of
     them an --eval image), written to ``folder``."""
-    files = expand([str(calibrate)])
+    files = expand([str(calibrate)])[:MAX_CALIBRATION_IMAGES]
     held_out = {hashlib.sha256(p.read_bytes()).hexdigest() for p, _ in images}
     if len(files) < 2 or any(hashlib.sha256(p.read_bytes()).hexdigest() in held_out for p in files):
         raise SystemExit(f"gate: --calibrate {calibrate}: needs at least 2 images, none of them an --eval image")
-    batches = list(torch.cat([model_inputs(spec.config, [p.read_bytes()]) for p in files[:1024]]).split(32))
+    try:
+        batches = calibration_batches(spec.config, [p.read_bytes() for p in files], skipped=lambda reason: print(
+            f"gate: skipping an unreadable calibration image: {reason}", file=sys.stderr))
+    except ValueError as exc:
+        raise SystemExit(f"gate: --calibrate {calibrate}: {exc}") from None
     quantize_openvino(spec.config, spec.weights, len(spec.labels), weights_sha256(spec.weights), batches, folder)
-    print(f"gate: int8 (OpenVINO, NNCF) calibrated on {min(len(files), 1024)} images from {calibrate}",
+    print(f"gate: int8 (OpenVINO, NNCF) calibrated on {sum(len(b) for b in batches)} images from {calibrate}",
           file=sys.stderr)
     return folder / INT8_IR[0], folder / INT8_IR[1]
 

@@ -93,9 +93,8 @@ def resolve_precision(setting: str, device: torch.device, *, has_int8_program: b
         return "fp32", f"handler.precision fp16 needs CUDA; the model is on {device.type}"
     if setting in ("bf16", "int8") and stale:
         return "fp32", f"handler.precision is {setting} but {stale}"
-    if setting == "bf16" and record is not None and record.failed("bf16", runtime) and not record.passed("bf16", runtime):
-        failed = record.failed("bf16", runtime)
-        assert failed is not None
+    failed = record.failed("bf16", runtime) if setting == "bf16" and record is not None else None
+    if failed is not None and record is not None:
         return "fp32", f"handler.precision is bf16 but the gate record refuses it ({failed.summary(record.images, record.fp32_top1)})"
     if setting == "int8":
         if device.type != "cpu":

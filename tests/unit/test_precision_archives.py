@@ -264,10 +264,14 @@ def test_gate_py_writes_the_record_and_openvinos_int8_into_a_model_folder(tmp_pa
     monkeypatch.delenv(BF16_ENV, raising=False)
     folder = tmp_path / "shapes"
     shutil.copytree(DEMO, folder)
+    calibrate = shutil.copytree(calibration, tmp_path / "calibrate")
+    (calibrate / "broken.jpg").write_bytes(b"\xff\xd8 not a whole JPEG")  # skipped, and said
     done = subprocess.run([sys.executable, str(ROOT / "scripts" / "gate.py"), "--model", str(folder), "--eval",
-                           str(labelled), "--calibrate", str(calibration), "--candidates", "openvino/bf16",
+                           str(labelled), "--calibrate", str(calibrate), "--candidates", "openvino/bf16",
                            "--write"], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "gate: skipping an unreadable calibration image" in done.stderr
+    assert "calibrated on 48 images" in done.stderr
     assert "openvino int8: top-1" in done.stderr and "on 60 labelled images" in done.stderr
     spec = read_model(folder)
     assert spec.openvino_int8 is not None and spec.gate_record is not None
