@@ -25,6 +25,12 @@ Every request gets an answer, whatever fails:
   requests still queued are served, not orphaned.
 - After ``close()``, the requests still waiting are answered 500, and so is any later
   ``submit``.
+- A request may carry a deadline (a monotonic time): if it passes before the request's batch
+  starts, the request is answered 504 ``deadline_exceeded`` at that moment and is never
+  decoded or run; a batch drops such requests before the model. Once its batch runs, a request
+  is answered with its result.
+- Each request may ask for its own ``top_k``: requests asking for different numbers share a
+  batch (``classify`` gets one ``top_k`` per request).
 """
 
 from __future__ import annotations
@@ -43,7 +49,8 @@ from handler.protocols import Prediction
 
 log = logging.getLogger(__name__)
 
-Classify = Callable[[Sequence[Sequence[ImageInput]]], BatchResult]
+# classify(requests, top_k): one top_k per request (None: the model's own).
+Classify = Callable[[Sequence[Sequence[ImageInput]], Sequence["int | None"]], BatchResult]
 # What ``submit`` returns: the request's predictions (one per image, in order) or its error.
 Outcome = Union[list[Prediction], RequestError]
 
@@ -56,6 +63,8 @@ class _Waiting:
     images: list[ImageInput]
     outcome: asyncio.Future[Outcome]
     since: float
+    top_k: int | None = None
+    started: bool = False  # its batch is running: it is answered with its result
 
 
 @dataclass
@@ -73,6 +82,11 @@ def internal_error(message: str) -> RequestError:
     return RequestError("internal_error", message)
 
 
+def deadline_exceeded() -> RequestError:
+    """The 504 of a request whose deadline passed before it ran."""
+    return RequestError("deadline_exceeded", "the request's deadline passed while it waited; it was not run")
+
+
 def _describe(exc: BaseException) -> str:
     text = str(exc)
     if len(text) > MAX_REASON_CHARS:
@@ -83,6 +97,12 @@ def _describe(exc: BaseException) -> str:
 def _answer(waiting: _Waiting, outcome: Outcome) -> None:
     if not waiting.outcome.done():  # the client may have gone away
         waiting.outcome.set_result(outcome)
+
+
+def _expire(waiting: _Waiting) -> None:
+    """A request's deadline passed: a 504, unless its batch already runs."""
+    if not waiting.started:
+        _answer(waiting, deadline_exceeded())
 
 
 class RequestBatcher:
@@ -106,15 +126,29 @@ class RequestBatcher:
         self._worker: asyncio.Task[None] | None = None
         self._closed = False
 
-    async def submit(self, images: list[ImageInput]) -> Outcome:
-        """This request's predictions (one per image, in order) or its RequestError (a 500
-        ``internal_error`` if the server failed to run its batch)."""
+    async def submit(self, images: list[ImageInput], *, top_k: int | None = None,
+                     deadline: float | None = None) -> Outcome:
+        """This request's predictions (one per image, in order, ``top_k`` classes each) or its
+        RequestError: a 500 ``internal_error`` if the server failed to run its batch, a 504
+        ``deadline_exceeded`` if ``deadline`` (a ``time.monotonic()`` time) passed before its
+        batch started."""
         if self._closed:
             return internal_error("the model server is shutting down")
+        if deadline is not None and deadline <= time.monotonic():
+            return deadline_exceeded()
         lane = self._ensure_worker()
-        waiting = _Waiting(list(images), lane.loop.create_future(), time.monotonic())
+        waiting = _Waiting(list(images), lane.loop.create_future(), time.monotonic(), top_k)
+        timer = None
+        if deadline is not None:
+            # The event loop's clock is time.monotonic(): the 504 goes out when the deadline
+            # passes, not when the batching task next looks at this request.
+            timer = lane.loop.call_at(deadline, _expire, waiting)
         lane.queue.put_nowait(waiting)
-        return await waiting.outcome
+        try:
+            return await waiting.outcome
+        finally:
+            if timer is not None:
+                timer.cancel()
 
     def _ensure_worker(self) -> _Lane:
         """The running loop's lane, with a live batching task serving it."""
@@ -182,11 +216,17 @@ class RequestBatcher:
 
     async def _serve(self, batch: list[_Waiting]) -> None:
         """Runs one batch and answers each of its requests: its own outcome, or a 500 if the
-        batch failed."""
+        batch failed. Requests answered while the batch gathered (their deadline passed, their
+        client left) are not run."""
         loop = asyncio.get_running_loop()
+        batch = [w for w in batch if not w.outcome.done()]
+        if not batch:
+            return
+        for waiting in batch:
+            waiting.started = True
         try:
             requests = [w.images for w in batch]
-            result = await loop.run_in_executor(self._executor, self._classify, requests)
+            result = await loop.run_in_executor(self._executor, self._classify, requests, [w.top_k for w in batch])
             outcomes = list(result.results)
             if len(outcomes) != len(batch):
                 raise RuntimeError(f"classify answered {len(outcomes)} requests, "

@@ -17,6 +17,7 @@ called by whoever owns the process.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 from contextlib import contextmanager
@@ -118,22 +119,32 @@ class ImageClassifier:
             (results,), _ = self._run(pipeline, [images])
             return results
 
-    def classify_requests(self, requests: Sequence[Sequence[ImageLike | ImageInput]]) -> BatchResult:
+    def classify_requests(self, requests: Sequence[Sequence[ImageLike | ImageInput]],
+                          top_k: Sequence[int | None] | None = None) -> BatchResult:
         """Many requests in one pass (a server's batch): per request its predictions, or one
         RequestError listing its bad images (by position and field); the other requests are
-        unaffected."""
+        unaffected. ``top_k``: per request, the classes it is answered with (None: the model's
+        ``top_k``); requests asking for different numbers share the batch."""
+        wanted = [k or self.config.top_k for k in top_k] if top_k is not None else [self.config.top_k] * len(requests)
+        if len(wanted) != len(requests):
+            raise ValueError(f"top_k has {len(wanted)} entries for {len(requests)} requests")
         with self._serialized() as pipeline:
-            per_request, clock = self._run(pipeline, requests)
+            per_request, clock = self._run(pipeline, requests, max(wanted, default=None))
             with clock.host("PostprocessMs"):
                 results: list[list[Prediction] | RequestError] = []
-                for mine in per_request:
+                for mine, k in zip(per_request, wanted):
                     problems = [r for r in mine if isinstance(r, ImageError)]
-                    results.append(error_for_images(problems) if problems else mine)  # type: ignore[arg-type]
+                    # The batch ran with the largest k asked for; each prediction is ordered
+                    # highest first, so a request's own top-k is its first k entries.
+                    if problems:
+                        results.append(error_for_images(problems))
+                    else:
+                        results.append([_first(p, k) for p in mine if not isinstance(p, ImageError)])
         bad = sum(isinstance(r, ImageError) for mine in per_request for r in mine)
         return BatchResult(results, dict(clock.ms), sum(map(len, per_request)), bad)
 
     def _run(self, pipeline: Pipeline, requests: Sequence[Sequence[ImageLike | ImageInput]],
-             ) -> tuple[list[list[Prediction | ImageError]], StageClock]:
+             top_k: int | None = None) -> tuple[list[list[Prediction | ImageError]], StageClock]:
         """Every request's images through the pipeline in one run; per request, per image, its
         prediction or ImageError (placed at its index and field)."""
         clock = StageClock(self.device)
@@ -151,7 +162,7 @@ class ImageClassifier:
                 except ImageDecodeError as exc:
                     unreadable[key] = ImageError(exc.code, exc.reason)
             fields.append(names)
-        run = pipeline.run(items, clock)
+        run = pipeline.run(items, clock, top_k)
         failures = {**unreadable, **run.failures}
         with clock.host("PostprocessMs"):
             per_request: list[list[Prediction | ImageError]] = []
@@ -216,7 +227,17 @@ class ImageClassifier:
             raise ClassifierClosed("this ImageClassifier is closed; load a new one")
         return pipeline
 
+    @property
+    def classes(self) -> int:
+        """How many classes the model tells apart (the largest ``top_k``)."""
+        return len(self.labels)
+
     # For adapters and benchmarks that drive the model directly.
     @property
     def pipeline(self) -> Pipeline:
         return self._open()
+
+
+def _first(prediction: Prediction, k: int) -> Prediction:
+    """The ``k`` best classes of a prediction ordered highest first."""
+    return prediction if len(prediction) <= k else dict(itertools.islice(prediction.items(), k))

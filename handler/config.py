@@ -109,6 +109,16 @@ class HandlerConfig:
         worker_nice: with the model on a GPU, the loader workers run at this lower priority
             (``nice``), so that the handler thread that feeds the GPU never waits for a core.
             On a CPU device they keep normal priority (decoding and the model share the cores).
+        request_timeout_ms: how long a request may wait before it is run, counted from its
+            receipt, when the request sets no timeout of its own (``X-Request-Timeout-Ms``, v2
+            ``parameters.timeout``, ...); past it the request is answered 504
+            ``deadline_exceeded`` without being decoded. 0 (the default): no server-side limit.
+        max_queued_images: images a door that queues requests itself (KServe, Ray Serve) holds
+            admitted and unanswered at most; a request that would go past it is answered at once
+            with 503 ``overloaded`` and a ``Retry-After``. At least ``max_images_per_request``.
+            (TorchServe's frontend owns its queue: its ``job_queue_size`` bounds it, in requests.)
+        drain_timeout_s: on SIGTERM a door stops admitting and finishes what it admitted for at
+            most this long before it exits.
         keep_freed_memory: have glibc serve blocks up to 32 MB from its heap and keep freed
             memory for the next batch, instead of mapping every batch's tensors fresh from the
             kernel (page faults); the worker's memory then stays at its peak.
@@ -150,6 +160,9 @@ class HandlerConfig:
     intra_op_threads: int = 0
     worker_nice: int = 10
     keep_freed_memory: bool = True
+    request_timeout_ms: float = 0.0
+    max_queued_images: int = 512
+    drain_timeout_s: float = 30.0
 
     @property
     def loader_chunk(self) -> int:
@@ -179,6 +192,13 @@ class HandlerConfig:
         _positive("batch_size", self.batch_size)
         _positive("max_images_per_request", self.max_images_per_request)
         _positive("max_image_pixels", self.max_image_pixels)
+        if not (self.request_timeout_ms >= 0 and self.drain_timeout_s >= 0):
+            raise ValueError(f"handler.request_timeout_ms and drain_timeout_s must be >= 0, got "
+                             f"{self.request_timeout_ms} and {self.drain_timeout_s}")
+        if self.max_queued_images < self.max_images_per_request:
+            raise ValueError(f"handler.max_queued_images ({self.max_queued_images}) must be at least "
+                             f"max_images_per_request ({self.max_images_per_request}): a request that size "
+                             "could never be admitted")
         if self.runtime not in RUNTIMES:
             raise ValueError(f"handler.runtime must be one of {', '.join(RUNTIMES)}; got {self.runtime!r}")
         if self.precision not in PRECISIONS:

@@ -9,8 +9,10 @@ Both carry a failure ``code`` (``invalid_image``, ``image_too_large``, ``invalid
 The HTTP status is derived from the code here, at the edge: the decoder and the pipeline say
 what went wrong, never which status that is: 413 for a request above the limits, 500 for a
 fault of the server itself (``internal_error``, e.g. a batch whose run failed: the client may
-retry it unchanged), 404 / 405 for a path or method a self-routing door does not serve, 400 for
-everything else.
+retry it unchanged), 503 for a request the server would not take now (``overloaded``: its queue
+is full; ``shutting_down``: it drains; both say when to retry, ``retry_after_s``), 504 for a
+request whose deadline passed before it ran (``deadline_exceeded``), 404 / 405 for a path or
+method a self-routing door does not serve, 400 for everything else.
 """
 
 from __future__ import annotations
@@ -28,6 +30,10 @@ PAYLOAD_TOO_LARGE = frozenset({"image_too_large", "too_many_images"})
 # Failure codes that mean "the server failed, not the request" (a 500).
 SERVER_FAULT = frozenset({"internal_error"})
 
+# Failure codes of a request the server did not run: it would not take it now (503, retry later:
+# ``Retry-After``), or its client's deadline passed while it waited (504).
+NOT_RUN = {"overloaded": 503, "shutting_down": 503, "deadline_exceeded": 504}
+
 # Failure codes of a request sent to the wrong place: a door that routes itself (Ray Serve) answers
 # a path it does not serve, or a method a path does not take, with these.
 ROUTING = {"not_found": 404, "method_not_allowed": 405}
@@ -39,6 +45,8 @@ def http_status(code: str) -> int:
         return 500
     if code in ROUTING:
         return ROUTING[code]
+    if code in NOT_RUN:
+        return NOT_RUN[code]
     return 413 if code in PAYLOAD_TOO_LARGE else 400
 
 
@@ -83,10 +91,16 @@ class RequestError(Exception):
     code: str
     message: str
     images: list[ImageError] = field(default_factory=list)
+    retry_after_s: int | None = None  # a 503's advice: retry after this many seconds
 
     @property
     def status(self) -> int:
         return http_status(self.code)
+
+    @property
+    def is_client_error(self) -> bool:
+        """A 4xx: the request as sent cannot be served (counted as a rejected request)."""
+        return 400 <= self.status < 500
 
     def __str__(self) -> str:
         return f"{self.status} {self.code}: {self.message}"

@@ -71,10 +71,11 @@ class Pipeline:
         return cls(decoding, runner, labels)
 
     @torch.inference_mode()
-    def run(self, items: list[LoaderItem], clock: StageClock | None = None) -> RunResult:
-        """Every item's top-k prediction or failure, by key. Decoding starts at once; each model
-        batch runs as soon as it is complete, while the workers decode the next; the device is
-        waited for once, at the end. Stage times go to ``clock``."""
+    def run(self, items: list[LoaderItem], clock: StageClock | None = None, top_k: int | None = None) -> RunResult:
+        """Every item's top-k prediction (``top_k`` classes, default the model's ``top_k``) or
+        failure, by key. Decoding starts at once; each model batch runs as soon as it is
+        complete, while the workers decode the next; the device is waited for once, at the
+        end. Stage times go to ``clock``."""
         clock = clock if clock is not None else StageClock(self.device)
         batches = self.decoding.batches(items, clock)
         outputs: list[tuple[list[int], torch.Tensor]] = []
@@ -85,7 +86,7 @@ class Pipeline:
         result = RunResult(failures=batches.failures)
         with clock.host("PostprocessMs"):
             for keys, logits in outputs:
-                result.predictions.update(zip(keys, top_k_labels(logits, self.labels, self.config.top_k)))
+                result.predictions.update(zip(keys, top_k_labels(logits, self.labels, top_k or self.config.top_k)))
         return result
 
     # ---- the parts, for adapters and benchmarks that drive them directly ---------------------

@@ -9,6 +9,10 @@ Serve's metrics (the Ray door).
     batch requests requests in one batch
     bad images     images that could not be classified
     rejected       requests answered with a 4xx
+    shed           requests refused with a 503 (queue full, or draining)
+    expired        requests whose deadline passed before they ran (504)
+    queued         requests and images admitted and not yet answered (gauges; the doors that
+                   queue requests themselves: KServe, Ray Serve)
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ class MetricSpec:
         name: its name where metrics are named freely (Prometheus, Ray).
         torchserve: its name in TorchServe's metrics (metrics.yaml); the stage metric is one
             TorchServe metric per stage, named after the stage.
-        kind: ``histogram`` or ``counter`` (TorchServe, which has no histograms, keeps the
+        kind: ``histogram``, ``counter`` or ``gauge`` (TorchServe, which has no histograms, keeps the
             last value of a histogram as a gauge).
         unit: ``ms`` or ``count``.
         help: one line for a person.
@@ -54,14 +58,23 @@ BAD_IMAGES = MetricSpec("image_classifier_bad_images", "BadImages", "counter", "
                         "Images that could not be classified")
 REJECTED = MetricSpec("image_classifier_rejected_requests", "RejectedRequests", "counter", "count",
                       "Requests answered with a 4xx")
-METRICS = (STAGE_MS, BATCH_IMAGES, BATCH_REQUESTS, BAD_IMAGES, REJECTED)
+SHED = MetricSpec("image_classifier_shed_requests", "", "counter", "count",
+                  "Requests refused with a 503: the queue was full or the server was draining")
+EXPIRED = MetricSpec("image_classifier_expired_requests", "ExpiredRequests", "counter", "count",
+                     "Requests whose deadline passed before they ran (504)")
+QUEUED_REQUESTS = MetricSpec("image_classifier_queued_requests", "", "gauge", "count",
+                             "Requests admitted and not yet answered")
+QUEUED_IMAGES = MetricSpec("image_classifier_queued_images", "", "gauge", "count",
+                           "Images admitted and not yet answered")
+METRICS = (STAGE_MS, BATCH_IMAGES, BATCH_REQUESTS, BAD_IMAGES, REJECTED, SHED, EXPIRED, QUEUED_REQUESTS,
+           QUEUED_IMAGES)
 
 
 def torchserve_names() -> dict[str, str]:
     """Every TorchServe metric name and its kind there (``gauge`` or ``counter``): what
     metrics.yaml must declare."""
     names = {stage: "gauge" for stage in STAGE_METRICS}
-    names.update({m.torchserve: "gauge" if m.kind == "histogram" else "counter" for m in METRICS if m.torchserve})
+    names.update({m.torchserve: "counter" if m.kind == "counter" else "gauge" for m in METRICS if m.torchserve})
     return names
 
 
@@ -84,6 +97,12 @@ class Exporter(Protocol):
     def rejected(self, count: int) -> None:
         """``count`` more requests answered with a 4xx."""
 
+    def refused(self, spec: MetricSpec, count: int) -> None:
+        """``count`` more requests not run: ``SHED`` (503) or ``EXPIRED`` (504)."""
+
+    def queue(self, requests: int, images: int) -> None:
+        """The queue's depth now: requests and images admitted and not yet answered."""
+
 
 class NoExporter:
     """Metrics go nowhere (the library alone, tests)."""
@@ -92,4 +111,10 @@ class NoExporter:
         pass
 
     def rejected(self, count: int) -> None:
+        pass
+
+    def refused(self, spec: MetricSpec, count: int) -> None:
+        pass
+
+    def queue(self, requests: int, images: int) -> None:
         pass

@@ -33,7 +33,7 @@ from kserve import InferInput, InferOutput, InferRequest, InferResponse, Model, 
 from kserve.errors import InvalidInput
 from kserve.protocol.dataplane import DataPlane
 from kserve.protocol.infer_type import RequestedOutput
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 from handler import telemetry
 from handler.classifier import ImageClassifier
@@ -56,6 +56,7 @@ HISTOGRAMS = {spec.name: Histogram(spec.name, spec.help, _labels(spec), buckets=
               for spec in telemetry.METRICS if spec.kind == "histogram"}
 COUNTERS = {spec.name: Counter(spec.name, spec.help, _labels(spec))
             for spec in telemetry.METRICS if spec.kind == "counter"}
+GAUGES = {spec.name: Gauge(spec.name, spec.help, _labels(spec)) for spec in telemetry.METRICS if spec.kind == "gauge"}
 
 
 class PrometheusMetrics:
@@ -74,6 +75,13 @@ class PrometheusMetrics:
 
     def rejected(self, count: int) -> None:
         COUNTERS[telemetry.REJECTED.name].labels(self.model_name).inc(count)
+
+    def refused(self, spec: MetricSpec, count: int) -> None:
+        COUNTERS[spec.name].labels(self.model_name).inc(count)
+
+    def queue(self, requests: int, images: int) -> None:
+        GAUGES[telemetry.QUEUED_REQUESTS.name].labels(self.model_name).set(requests)
+        GAUGES[telemetry.QUEUED_IMAGES.name].labels(self.model_name).set(images)
 
 
 class RequestRejected(InvalidInput):

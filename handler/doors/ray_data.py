@@ -7,13 +7,16 @@ filesystems read, such as ``s3://``), and a pool of actors, each an ``ImageClass
 own loader workers, decodes and classifies them in batches (not Ray's ``read_images``, which
 decodes with PIL in tasks of its own, one image at a time). Every input file becomes exactly one
 row, in input order: ``{"path", "label", "scores"}`` or, for a file that is not a readable image,
-``{"path", "error", "reason"}``: a bad file never fails its block or the job.
+``{"path", "error", "reason"}``: a bad file never fails its block or the job. Each actor's torch
+(and OpenVINO) threads are its ``num_cpus``. An actor that dies mid-job is restarted by Ray and
+its batches run again: every file still gives exactly one row.
 ``scripts/classify.py --ray ADDRESS`` is the command line over it.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -25,8 +28,11 @@ from handler.offline import Row, as_columns, from_columns, images_per_call, row
 class ClassifyBatch:
     """The actor ``map_batches`` runs: one classifier, started once, for every batch it is given."""
 
-    def __init__(self, model: str, device: str = "auto", overrides: dict[str, Any] | None = None) -> None:
-        self.classifier = ImageClassifier.for_serving(model, device=device, overrides=overrides)
+    def __init__(self, model: str, device: str = "auto", overrides: dict[str, Any] | None = None,
+                 num_cpus: float = 1.0) -> None:
+        threads = max(1, math.floor(num_cpus))  # the actor's CPUs, not the node's: actors share nodes
+        self.classifier = ImageClassifier.for_serving(model, device=device,
+                                                      overrides={"intra_op_threads": threads, **(overrides or {})})
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:
         # The offline job's rows as columns: a block holds labels and failures side by side.
@@ -54,7 +60,8 @@ def classify_dataset(paths: Sequence[str], model: str | Path, *, address: str = 
     pool = actors or max(1, sum(1 for node in ray.nodes() if node["Alive"]))
     files = ray.data.read_binary_files(list(paths), include_paths=True)
     blocks = files.map_batches(
-        ClassifyBatch, fn_constructor_kwargs={"model": str(model), "device": device, "overrides": overrides},
+        ClassifyBatch, fn_constructor_kwargs={"model": str(model), "device": device, "overrides": overrides,
+                                              "num_cpus": num_cpus},
         batch_size=rows_per_call, batch_format="numpy", compute=ray.data.ActorPoolStrategy(min_size=1, max_size=pool),
         num_cpus=num_cpus, num_gpus=num_gpus)
     for block in blocks.iter_batches(batch_size=rows_per_call, batch_format="pyarrow"):

@@ -2,7 +2,7 @@
 
     serve start --http-host 127.0.0.1 --http-port 8000 --proxy-location HeadOnly   # once per cluster
     serve run handler.doors.ray_serve:app model=DIR_OR_MAR [name=NAME] [num_replicas=N] [num_cpus=C]
-              [num_gpus=G] [max_batch_delay_ms=5] [device=auto]
+              [num_gpus=G] [max_batch_delay_ms=5] [device=auto] [max_ongoing_requests=M]
 
 ``app`` is an application builder (Serve passes it the ``key=value`` arguments); ``name`` defaults
 to the model directory's or archive's name. Each replica is one ``ImageClassifier`` (its own loader
@@ -20,24 +20,35 @@ Concurrent requests to a replica share batches counted in **images** (the loop's
 ``@serve.batch``, which counts calls and fails a whole batch on one exception): a bad request fails
 alone, and a failed batch answers its requests with a 500. A replica whose model is unhealthy (a
 loader worker died) says so to Ray's health check (``check_health``), and Ray replaces it. The
-metrics (``handler.telemetry``) go to Ray's metrics (Prometheus).
+metrics (``handler.telemetry``) go to Ray's metrics (Prometheus), the queue depth included.
+
+Production traffic (``handler.serving``): a request past the replica's ``max_queued_images`` is
+answered 503 ``overloaded`` with ``Retry-After``; a request's timeout (``X-Request-Timeout-Ms``,
+v2 ``parameters.timeout``) counts from its arrival at the replica, and one that expires before
+its batch runs is a 504. A replica being stopped (scale-down, redeploy, ``serve shutdown``) gets
+no new requests from Ray's router, and has ``drain_timeout_s`` (the deployment's
+``graceful_shutdown_timeout_s``) to finish the admitted ones. Each replica's torch (and
+OpenVINO) threads are its ``num_cpus``, so replicas sharing a node do not oversubscribe it.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import time
 from pathlib import Path
 from typing import Any
 
 from ray import serve
 from ray.serve import Application
-from ray.serve.metrics import Counter, Histogram
+from ray.serve.metrics import Counter, Gauge, Histogram
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from handler import telemetry
 from handler.classifier import ImageClassifier
 from handler.errors import RequestError
+from handler.model.files import read_model
 from handler.serving import Answer, ServingLoop
 from handler.telemetry import BatchFigures, MetricSpec
 
@@ -54,6 +65,8 @@ class RayMetrics:
                            for spec in telemetry.METRICS if spec.kind == "histogram"}
         self.counters = {spec.name: Counter(spec.name, spec.help, tag_keys=_tag_keys(spec))
                          for spec in telemetry.METRICS if spec.kind == "counter"}
+        self.gauges = {spec.name: Gauge(spec.name, spec.help, tag_keys=_tag_keys(spec))
+                       for spec in telemetry.METRICS if spec.kind == "gauge"}
 
     def batch(self, figures: BatchFigures) -> None:
         for stage, ms in figures.timings.items():
@@ -67,6 +80,14 @@ class RayMetrics:
         if count:
             self.counters[telemetry.REJECTED.name].inc(count, tags=self.tags)
 
+    def refused(self, spec: MetricSpec, count: int) -> None:
+        if count:
+            self.counters[spec.name].inc(count, tags=self.tags)
+
+    def queue(self, requests: int, images: int) -> None:
+        self.gauges[telemetry.QUEUED_REQUESTS.name].set(requests, tags=self.tags)
+        self.gauges[telemetry.QUEUED_IMAGES.name].set(images, tags=self.tags)
+
 
 def _tag_keys(spec: MetricSpec) -> Any:  # Ray's annotation says a one-tuple; any tuple of names works
     return ("model_name", *spec.labels)
@@ -75,16 +96,19 @@ def _tag_keys(spec: MetricSpec) -> Any:  # Ray's annotation says a one-tuple; an
 class ImageClassifierDeployment:
     """One replica: the serving loop behind the TorchServe door's URL paths."""
 
-    def __init__(self, model: str, name: str, *, device: str = "auto", max_batch_delay_ms: float = 5.0) -> None:
+    def __init__(self, model: str, name: str, *, device: str = "auto", max_batch_delay_ms: float = 5.0,
+                 num_cpus: float = 1.0) -> None:
         if max_batch_delay_ms < 0:
             raise ValueError(f"max_batch_delay_ms must be >= 0, got {max_batch_delay_ms}")
         self.name = name
-        classifier = ImageClassifier.for_serving(model, device=device)
+        self.threads = replica_threads(num_cpus)
+        classifier = ImageClassifier.for_serving(model, device=device, overrides={"intra_op_threads": self.threads})
         self.loop = ServingLoop(classifier, name, RayMetrics(name), max_batch_delay_s=max_batch_delay_ms / 1000)
         self._routes = {f"/predictions/{name}", f"/v1/models/{name}:predict", f"/v2/models/{name}/infer"}
-        log.info("ray serve replica of %s ready on %s", name, classifier.device)
+        log.info("ray serve replica of %s ready on %s with %d threads", name, classifier.device, self.threads)
 
     async def __call__(self, request: Request) -> Response:
+        received = time.monotonic()
         path = request.url.path
         if request.method == "GET" and path in ("/ping", "/ping/"):
             return JSONResponse({"status": "Healthy"})
@@ -95,7 +119,15 @@ class ImageClassifierDeployment:
         if request.method != "POST":
             return self._send(self.loop.refuse(RequestError("method_not_allowed", f"{path} takes POST"), count=False))
         headers = {key.lower(): value for key, value in request.headers.items()}
-        return self._send(await self.loop.serve(await request.body(), headers))
+        return self._send(await self.loop.serve(await request.body(), headers, received))
+
+    def info(self) -> dict[str, Any]:
+        """What this replica runs with (a handle call, for operators and tests): its torch
+        threads and its queue."""
+        import torch
+
+        return {"threads": torch.get_num_threads(), "queued_requests": self.loop.queued_requests,
+                "queued_images": self.loop.queued_images, "ready": self.loop.ready}
 
     def check_health(self) -> None:
         """Raises while the model is unhealthy (a loader worker died): Ray then replaces this
@@ -115,6 +147,11 @@ class ImageClassifierDeployment:
             loop.close()
 
 
+def replica_threads(num_cpus: float) -> int:
+    """The threads of a replica granted ``num_cpus`` CPUs: as many (at least one)."""
+    return max(1, math.floor(num_cpus))
+
+
 def model_name(model: str | Path) -> str:
     """The name a model is served under by default: its directory's or archive's name."""
     path = Path(model)
@@ -123,8 +160,11 @@ def model_name(model: str | Path) -> str:
 
 def app(args: dict[str, Any]) -> Application:
     """The application ``serve run handler.doors.ray_serve:app model=... [name=...] [num_replicas=...]``
-    builds (``num_cpus`` / ``num_gpus`` per replica, ``max_batch_delay_ms``, ``device``)."""
-    unknown = set(args) - {"model", "name", "num_replicas", "num_cpus", "num_gpus", "max_batch_delay_ms", "device"}
+    builds (``num_cpus`` / ``num_gpus`` per replica, ``max_batch_delay_ms``, ``device``,
+    ``max_ongoing_requests``: requests Ray hands one replica at once, default large enough for
+    the replica's own ``max_queued_images`` bound to decide)."""
+    unknown = set(args) - {"model", "name", "num_replicas", "num_cpus", "num_gpus", "max_batch_delay_ms", "device",
+                           "max_ongoing_requests"}
     if unknown:
         raise ValueError(f"unknown arguments {sorted(unknown)}; see handler/doors/ray_serve.py")
     if "model" not in args:
@@ -133,10 +173,17 @@ def app(args: dict[str, Any]) -> Application:
     if not Path(model).exists():
         raise ValueError(f"model {model!r} does not exist")
     name = str(args.get("name") or model_name(model))
+    config = read_model(model).config
+    num_cpus = float(args.get("num_cpus", 1))
     deployment = serve.deployment(
         name=name, num_replicas=int(args.get("num_replicas", 1)),
-        ray_actor_options={"num_cpus": float(args.get("num_cpus", 1)), "num_gpus": float(args.get("num_gpus", 0))},
+        ray_actor_options={"num_cpus": num_cpus, "num_gpus": float(args.get("num_gpus", 0))},
         health_check_period_s=5,
+        # Every request Ray hands a replica is one the replica's own bound admits or refuses with
+        # a 503 and Retry-After (Ray's own queue limit would answer 503 without them).
+        max_ongoing_requests=int(args.get("max_ongoing_requests", config.max_queued_images)),
+        # A replica being stopped finishes the requests it admitted (drain).
+        graceful_shutdown_timeout_s=config.drain_timeout_s,
     )(ImageClassifierDeployment)
     return deployment.bind(model, name, device=str(args.get("device", "auto")),
-                           max_batch_delay_ms=float(args.get("max_batch_delay_ms", 5.0)))
+                           max_batch_delay_ms=float(args.get("max_batch_delay_ms", 5.0)), num_cpus=num_cpus)

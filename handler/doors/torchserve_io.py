@@ -24,7 +24,7 @@ from typing import Any, Mapping
 from handler.errors import RequestError
 from handler.protocols import FormFields
 from handler.serving import Answer, Incoming
-from handler.telemetry import BAD_IMAGES, BATCH_IMAGES, BATCH_REQUESTS, REJECTED, STAGE_MS, BatchFigures
+from handler.telemetry import BAD_IMAGES, BATCH_IMAGES, BATCH_REQUESTS, REJECTED, STAGE_MS, BatchFigures, MetricSpec
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +129,13 @@ class TorchServeMetrics:
     def rejected(self, count: int) -> None:
         if self.metrics is not None:
             self.metrics.add_counter(REJECTED.torchserve, count, idx=0, dimensions=[])
+
+    def refused(self, spec: MetricSpec, count: int) -> None:
+        if self.metrics is not None and spec.torchserve:  # the handler sheds nothing: TorchServe's queue does
+            self.metrics.add_counter(spec.torchserve, count, idx=0, dimensions=[])
+
+    def queue(self, requests: int, images: int) -> None:
+        """TorchServe's frontend owns the queue (its depth: the management API's describe)."""
 
 
 def _gauge() -> dict[str, Any]:

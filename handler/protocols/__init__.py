@@ -10,7 +10,9 @@ Every door calls ``parse_request`` with what its server hands it: a body as rece
 text), JSON a frontend already parsed, decoded form fields (``FormFields``), or a KServe
 ``InferRequest``. It recognises a body by its content (clients' Content-Types are unreliable:
 curl -d, octet-stream JSON), checks the request's image count and answers with a
-``ParsedRequest``: the images and the encoder that answers in the request's own format.
+``ParsedRequest``: the images, the encoder that answers in the request's own format, and the
+request's own parameters (``handler.protocols.options``: top_k, deadline; from its body or its
+headers).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from handler.errors import RequestError
-from handler.protocols import json_images, kserve_v1, kserve_v2, multipart, raw
+from handler.protocols import json_images, kserve_v1, kserve_v2, multipart, options, raw
 from handler.protocols.common import (
     JSON_SHAPE_HELP,
     ParsedRequest,
@@ -31,9 +33,10 @@ from handler.protocols.common import (
     decode_base64,
     error_reply,
 )
+from handler.protocols.options import RequestOptions
 
-__all__ = ["FormFields", "ParsedRequest", "PlainJson", "Prediction", "Reply", "check_images", "decode_base64",
-           "parse_request", "error_reply"]
+__all__ = ["FormFields", "ParsedRequest", "PlainJson", "Prediction", "Reply", "RequestOptions", "check_images",
+           "decode_base64", "parse_request", "error_reply"]
 
 _JSON_FORMATS = (json_images, kserve_v1, kserve_v2)
 
@@ -50,9 +53,10 @@ def parse_request(payload: Any, *, max_images: int, headers: Mapping[str, str] |
     """A request's images (1..``max_images`` of them) and its encoder; raises the RequestError
     (4xx) that rejects it. ``payload``: bytes / bytearray / str (a body as received), a dict or
     list (JSON a frontend parsed), ``FormFields``, or a KServe InferRequest. ``headers`` (names
-    lower-cased) matter for one thing: ``Inference-Header-Content-Length`` marks a body in the
-    v2 binary tensor data extension."""
-    return check_images(_decode(payload, headers or {}), max_images)
+    lower-cased) matter for two things: ``Inference-Header-Content-Length`` marks a body in the
+    v2 binary tensor data extension, and the request's parameters (``X-Top-K``, ...)."""
+    headers = headers or {}
+    return check_images(_decode(payload, headers), max_images).with_options(options.from_headers(headers))
 
 
 def _decode(payload: Any, headers: Mapping[str, str]) -> ParsedRequest:

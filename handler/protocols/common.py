@@ -10,12 +10,13 @@ import base64
 import binascii
 import functools
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from handler.decode.inputs import ImageInput
 from handler.errors import ImageError, RequestError
 from handler.model.topk import Prediction  # one image's answer (re-exported for the doors)
+from handler.protocols.options import NO_OPTIONS, RequestOptions
 
 JSON_SHAPE_HELP = (
     'send {"images": ["<base64>", ...]}, {"data": "<base64>"}, KServe v1 {"instances": [{"b64": "<base64>"}]} '
@@ -50,13 +51,18 @@ class Encoder(Protocol):
 
 @dataclass(frozen=True)
 class ParsedRequest:
-    """The images of one request and how to answer it."""
+    """The images of one request, how to answer it, and its own parameters (``top_k``, deadline)."""
 
     images: list[ImageInput]
     encoder: Encoder
+    options: RequestOptions = NO_OPTIONS
 
     def reply(self, results: list[Prediction], model_name: str | None = None) -> Reply:
         return self.encoder.encode(results, model_name)
+
+    def with_options(self, options: RequestOptions) -> "ParsedRequest":
+        """This request with ``options`` added to its own (``RequestOptions.merged``)."""
+        return self if options == NO_OPTIONS else replace(self, options=self.options.merged(options))
 
 
 @dataclass(frozen=True)
@@ -69,9 +75,21 @@ class PlainJson:
         return Reply(results if self.as_list else results[0])
 
 
+class ErrorReply(Reply):
+    """A rejected request's JSON body; a 503 also says when to retry (``Retry-After``)."""
+
+    def __init__(self, error: RequestError) -> None:
+        super().__init__(error.as_json())
+        self.retry_after_s = error.retry_after_s
+
+    @property
+    def headers(self) -> tuple[tuple[str, str], ...]:
+        return () if self.retry_after_s is None else (("Retry-After", str(self.retry_after_s)),)
+
+
 def error_reply(error: RequestError) -> Reply:
-    """The JSON body every format answers a rejected request with."""
-    return Reply(error.as_json())
+    """The JSON body every format answers a rejected request with (and its Retry-After)."""
+    return ErrorReply(error)
 
 
 def check_images(parsed: ParsedRequest, max_images: int) -> ParsedRequest:

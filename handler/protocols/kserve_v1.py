@@ -1,5 +1,5 @@
 """KServe v1 (``POST /v1/models/<m>:predict``): ``{"instances": [{"b64": ...} | b64, ...]}`` ->
-``{"predictions": [...]}``."""
+``{"predictions": [...]}``; request-level ``parameters`` may set ``top_k`` and ``timeout`` (microseconds)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import Any
 
 from handler.errors import RequestError
 from handler.protocols.common import JSON_SHAPE_HELP, ParsedRequest, Prediction, Reply, decode_base64_list
+from handler.protocols.options import from_parameters
 
 
 @dataclass(frozen=True)
@@ -22,7 +23,7 @@ def parse(body: dict[str, Any]) -> ParsedRequest:
     instances = body["instances"]
     if not isinstance(instances, list):
         raise RequestError("invalid_json", f'"instances" must be a list; {JSON_SHAPE_HELP}')
-    return ParsedRequest(decode_base64_list(instances, "instances"), V1Encoder())
+    return ParsedRequest(decode_base64_list(instances, "instances"), V1Encoder(), from_parameters(body.get("parameters")))
 
 
 def matches(body: dict[str, Any]) -> bool:

@@ -9,7 +9,8 @@ Two encodings of a request:
              (``parameters.binary_data_size`` of them; a BYTES element is a 4-byte
              little-endian length and the element's bytes)
 The answer is JSON, or binary the same way when the request asks for it
-(``parameters.binary_data_output``, or ``binary_data`` on the requested output).
+(``parameters.binary_data_output``, or ``binary_data`` on the requested output). Request-level
+``parameters`` may also set ``top_k`` and ``timeout`` (microseconds, Triton's extension).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any, Mapping
 from handler.errors import ImageError, RequestError
 from handler.decode.inputs import ImageInput
 from handler.protocols.common import JSON_SHAPE_HELP, ParsedRequest, Prediction, Reply, decode_base64_list
+from handler.protocols.options import from_parameters
 
 OUTPUT = "predictions"
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -74,7 +76,7 @@ def parse(body: dict[str, Any]) -> ParsedRequest:
     images: list[ImageInput] = []
     for tensor in _inputs(body):
         images += tensor_images(tensor, tensor.get("data"))
-    return ParsedRequest(images, _encoder(body))
+    return ParsedRequest(images, _encoder(body), from_parameters(body.get("parameters")))
 
 
 def parse_binary(body: bytes | bytearray, header_length: int | str) -> ParsedRequest:
@@ -85,7 +87,7 @@ def parse_binary(body: bytes | bytearray, header_length: int | str) -> ParsedReq
     images: list[ImageInput] = []
     for tensor, elements in tensors:
         images += tensor_images(tensor, elements if elements is not None else tensor.get("data"))
-    return ParsedRequest(images, _encoder(header))
+    return ParsedRequest(images, _encoder(header), from_parameters(header.get("parameters")))
 
 
 def parse_infer_request(request: Any) -> ParsedRequest:
@@ -101,7 +103,7 @@ def parse_infer_request(request: Any) -> ParsedRequest:
         except Exception as exc:  # a shape that does not fit its data, ...
             raise RequestError("invalid_json", f"input {tensor.name!r}: {str(exc)[:200]}") from None
         images += tensor_images({"name": tensor.name, "datatype": tensor.datatype}, elements)
-    return ParsedRequest(images, encoder)
+    return ParsedRequest(images, encoder, from_parameters(getattr(request, "parameters", None)))
 
 
 def is_infer_request(payload: Any) -> bool:

@@ -26,14 +26,16 @@ class FakeClassifier:
     def __init__(self, fail_first: bool = False, *, faults: dict[int, str] | None = None,
                  gate: threading.Event | None = None) -> None:
         self.batches: list[list[list[bytes]]] = []
+        self.top_k: list[list[int | None]] = []  # per batch, the top_k of each request
         self.faults = dict(faults or {})
         if fail_first:
             self.faults[1] = "raise"
         self.gate = gate
         self.started = threading.Event()
 
-    def __call__(self, requests) -> BatchResult:
+    def __call__(self, requests, top_k) -> BatchResult:
         self.batches.append([[i.data for i in r] for r in requests])
+        self.top_k.append(list(top_k))
         number = len(self.batches)
         if number == 1 and self.gate is not None:
             self.started.set()
