@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
@@ -99,8 +100,10 @@ def classify_on_ray(args: argparse.Namespace) -> tuple[list[dict], RowWriter]:
     progress = Progress(len(paths))
     per_call = images_per_call(spec.config)
     failures, chunk = [], []
+    nodes: Counter[str] = Counter()
     rows = classify_dataset(paths, args.model.resolve(), address=args.ray, actors=args.actors,
-                            num_gpus=args.num_gpus, device=args.device, overrides=overrides, rows_per_call=per_call)
+                            num_gpus=args.num_gpus, device=args.device, overrides=overrides, rows_per_call=per_call,
+                            nodes=nodes)
     with RowWriter(args.out) as writer:
         for result in rows:
             chunk.append(result)
@@ -109,6 +112,8 @@ def classify_on_ray(args: argparse.Namespace) -> tuple[list[dict], RowWriter]:
                 failures += [r for r in chunk if "error" in r]
                 chunk = []
         write_rows(writer, chunk, progress)
+    print(f"\nclassify: on {len(nodes)} Ray node{'s' if len(nodes) != 1 else ''}: "
+          + ", ".join(f"{node} ({count} files)" for node, count in sorted(nodes.items())), file=sys.stderr)
     return failures + [r for r in chunk if "error" in r], writer
 
 

@@ -11,7 +11,16 @@ metrics (``/metrics`` on the HTTP port); this module adds what it lacks for imag
   (KServe 0.21 would decode them as UTF-8 text and fail on any JPEG);
 - concurrent requests are batched, counted in images (``handler.serving``'s loop);
 - a bad request gets its own 4xx with the same JSON error body as the TorchServe door;
-- readiness follows the model's health (``ServingLoop.healthy``).
+- production traffic (``handler.serving``): past ``max_queued_images`` a request is answered at
+  once with 503 ``overloaded`` and ``Retry-After`` (gRPC UNAVAILABLE); a request's timeout
+  (``X-Request-Timeout-Ms``, v2 ``parameters.timeout``, the gRPC deadline) or the model's
+  ``request_timeout_ms`` that passes before it runs is a 504 ``deadline_exceeded`` (gRPC
+  DEADLINE_EXCEEDED); per-request ``top_k``; the queue depth as Prometheus gauges;
+- readiness follows the model's health (``ServingLoop.healthy``) and is false while the door
+  sheds load or drains;
+- SIGTERM (or SIGINT) drains: readiness false, new requests 503 ``shutting_down``, the admitted
+  ones answered within ``drain_timeout_s``, then the servers stop and the process exits 0; a
+  second signal stops at once.
 Answers are those of the TorchServe door: v2 has one BYTES output ``predictions``, one JSON
 string per image; v1 ``{"predictions": [...]}``.
 """
@@ -22,6 +31,7 @@ import argparse
 import asyncio
 import json
 import logging
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,8 +39,11 @@ from typing import Any
 
 import kserve
 from fastapi.responses import JSONResponse
+from grpc import StatusCode
+from grpc_interceptor.exceptions import GrpcException
 from kserve import InferInput, InferOutput, InferRequest, InferResponse, Model, ModelServer
 from kserve.errors import InvalidInput
+from kserve.protocol.grpc import servicer as grpc_servicer
 from kserve.protocol.dataplane import DataPlane
 from kserve.protocol.infer_type import RequestedOutput
 from prometheus_client import Counter, Gauge, Histogram
@@ -38,13 +51,16 @@ from prometheus_client import Counter, Gauge, Histogram
 from handler import telemetry
 from handler.classifier import ImageClassifier
 from handler.errors import RequestError
-from handler.protocols import ParsedRequest, Prediction, kserve_v2
+from handler.protocols import ParsedRequest, Prediction, error_reply, kserve_v2
+from handler.protocols.options import TIMEOUT_HEADER
 from handler.serving import ServingLoop
 from handler.telemetry import BatchFigures, MetricSpec
 
-log = logging.getLogger(__name__)
+# Named, not __name__: run as `python -m` this module is __main__, outside the "handler" logger.
+log = logging.getLogger("handler.doors.kserve_door")
 
 INPUT = "images"
+GRPC_ANSWER_MARGIN_MS = 50.0
 
 
 def _labels(spec: MetricSpec) -> list[str]:
@@ -103,13 +119,54 @@ class BatchFailed(RuntimeError):
         self.error = error
 
 
-async def rejected_response(_request: Any, exc: RequestRejected | BatchFailed) -> JSONResponse:
-    return JSONResponse(exc.error.as_json(), status_code=exc.error.status)
+class RequestNotRun(GrpcException):
+    """A request the door did not run: 503 (its queue is full, or it drains; with Retry-After)
+    or 504 (its deadline passed first). Over REST our JSON error body; over gRPC UNAVAILABLE or
+    DEADLINE_EXCEEDED, as gRPC clients and their retry policies expect, the message saying when
+    to retry."""
+
+    def __init__(self, error: RequestError) -> None:
+        code = StatusCode.DEADLINE_EXCEEDED if error.status == 504 else StatusCode.UNAVAILABLE
+        super().__init__(json.dumps(error.as_json()), code)
+        self.error = error
+
+
+async def rejected_response(_request: Any, exc: RequestRejected | BatchFailed | RequestNotRun) -> JSONResponse:
+    reply = error_reply(exc.error)
+    return JSONResponse(reply.document, status_code=exc.error.status, headers=dict(reply.headers))
+
+
+def grpc_headers(context: Any) -> dict[str, str]:
+    """KServe's gRPC metadata-to-headers, plus the call's deadline as ``X-Request-Timeout-Ms``:
+    gRPC consumes the client's ``grpc-timeout`` itself, and only the call's context tells how
+    long the client still waits. (KServe's servicer calls this for every ModelInfer.)"""
+    headers = _kserve_grpc_headers(context)
+    remaining = context.time_remaining() if hasattr(context, "time_remaining") else None
+    if remaining is not None and TIMEOUT_HEADER not in headers:
+        # The 504 must reach the client before its deadline (else gRPC cancels the call and the
+        # client learns nothing): it leaves a little early, 10 % of the time left, at most 50 ms.
+        remaining_ms = remaining * 1000.0
+        headers[TIMEOUT_HEADER] = str(max(remaining_ms - min(GRPC_ANSWER_MARGIN_MS, remaining_ms / 10), 0.001))
+    return headers
+
+
+_kserve_grpc_headers = grpc_servicer.to_headers
 
 
 class ImageDataPlane(DataPlane):
     """KServe's data plane, but a REST v2 body that arrives as bytes keeps its BYTES elements as
-    bytes (images), and a JSON body sent without a Content-Type is read as JSON."""
+    bytes (images), a JSON body sent without a Content-Type is read as JSON, and the readiness
+    check KServe makes before each REST inference asks only whether the model can serve: while
+    the door sheds load or drains (readiness false), the door answers the request itself, with
+    its own 503 and Retry-After (KServe's would be a bare "not ready")."""
+
+    async def model_ready(self, model_name: str, disable_predictor_health_check: bool = False) -> bool:
+        # KServe's inference routes pass True; its readiness routes (/v1/models/NAME,
+        # /v2/models/NAME/ready, gRPC ModelReady) the default.
+        model = self._model_registry.get_model(model_name)
+        if disable_predictor_health_check and isinstance(model, ImageClassifierModel):
+            return await model.serves()
+        return await super().model_ready(model_name, disable_predictor_health_check)
 
     def decode_inference_request(self, body: Any, headers: dict, model_name: str) -> InferRequest:
         if not isinstance(body, (bytes, bytearray)):
@@ -144,6 +201,7 @@ class Exchange:
 
     request: ParsedRequest
     infer_request: InferRequest | None  # set when KServe decoded a v2 request (answered with an InferResponse)
+    received: float = 0.0  # time.monotonic() when preprocess got it: its timeout counts from here
     predictions: list[Prediction] = field(default_factory=list)
 
 
@@ -186,8 +244,14 @@ class ImageClassifierModel(Model):
 
     async def healthy(self) -> bool:
         """Readiness (``/v2/models/NAME/ready``, gRPC ModelReady; KServe also asks before each
-        inference): loaded, and the model healthy. Off the event loop: replacing a dead loader
-        worker forks."""
+        inference, and then serves it anyway): loaded, neither shedding load nor draining, and
+        the model healthy. Off the event loop: replacing a dead loader worker forks."""
+        if self.loop is None or not self.loop.ready:
+            return False
+        return await self.serves()
+
+    async def serves(self) -> bool:
+        """Whether the model can serve a request now: loaded and healthy, load or drain aside."""
         if not self.ready or self.loop is None:
             return False
         return await asyncio.to_thread(self.loop.healthy)
@@ -197,20 +261,22 @@ class ImageClassifierModel(Model):
         return self._loop().classifier
 
     def preprocess(self, payload: Any, headers: dict[str, str] | None = None) -> Exchange:
-        """v2 (an InferRequest, REST or gRPC), v1 / any JSON body, or a raw body -> its images."""
+        """v2 (an InferRequest, REST or gRPC), v1 / any JSON body, or a raw body -> its images
+        and parameters (from the body, or the headers: ``X-Top-K``, ``X-Request-Timeout-Ms``)."""
+        received = time.monotonic()
         loop = self._loop()
         try:
-            parsed = loop.parse(payload)
+            parsed = loop.parse(payload, {k.lower(): v for k, v in (headers or {}).items()})
         except RequestError as error:
             raise self._failed(error) from None
-        return Exchange(parsed, payload if isinstance(payload, InferRequest) else None)
+        return Exchange(parsed, payload if isinstance(payload, InferRequest) else None, received)
 
     def validate(self, payload: Any) -> Any:
         return payload  # the loop's parse has checked it
 
     async def predict(self, payload: Exchange, headers: dict[str, str] | None = None,
                       response_headers: dict[str, str] | None = None) -> Exchange:
-        outcome = await self._loop().classify(payload.request)
+        outcome = await self._loop().classify(payload.request, payload.received)
         if isinstance(outcome, RequestError):
             raise self._failed(outcome)
         payload.predictions = outcome
@@ -223,9 +289,11 @@ class ImageClassifierModel(Model):
             return infer_response(document, result.infer_request)
         return document
 
-    def _failed(self, error: RequestError) -> RequestRejected | BatchFailed:
-        """The exception KServe answers ``error`` with (the loop counts a rejection)."""
+    def _failed(self, error: RequestError) -> RequestRejected | BatchFailed | RequestNotRun:
+        """The exception KServe answers ``error`` with (the loop counts it)."""
         self._loop().refuse(error)
+        if error.status in (503, 504):
+            return RequestNotRun(error)
         return BatchFailed(error) if error.status >= 500 else RequestRejected(error)
 
     def _loop(self) -> ServingLoop:
@@ -243,6 +311,43 @@ class ImageClassifierModel(Model):
             self.loop.close()
 
 
+class DrainingModelServer(ModelServer):
+    """KServe's model server, but SIGTERM / SIGINT drain first (``drain``); a second signal
+    stops at once. KServe's REST server is uvicorn, whose own signal handlers replace KServe's
+    while it serves: the drain goes in front of uvicorn's."""
+
+    def __init__(self, model: ImageClassifierModel, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.model = model
+        self._draining: asyncio.Task[None] | None = None
+
+    def register_signal_handler(self) -> None:
+        super().register_signal_handler()
+        rest = getattr(getattr(self, "_rest_server", None), "_server", None)
+        if rest is None:  # no single-process uvicorn server: nothing to drain in front of
+            return
+        stop_now = rest.handle_exit
+
+        def handle_exit(sig: int, frame: Any) -> None:
+            if self._draining is not None:
+                stop_now(sig, frame)  # a second signal: stop now
+                return
+            loop = asyncio.get_running_loop()
+            self.model._loop().start_draining()
+            self._draining = loop.create_task(self.drain_then(lambda: stop_now(sig, None)))
+
+        rest.handle_exit = handle_exit  # read by uvicorn when it installs its handlers
+
+    async def drain_then(self, stop: Any) -> None:
+        """Admitted requests answered (or ``drain_timeout_s`` spent), then ``stop``: uvicorn's
+        graceful exit, after which KServe stops gRPC and unloads the model."""
+        loop = self.model._loop()
+        drained = await loop.drained()
+        log.info("drained (%s); stopping the servers", "every admitted request answered" if drained
+                 else f"timed out after {loop.drain_timeout_s:g} s")
+        stop()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(parents=[kserve.model_server.parser], description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -255,18 +360,19 @@ def main() -> None:
     args = parser.parse_args()
     if args.max_batch_delay_ms < 0:
         parser.error("--max_batch_delay_ms must be >= 0")
-    server = ModelServer(http_port=args.http_port, grpc_port=args.grpc_port, workers=1)
+    model = ImageClassifierModel(args.model_name, args.model_dir, device=args.device,
+                                 max_batch_delay_s=args.max_batch_delay_ms / 1000)
+    server = DrainingModelServer(model, http_port=args.http_port, grpc_port=args.grpc_port, workers=1)
     # KServe configures its own loggers only (in ModelServer): the handler's (the compile
     # decision, the model ready) go to the same stream in the same format.
     ours = logging.getLogger("handler")
     ours.handlers, ours.propagate = list(kserve.logging.logger.handlers), False
     ours.setLevel(logging.INFO)
-    model = ImageClassifierModel(args.model_name, args.model_dir, device=args.device,
-                                 max_batch_delay_s=args.max_batch_delay_ms / 1000)
     model.load()
     server.dataplane = ImageDataPlane(model_registry=server.registered_models)
-    kserve.model_server.app.add_exception_handler(RequestRejected, rejected_response)
-    kserve.model_server.app.add_exception_handler(BatchFailed, rejected_response)
+    for error_type in (RequestRejected, BatchFailed, RequestNotRun):
+        kserve.model_server.app.add_exception_handler(error_type, rejected_response)
+    grpc_servicer.to_headers = grpc_headers  # the gRPC deadline reaches the model as a timeout
     server.start([model])
 
 

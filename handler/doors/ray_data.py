@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -24,31 +25,41 @@ from handler.classifier import ImageClassifier
 from handler.model.files import read_model
 from handler.offline import Row, as_columns, from_columns, images_per_call, row
 
+NODE_COLUMN = "node"  # the node that classified a row: counted into ``classify_dataset``'s ``nodes``
+
 
 class ClassifyBatch:
     """The actor ``map_batches`` runs: one classifier, started once, for every batch it is given."""
 
     def __init__(self, model: str, device: str = "auto", overrides: dict[str, Any] | None = None,
                  num_cpus: float = 1.0) -> None:
+        import ray
+
         threads = max(1, math.floor(num_cpus))  # the actor's CPUs, not the node's: actors share nodes
         self.classifier = ImageClassifier.for_serving(model, device=device,
                                                       overrides={"intra_op_threads": threads, **(overrides or {})})
+        self.node = ray.util.get_node_ip_address()
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:
-        # The offline job's rows as columns: a block holds labels and failures side by side.
+        # The offline job's rows as columns: a block holds labels and failures side by side; and
+        # the node that classified them, for the job's summary.
         paths = [str(path) for path in batch["path"]]
         results = self.classifier.classify([bytes(b) for b in batch["bytes"]])
-        return as_columns([row(path, result) for path, result in zip(paths, results)])
+        columns = as_columns([row(path, result) for path, result in zip(paths, results)])
+        columns[NODE_COLUMN] = [self.node] * len(paths)
+        return columns
 
 
 def classify_dataset(paths: Sequence[str], model: str | Path, *, address: str = "auto", actors: int | None = None,
                      num_cpus: float = 1.0, num_gpus: float = 0.0, rows_per_call: int | None = None,
-                     device: str = "auto", overrides: dict[str, Any] | None = None) -> Iterator[Row]:
+                     device: str = "auto", overrides: dict[str, Any] | None = None,
+                     nodes: Counter[str] | None = None) -> Iterator[Row]:
     """One row per file under ``paths`` (files, folders, or what Ray's filesystems read), in
     input order, classified by ``actors`` classifier actors (default: one per node) on the Ray
     cluster at ``address`` (``auto``: the running one), ``rows_per_call`` files per classifier
     call (default: the offline job's rule, ``handler.offline.images_per_call``). ``model`` must be
-    readable on every node; ``overrides`` replace keys of its ``handler:`` settings."""
+    readable on every node; ``overrides`` replace keys of its ``handler:`` settings. ``nodes``, if
+    given, counts the rows each node classified."""
     import ray
 
     if rows_per_call is None:
@@ -65,4 +76,7 @@ def classify_dataset(paths: Sequence[str], model: str | Path, *, address: str = 
         batch_size=rows_per_call, batch_format="numpy", compute=ray.data.ActorPoolStrategy(min_size=1, max_size=pool),
         num_cpus=num_cpus, num_gpus=num_gpus)
     for block in blocks.iter_batches(batch_size=rows_per_call, batch_format="pyarrow"):
-        yield from from_columns(block.to_pydict())  # type: ignore[union-attr]  # a pyarrow.Table
+        columns = block.to_pydict()  # type: ignore[union-attr]  # a pyarrow.Table
+        if nodes is not None:
+            nodes.update(columns[NODE_COLUMN])
+        yield from from_columns(columns)

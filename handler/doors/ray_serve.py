@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -105,6 +106,7 @@ class ImageClassifierDeployment:
         classifier = ImageClassifier.for_serving(model, device=device, overrides={"intra_op_threads": self.threads})
         self.loop = ServingLoop(classifier, name, RayMetrics(name), max_batch_delay_s=max_batch_delay_ms / 1000)
         self._routes = {f"/predictions/{name}", f"/v1/models/{name}:predict", f"/v2/models/{name}/infer"}
+        self.served = 0  # requests answered 200
         log.info("ray serve replica of %s ready on %s with %d threads", name, classifier.device, self.threads)
 
     async def __call__(self, request: Request) -> Response:
@@ -119,14 +121,19 @@ class ImageClassifierDeployment:
         if request.method != "POST":
             return self._send(self.loop.refuse(RequestError("method_not_allowed", f"{path} takes POST"), count=False))
         headers = {key.lower(): value for key, value in request.headers.items()}
-        return self._send(await self.loop.serve(await request.body(), headers, received))
+        answer = await self.loop.serve(await request.body(), headers, received)
+        if answer.status == 200:
+            self.served += 1
+        return self._send(answer)
 
     def info(self) -> dict[str, Any]:
-        """What this replica runs with (a handle call, for operators and tests): its torch
-        threads and its queue."""
+        """What this replica is and runs with (a handle call, for operators and tests): its
+        process and node, torch threads, requests served, its queue."""
+        import ray
         import torch
 
-        return {"threads": torch.get_num_threads(), "queued_requests": self.loop.queued_requests,
+        return {"pid": os.getpid(), "node": ray.util.get_node_ip_address(), "threads": torch.get_num_threads(),
+                "served": self.served, "queued_requests": self.loop.queued_requests,
                 "queued_images": self.loop.queued_images, "ready": self.loop.ready}
 
     def check_health(self) -> None:
