@@ -15,6 +15,8 @@ def load_command(relative: str) -> ModuleType:
     """The module of ``relative`` (e.g. ``"scripts/build_mar.py"``), loaded once per process."""
     path = ROOT / relative
     name = f"command_{path.stem}"
+    if str(path.parent) not in sys.path:  # its sibling modules import as when it runs
+        sys.path.append(str(path.parent))
     if name not in sys.modules:
         spec = importlib.util.spec_from_file_location(name, path)
         assert spec is not None and spec.loader is not None, path

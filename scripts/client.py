@@ -17,6 +17,7 @@ import argparse
 import concurrent.futures as futures
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,27 @@ def read_token(args: argparse.Namespace) -> str:
                          f"TorchServe's key_file.json ({exc})")
 
 
+# A 503 (the server sheds load, or drains) is retried after its Retry-After, this many times.
+MAX_RETRIES_503 = 6
+
+
+def post_until_admitted(session: requests.Session, url: str, files: list, form_data: bool,
+                        retries: int = MAX_RETRIES_503) -> requests.Response:
+    """The request's response; a 503 is sent again after the server's ``Retry-After`` (else 1,
+    2, 4, ... s), up to ``retries`` times, so that a busy server costs time, not results."""
+    for attempt in range(retries + 1):
+        if form_data:
+            response = session.post(url, files=files, timeout=300)
+        else:
+            body, content_type = multipart_mixed(files)
+            response = session.post(url, data=body, headers={"Content-Type": content_type}, timeout=300)
+        if response.status_code != 503 or attempt == retries:
+            return response
+        advice = response.headers.get("Retry-After", "")
+        time.sleep(min(float(advice), 60.0) if advice.isdigit() else float(2 ** attempt))
+    raise AssertionError("unreachable")
+
+
 def classify(session: requests.Session, url: str, paths: list[Path], form_data: bool = False) -> list[dict[str, Any]]:
     """One batched request; on a per-image 4xx, the failing images are reported and the rest re-sent."""
     results: dict[int, dict[str, Any]] = {}
@@ -53,11 +75,7 @@ def classify(session: requests.Session, url: str, paths: list[Path], form_data: 
         if not pending:
             break
         try:
-            if form_data:
-                response = session.post(url, files=files, timeout=300)
-            else:
-                body, content_type = multipart_mixed(files)
-                response = session.post(url, data=body, headers={"Content-Type": content_type}, timeout=300)
+            response = post_until_admitted(session, url, files, form_data)
             body = response.json()
         except (requests.RequestException, ValueError) as exc:
             for i in pending:

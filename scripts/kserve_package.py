@@ -34,7 +34,7 @@ enable_metrics_api=true
 metrics_mode=prometheus
 metrics_config=/mnt/models/config/metrics.yaml
 number_of_netty_threads=4
-job_queue_size=100
+job_queue_size=32
 model_store=/mnt/models/model-store
 # KServe's wrapper sends no token: authorization is left to the cluster (network policy, ingress).
 disable_token_authorization=true

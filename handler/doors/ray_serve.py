@@ -2,7 +2,8 @@
 
     serve start --http-host 127.0.0.1 --http-port 8000 --proxy-location HeadOnly   # once per cluster
     serve run handler.doors.ray_serve:app model=DIR_OR_MAR [name=NAME] [num_replicas=N] [num_cpus=C]
-              [num_gpus=G] [max_batch_delay_ms=5] [device=auto] [max_ongoing_requests=M]
+              [num_gpus=G] [max_batch_delay_ms=5] [device=auto] [max_ongoing_requests=M] [max_queued_requests=Q]
+              [min_replicas=A max_replicas=B [target_ongoing_requests=T]]   # autoscaling instead of N
 
 ``app`` is an application builder (Serve passes it the ``key=value`` arguments); ``name`` defaults
 to the model directory's or archive's name. Each replica is one ``ImageClassifier`` (its own loader
@@ -23,7 +24,8 @@ loader worker died) says so to Ray's health check (``check_health``), and Ray re
 metrics (``handler.telemetry``) go to Ray's metrics (Prometheus), the queue depth included.
 
 Production traffic (``handler.serving``): a request past the replica's ``max_queued_images`` is
-answered 503 ``overloaded`` with ``Retry-After``; a request's timeout (``X-Request-Timeout-Ms``,
+answered 503 ``overloaded`` with ``Retry-After`` (and one past Ray's own proxy queue,
+``max_queued_requests``, 503 with ``Retry-After`` from Ray); a request's timeout (``X-Request-Timeout-Ms``,
 v2 ``parameters.timeout``) counts from its arrival at the replica, and one that expires before
 its batch runs is a 504. A replica being stopped (scale-down, redeploy, ``serve shutdown``) gets
 no new requests from Ray's router, and has ``drain_timeout_s`` (the deployment's
@@ -42,6 +44,7 @@ from typing import Any
 
 from ray import serve
 from ray.serve import Application
+from ray.serve.config import BackpressureConfig
 from ray.serve.metrics import Counter, Gauge, Histogram
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -168,10 +171,14 @@ def model_name(model: str | Path) -> str:
 def app(args: dict[str, Any]) -> Application:
     """The application ``serve run handler.doors.ray_serve:app model=... [name=...] [num_replicas=...]``
     builds (``num_cpus`` / ``num_gpus`` per replica, ``max_batch_delay_ms``, ``device``,
-    ``max_ongoing_requests``: requests Ray hands one replica at once, default large enough for
-    the replica's own ``max_queued_images`` bound to decide)."""
+    ``max_ongoing_requests``: requests Ray hands one replica at once, default twice the model's
+    batch size; ``max_queued_requests``: requests a proxy queues when every replica is full,
+    default twice that, past which Ray answers 503 with Retry-After; ``min_replicas`` /
+    ``max_replicas`` / ``target_ongoing_requests``: Ray Serve autoscaling on the requests each
+    replica holds)."""
     unknown = set(args) - {"model", "name", "num_replicas", "num_cpus", "num_gpus", "max_batch_delay_ms", "device",
-                           "max_ongoing_requests"}
+                           "max_ongoing_requests", "max_queued_requests", "min_replicas", "max_replicas",
+                           "target_ongoing_requests"}
     if unknown:
         raise ValueError(f"unknown arguments {sorted(unknown)}; see handler/doors/ray_serve.py")
     if "model" not in args:
@@ -182,13 +189,28 @@ def app(args: dict[str, Any]) -> Application:
     name = str(args.get("name") or model_name(model))
     config = read_model(model).config
     num_cpus = float(args.get("num_cpus", 1))
+    max_ongoing = int(args.get("max_ongoing_requests", 2 * config.batch_size))
+    replicas: dict[str, Any] = {"num_replicas": int(args.get("num_replicas", 1))}
+    if "min_replicas" in args or "max_replicas" in args:
+        if "num_replicas" in args:
+            raise ValueError("give num_replicas, or min_replicas and max_replicas (autoscaling), not both")
+        replicas = {"autoscaling_config": {
+            "min_replicas": int(args.get("min_replicas", 1)), "max_replicas": int(args.get("max_replicas", 1)),
+            # Requests per replica Ray aims at: a full model batch of typical requests waiting.
+            "target_ongoing_requests": float(args.get("target_ongoing_requests", 2))}}
     deployment = serve.deployment(
-        name=name, num_replicas=int(args.get("num_replicas", 1)),
+        name=name, **replicas,
         ray_actor_options={"num_cpus": num_cpus, "num_gpus": float(args.get("num_gpus", 0))},
         health_check_period_s=5,
-        # Every request Ray hands a replica is one the replica's own bound admits or refuses with
-        # a 503 and Retry-After (Ray's own queue limit would answer 503 without them).
-        max_ongoing_requests=int(args.get("max_ongoing_requests", config.max_queued_images)),
+        # Requests a replica holds at once: enough to fill its next batch while one runs, even of
+        # one-image requests. Ray's proxies prefer the replica on their own node until it holds
+        # this many: a larger value would pile the traffic there. Within it, the replica's own
+        # max_queued_images bound answers 503 with Retry-After and the JSON error.
+        max_ongoing_requests=max_ongoing,
+        # Requests a proxy (or handle) queues while every replica is full: past it Ray answers
+        # 503 itself (text body) with a Retry-After, instead of a queue that grows without bound.
+        max_queued_requests=int(args.get("max_queued_requests", 2 * max_ongoing)),
+        backpressure_config=BackpressureConfig(status_code=503, retry_after_s=1),
         # A replica being stopped finishes the requests it admitted (drain).
         graceful_shutdown_timeout_s=config.drain_timeout_s,
     )(ImageClassifierDeployment)

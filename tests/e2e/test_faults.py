@@ -101,14 +101,31 @@ def test_killed_loader_worker_is_replaced(fault_server):
 
 
 def test_full_job_queue_answers_503_and_recovers(fault_server):
+    """TorchServe's frontend owns the queue (job_queue_size): past it, its own 503 at once, no
+    Retry-After (docs/production.md). Its depth is the management API's jobQueueStatus."""
     images = [shape_image("square", 60 + i) for i in range(16)]
     files = [(f"f{i}", d) for i, d in enumerate(images)]
+    depths, stop = [], threading.Event()
+
+    def watch_queue():
+        while not stop.is_set():
+            status = fault_server.manage("GET", "/models/shapes").json()[0]["jobQueueStatus"]
+            depths.append((status["pendingRequests"], status["remainingCapacity"]))
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=watch_queue)
+    watcher.start()
     with futures.ThreadPoolExecutor(32) as pool:
-        burst = list(pool.map(lambda _: fault_server.predict(files=files), range(32)))
+        burst = list(pool.map(lambda _: fault_server.predict(files=files), range(32)))  # a hang fails here
+    stop.set()
+    watcher.join(60)
     codes = [r.status_code for r in burst]
     assert 503 in codes, codes
     assert set(codes) <= {200, 503}, codes
     refused = next(r for r in burst if r.status_code == 503)
-    assert refused.text, "a 503 without a message"
+    assert refused.json()["code"] == 503 and refused.json()["type"] == "ServiceUnavailableException", refused.text
+    assert "Retry-After" not in refused.headers  # TorchServe's, not the handler's: none to give
+    assert all(pending + free == JOB_QUEUE for pending, free in depths), depths
+    assert max(pending for pending, _ in depths) > 0, depths  # the queue depth was visible
     for i in range(3):
         assert good_request(fault_server, 80 + i).status_code == 200

@@ -195,7 +195,10 @@ def test_a_flood_past_the_bound_gets_only_200_and_503_with_retry_after(serve_url
     codes = [r.status_code for r in flood]
     assert set(codes) == {200, 503}, codes
     for refused in (r for r in flood if r.status_code == 503):
-        assert refused.json()["error"] == "overloaded" and int(refused.headers["Retry-After"]) >= 1, refused.text
+        assert int(refused.headers["Retry-After"]) >= 1, refused.headers
+        # The replica's own refusal (its max_queued_images), or Ray's proxy queue full.
+        assert refused.text.startswith("Request dropped due to backpressure") or \
+            refused.json()["error"] == "overloaded", refused.text
     print("flood of 48 requests x 8 images on 2 replicas:", {c: codes.count(c) for c in set(codes)})
     assert requests.post(f"{url}/predictions/{NAME}", data=batch[0], timeout=60).status_code == 200
 
@@ -273,12 +276,17 @@ def test_a_killed_loader_worker_is_healed_and_its_replica_serves_again(serve_url
     workers = psutil.Process(pid).children()
     assert workers, "the replica has no loader worker processes"
     workers[0].kill()
-    statuses = [requests.post(f"{url}/predictions/{NAME}", data=image, timeout=60).status_code
-                for image in images(16, seed=300)]
-    assert statuses == [200] * 16, statuses  # the loader rebuilds its workers, or Ray replaces the replica
+    # Concurrent requests: Ray's proxy prefers the replica on its own node until that one holds
+    # max_ongoing_requests (16 here); past it the victim's replica gets its share.
+    batch = images(48, seed=300)
+    for _ in range(3):
+        with futures.ThreadPoolExecutor(48) as pool:
+            statuses = list(pool.map(lambda image: requests.post(f"{url}/predictions/{NAME}", data=image,
+                                                                 timeout=60).status_code, batch))
+        assert statuses == [200] * 48, statuses  # the loader rebuilds its workers, or Ray replaces the replica
     wait_for_replicas(cluster, 2)
-    # The victim's replica itself serves again (the requests were spread over both replicas):
-    # the same process, its loader workers replaced, and more requests answered than before.
+    # The victim's replica itself serves again: the same process, its loader workers replaced,
+    # and more requests answered than before.
     infos = replica_infos(cluster)
     assert pid in infos, f"replica {pid} was replaced instead of healed: {infos}"
     assert infos[pid]["served"] > served_before, (served_before, infos[pid])

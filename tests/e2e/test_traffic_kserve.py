@@ -73,16 +73,31 @@ def test_a_flood_past_the_bound_gets_only_200_and_503_with_retry_after(door):
     shed_before = metric(door, "image_classifier_shed_requests_total")
     watcher = threading.Thread(target=watch_readiness)
     watcher.start()
-    barrier = threading.Barrier(40)
+    barrier = threading.Barrier(48)
 
     def send(_):
         barrier.wait(30)
         return requests.post(url(door, "v2"), json=v2_body(batch), timeout=120)
 
-    with futures.ThreadPoolExecutor(40) as pool:
+    def send_grpc(_):
+        client = triton_grpc.InferenceServerClient(door.grpc_target)
+        tensor = triton_grpc.InferInput("images", [len(batch)], "BYTES")
+        tensor.set_data_from_numpy(np.array(batch, dtype=np.object_))
+        barrier.wait(30)
+        try:
+            client.infer(NAME, [tensor], client_timeout=120)
+            return "OK"
+        except InferenceServerException as exc:
+            return f"{exc.status()} {exc.message()}"
+
+    with futures.ThreadPoolExecutor(48) as pool:
+        grpc_calls = [pool.submit(send_grpc, i) for i in range(8)]
         flood = list(pool.map(send, range(40)))  # a request that hangs fails here (timeout)
+        grpc_outcomes = [call.result() for call in grpc_calls]
     stop.set()
     watcher.join(60)
+    for outcome in grpc_outcomes:  # gRPC: served, or UNAVAILABLE with the door's error
+        assert outcome == "OK" or ("UNAVAILABLE" in outcome and "overloaded" in outcome), outcome
     codes = [r.status_code for r in flood]
     assert set(codes) == {200, 503}, codes
     assert codes.count(200) >= BOUND // 64, codes  # what fits was served
@@ -90,7 +105,8 @@ def test_a_flood_past_the_bound_gets_only_200_and_503_with_retry_after(door):
         assert refused.json()["error"] == "overloaded", refused.text
         assert int(refused.headers["Retry-After"]) >= 1
     assert 503 in ready_seen, "readiness stayed true while the door shed load"
-    assert metric(door, "image_classifier_shed_requests_total") - shed_before == codes.count(503)
+    grpc_shed = sum(o != "OK" for o in grpc_outcomes)
+    assert metric(door, "image_classifier_shed_requests_total") - shed_before == codes.count(503) + grpc_shed
     # Afterwards: ready again, the queue empty, and serving normally.
     deadline = time.monotonic() + 30
     while requests.get(f"{door.http_url}/v2/models/{NAME}/ready", timeout=30).status_code != 200:

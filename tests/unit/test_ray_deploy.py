@@ -65,3 +65,26 @@ def test_rays_health_check_asks_the_models_health():
     with pytest.raises(RuntimeError, match="model shapes is unhealthy"):
         replica.check_health()
     assert len(asked) == 2
+
+
+def test_the_builder_sets_the_drain_the_replica_queue_and_autoscaling_from_the_model():
+    """A replica holds two batches' worth of requests (its own max_queued_images answers 503 with
+    Retry-After past it; Ray's proxy queue is bounded too, with a Retry-After), drain_timeout_s to
+    drain when Ray stops it, and threads = num_cpus."""
+    from handler.doors.ray_serve import replica_threads
+    from handler.model.files import read_model
+
+    shapes = str(ROOT / "models" / "shapes")
+    config = read_model(shapes).config
+    deployment = app({"model": shapes, "num_cpus": "2"})._bound_deployment
+    assert deployment._deployment_config.max_ongoing_requests == 2 * config.batch_size
+    assert deployment._deployment_config.max_queued_requests == 4 * config.batch_size
+    assert deployment._deployment_config.backpressure_config.retry_after_s == 1
+    assert deployment._deployment_config.graceful_shutdown_timeout_s == config.drain_timeout_s
+    assert deployment.ray_actor_options["num_cpus"] == 2.0
+    scaled = app({"model": shapes, "min_replicas": "1", "max_replicas": "4"})._bound_deployment
+    autoscaling = scaled._deployment_config.autoscaling_config
+    assert (autoscaling.min_replicas, autoscaling.max_replicas, autoscaling.target_ongoing_requests) == (1, 4, 2.0)
+    with pytest.raises(ValueError, match="not both"):
+        app({"model": shapes, "num_replicas": "2", "max_replicas": "4"})
+    assert [replica_threads(c) for c in (0.5, 1, 1.9, 4)] == [1, 1, 1, 4]
