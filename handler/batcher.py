@@ -140,9 +140,9 @@ class RequestBatcher:
         waiting = _Waiting(list(images), lane.loop.create_future(), time.monotonic(), top_k)
         timer = None
         if deadline is not None:
-            # The event loop's clock is time.monotonic(): the 504 goes out when the deadline
-            # passes, not when the batching task next looks at this request.
-            timer = lane.loop.call_at(deadline, _expire, waiting)
+            # The 504 goes out when the deadline passes, not when the batching task next looks
+            # at this request. (Relative: an event loop's clock need not be time.monotonic().)
+            timer = lane.loop.call_later(max(0.0, deadline - time.monotonic()), _expire, waiting)
         lane.queue.put_nowait(waiting)
         try:
             return await waiting.outcome

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import multiprocessing
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -192,8 +193,8 @@ class HandlerConfig:
         _positive("batch_size", self.batch_size)
         _positive("max_images_per_request", self.max_images_per_request)
         _positive("max_image_pixels", self.max_image_pixels)
-        if not (self.request_timeout_ms >= 0 and self.drain_timeout_s >= 0):
-            raise ValueError(f"handler.request_timeout_ms and drain_timeout_s must be >= 0, got "
+        if not all(math.isfinite(v) and v >= 0 for v in (self.request_timeout_ms, self.drain_timeout_s)):
+            raise ValueError(f"handler.request_timeout_ms and drain_timeout_s must be finite and >= 0, got "
                              f"{self.request_timeout_ms} and {self.drain_timeout_s}")
         if self.max_queued_images < self.max_images_per_request:
             raise ValueError(f"handler.max_queued_images ({self.max_queued_images}) must be at least "

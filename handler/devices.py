@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 from typing import Any
 
@@ -76,3 +77,9 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
         log.warning("precision fp16 needs CUDA; running in fp32 on %s", device)
         return None
     return torch.float16 if precision == "fp16" else torch.bfloat16
+
+
+def threads_for_cpus(num_cpus: float) -> int:
+    """The torch threads of an actor granted ``num_cpus`` CPUs (a Ray Serve replica, a Ray Data
+    actor): as many, at least one. Not the machine's cores: actors share nodes."""
+    return max(1, math.floor(num_cpus))

@@ -98,6 +98,11 @@ class RequestError(Exception):
         return http_status(self.code)
 
     @property
+    def not_run(self) -> bool:
+        """A 503 or 504: the request was not run (retry later, elsewhere, or with more time)."""
+        return self.code in NOT_RUN
+
+    @property
     def is_client_error(self) -> bool:
         """A 4xx: the request as sent cannot be served (counted as a rejected request)."""
         return 400 <= self.status < 500

@@ -96,7 +96,7 @@ class ServingLoop:
         self._images_per_s: float | None = None  # measured throughput, for Retry-After
         self.batcher: RequestBatcher | None = None
         if max_batch_delay_s is not None:
-            self.batcher = RequestBatcher(classifier.classify_requests, max_images=classifier.config.batch_size,
+            self.batcher = RequestBatcher(self._classify_timed, max_images=classifier.config.batch_size,
                                         max_delay_s=max_batch_delay_s, on_batch=self._report)
 
     # ---- the steps -----------------------------------------------------------------------
@@ -123,11 +123,18 @@ class ServingLoop:
         refusal = self.admit(len(request.images))
         if refusal is not None:
             return refusal
-        self._queued(1, len(request.images))
+        images = len(request.images)
+        self.queued_requests += 1
+        self.queued_images += images
         try:
+            self._export_queue()
             return await self.batcher.submit(request.images, top_k=request.options.top_k, deadline=deadline)
         finally:
-            self._queued(-1, -len(request.images))
+            self.queued_requests -= 1
+            self.queued_images -= images
+            if self.shedding and self.queued_images <= self.max_queued_images // 2:
+                self.shedding = False
+            self._export_queue()
 
     def admit(self, images: int) -> RequestError | None:
         """None if a request of ``images`` may join the queue now, else its 503."""
@@ -135,6 +142,8 @@ class ServingLoop:
             return RequestError("shutting_down", "the server is shutting down and takes no new requests; "
                                                  "retry on another replica", retry_after_s=RETRY_AFTER_MIN_S)
         if self.queued_images and self.queued_images + images > self.max_queued_images:
+            # A request holds at most max_images_per_request <= max_queued_images images: a
+            # refusal means the queue is nearly full, never one large request beside an empty one.
             self.shedding = True
             wait = self.retry_after_s()
             return RequestError("overloaded", f"the server has {self.queued_images} images queued and takes at "
@@ -149,12 +158,12 @@ class ServingLoop:
             return RETRY_AFTER_MIN_S
         return max(RETRY_AFTER_MIN_S, min(RETRY_AFTER_MAX_S, math.ceil(self.queued_images / rate)))
 
-    def _queued(self, requests: int, images: int) -> None:
-        self.queued_requests += requests
-        self.queued_images += images
-        if self.shedding and self.queued_images <= self.max_queued_images // 2:
-            self.shedding = False
-        self.exporter.queue(self.queued_requests, self.queued_images)
+    def _export_queue(self) -> None:
+        """The queue's depth to the exporter; a failure there is logged, never the request's."""
+        try:
+            self.exporter.queue(self.queued_requests, self.queued_images)
+        except Exception:
+            log.exception("exporting the queue depth failed")
 
     def encode(self, request: ParsedRequest, outcome: Outcome, *, count: bool = True,
                index: int | None = None) -> Answer:
@@ -175,7 +184,7 @@ class ServingLoop:
                 log.info("request %d rejected: %s", index, error)
             if count:
                 self.exporter.rejected(1)
-        elif error.status in (503, 504):
+        elif error.not_run:
             log.debug("request not run: %s", error)  # one line per refusal would flood a shedding server's log
             if count:
                 self.exporter.refused(SHED if error.status == 503 else EXPIRED, 1)
@@ -268,11 +277,18 @@ class ServingLoop:
 
     def _report(self, result: BatchResult, requests: int) -> None:
         self.exporter.batch(figures(result, requests))
-        seconds = sum(result.timings.values()) / 1000.0
+
+    def _classify_timed(self, requests: Sequence[Sequence[Any]], top_k: Sequence[int | None]) -> BatchResult:
+        """The classifier's batch, its images per second of wall clock measured for Retry-After
+        (the stage timings overlap on a GPU: their sum is no wall time)."""
+        started = time.perf_counter()
+        result = self.classifier.classify_requests(requests, top_k)
+        seconds = time.perf_counter() - started
         if result.images and seconds > 0:
             rate = result.images / seconds
             previous = self._images_per_s
             self._images_per_s = rate if previous is None else previous + THROUGHPUT_WEIGHT * (rate - previous)
+        return result
 
 
 def figures(result: BatchResult, requests: int) -> BatchFigures:

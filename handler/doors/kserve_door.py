@@ -52,7 +52,7 @@ from handler import telemetry
 from handler.classifier import ImageClassifier
 from handler.errors import RequestError
 from handler.protocols import ParsedRequest, Prediction, error_reply, kserve_v2
-from handler.protocols.options import TIMEOUT_HEADER
+from handler.protocols.options import TRANSPORT_TIMEOUT_HEADER
 from handler.serving import ServingLoop
 from handler.telemetry import BatchFigures, MetricSpec
 
@@ -142,11 +142,13 @@ def grpc_headers(context: Any) -> dict[str, str]:
     long the client still waits. (KServe's servicer calls this for every ModelInfer.)"""
     headers = _kserve_grpc_headers(context)
     remaining = context.time_remaining() if hasattr(context, "time_remaining") else None
-    if remaining is not None and TIMEOUT_HEADER not in headers:
+    if remaining is not None:
         # The 504 must reach the client before its deadline (else gRPC cancels the call and the
         # client learns nothing): it leaves a little early, 10 % of the time left, at most 50 ms.
+        # Its own field: a request may also set parameters.timeout; the earliest applies.
         remaining_ms = remaining * 1000.0
-        headers[TIMEOUT_HEADER] = str(max(remaining_ms - min(GRPC_ANSWER_MARGIN_MS, remaining_ms / 10), 0.001))
+        early_ms = max(remaining_ms - min(GRPC_ANSWER_MARGIN_MS, remaining_ms / 10), 0.001)
+        headers[TRANSPORT_TIMEOUT_HEADER] = f"{early_ms:.3f}"
     return headers
 
 
@@ -292,7 +294,7 @@ class ImageClassifierModel(Model):
     def _failed(self, error: RequestError) -> RequestRejected | BatchFailed | RequestNotRun:
         """The exception KServe answers ``error`` with (the loop counts it)."""
         self._loop().refuse(error)
-        if error.status in (503, 504):
+        if error.not_run:
             return RequestNotRun(error)
         return BatchFailed(error) if error.status >= 500 else RequestRejected(error)
 
@@ -329,8 +331,10 @@ class DrainingModelServer(ModelServer):
         stop_now = rest.handle_exit
 
         def handle_exit(sig: int, frame: Any) -> None:
-            if self._draining is not None:
-                stop_now(sig, frame)  # a second signal: stop now
+            if self._draining is not None:  # a second signal: stop now, the drain abandoned
+                self._draining.cancel()
+                rest.force_exit = True
+                stop_now(sig, frame)
                 return
             loop = asyncio.get_running_loop()
             self.model._loop().start_draining()

@@ -16,12 +16,12 @@ its batches run again: every file still gives exactly one row.
 from __future__ import annotations
 
 import logging
-import math
 from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from handler.classifier import ImageClassifier
+from handler.devices import threads_for_cpus
 from handler.model.files import read_model
 from handler.offline import Row, as_columns, from_columns, images_per_call, row
 
@@ -35,9 +35,9 @@ class ClassifyBatch:
                  num_cpus: float = 1.0) -> None:
         import ray
 
-        threads = max(1, math.floor(num_cpus))  # the actor's CPUs, not the node's: actors share nodes
-        self.classifier = ImageClassifier.for_serving(model, device=device,
-                                                      overrides={"intra_op_threads": threads, **(overrides or {})})
+        # The actor's CPUs decide its threads, unless the caller's overrides set them.
+        self.classifier = ImageClassifier.for_serving(
+            model, device=device, overrides={"intra_op_threads": threads_for_cpus(num_cpus), **(overrides or {})})
         self.node = ray.util.get_node_ip_address()
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:

@@ -36,7 +36,6 @@ OpenVINO) threads are its ``num_cpus``, so replicas sharing a node do not oversu
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from pathlib import Path
@@ -51,6 +50,8 @@ from starlette.responses import JSONResponse, Response
 
 from handler import telemetry
 from handler.classifier import ImageClassifier
+from handler.devices import threads_for_cpus
+from handler.doors.ray_routing import ROUTER_PATH
 from handler.errors import RequestError
 from handler.model.files import read_model
 from handler.serving import Answer, ServingLoop
@@ -105,7 +106,7 @@ class ImageClassifierDeployment:
         if max_batch_delay_ms < 0:
             raise ValueError(f"max_batch_delay_ms must be >= 0, got {max_batch_delay_ms}")
         self.name = name
-        self.threads = replica_threads(num_cpus)
+        self.threads = threads_for_cpus(num_cpus)
         classifier = ImageClassifier.for_serving(model, device=device, overrides={"intra_op_threads": self.threads})
         self.loop = ServingLoop(classifier, name, RayMetrics(name), max_batch_delay_s=max_batch_delay_ms / 1000)
         self._routes = {f"/predictions/{name}", f"/v1/models/{name}:predict", f"/v2/models/{name}/infer"}
@@ -157,11 +158,6 @@ class ImageClassifierDeployment:
             loop.close()
 
 
-def replica_threads(num_cpus: float) -> int:
-    """The threads of a replica granted ``num_cpus`` CPUs: as many (at least one)."""
-    return max(1, math.floor(num_cpus))
-
-
 def model_name(model: str | Path) -> str:
     """The name a model is served under by default: its directory's or archive's name."""
     path = Path(model)
@@ -203,10 +199,11 @@ def app(args: dict[str, Any]) -> Application:
         ray_actor_options={"num_cpus": num_cpus, "num_gpus": float(args.get("num_gpus", 0))},
         health_check_period_s=5,
         # Requests a replica holds at once: enough to fill its next batch while one runs, even of
-        # one-image requests. Ray's proxies prefer the replica on their own node until it holds
-        # this many: a larger value would pile the traffic there. Within it, the replica's own
-        # max_queued_images bound answers 503 with Retry-After and the JSON error.
+        # one-image requests; within them the replica's own max_queued_images bound answers 503
+        # with Retry-After and the JSON error.
         max_ongoing_requests=max_ongoing,
+        # The less busy replica, on any node (Ray's default prefers the proxy's own node).
+        request_router_config={"request_router_class": ROUTER_PATH},
         # Requests a proxy (or handle) queues while every replica is full: past it Ray answers
         # 503 itself (text body) with a Retry-After, instead of a queue that grows without bound.
         max_queued_requests=int(args.get("max_queued_requests", 2 * max_ongoing)),

@@ -3,6 +3,7 @@
 import asyncio
 import logging
 import threading
+import time
 
 import pytest
 
@@ -277,3 +278,54 @@ def test_settings_are_checked():
         RequestBatcher(FakeClassifier(), max_images=0, max_delay_s=0.01)
     with pytest.raises(ValueError, match="max_delay_s"):
         RequestBatcher(FakeClassifier(), max_images=1, max_delay_s=-1)
+
+
+def test_a_request_queued_behind_a_running_batch_whose_deadline_passes_gets_504_and_is_not_run():
+    gate = threading.Event()
+    fake = FakeClassifier(gate=gate)
+    batcher = RequestBatcher(fake, max_images=2, max_delay_s=0.05)
+
+    async def scenario():
+        first = asyncio.ensure_future(batcher.submit(request("a", "b")))  # a full batch
+        await until_started(fake)
+        # Queued while the first batch runs; its deadline passes before that batch ends.
+        late = asyncio.ensure_future(batcher.submit(request("c", "d"), deadline=time.monotonic() + 0.05))
+        later = asyncio.ensure_future(batcher.submit(request("e"), top_k=2))
+        answered_late = await asyncio.wait_for(late, TIMEOUT_S)  # 504 while the first still runs
+        gate.set()
+        return await first, answered_late, await later
+
+    first, late, later = run(scenario())
+    assert isinstance(late, RequestError) and late.code == "deadline_exceeded" and late.status == 504
+    assert first == [{"a": 1.0}, {"b": 1.0}] and later == [{"e": 1.0}]
+    assert [b"c", b"d"] not in [r for batch in fake.batches for r in batch]  # never run
+    assert fake.top_k[-1] == [2]
+
+
+def test_a_request_cancelled_while_queued_is_never_run_and_leaves_the_queue_count():
+    from handler.config import HandlerConfig
+    from handler.serving import ServingLoop
+
+    gate = threading.Event()
+    fake = FakeClassifier(gate=gate)
+    fake.config = HandlerConfig(arch="shapes_cnn", batch_size=1, max_images_per_request=1, max_queued_images=4)
+    fake.classes = 3
+    fake.classify_requests = fake
+    loop = ServingLoop(fake, "m", max_batch_delay_s=0.01)  # type: ignore[arg-type]
+
+    async def scenario():
+        first = asyncio.ensure_future(loop.serve(b"a", {}))
+        await until_started(fake)
+        queued = asyncio.ensure_future(loop.serve(b"b", {}))
+        while loop.queued_requests < 2:
+            await asyncio.sleep(0.005)
+        queued.cancel()  # its client left
+        await asyncio.sleep(0.05)
+        depth = (loop.queued_requests, loop.queued_images)
+        gate.set()
+        return depth, await first
+
+    depth, first = run(scenario())
+    assert depth == (1, 1) and first.status == 200
+    assert fake.batches == [[[b"a"]]]  # b was never run
+    assert (loop.queued_requests, loop.queued_images) == (0, 0)

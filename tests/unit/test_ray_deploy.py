@@ -71,7 +71,7 @@ def test_the_builder_sets_the_drain_the_replica_queue_and_autoscaling_from_the_m
     """A replica holds two batches' worth of requests (its own max_queued_images answers 503 with
     Retry-After past it; Ray's proxy queue is bounded too, with a Retry-After), drain_timeout_s to
     drain when Ray stops it, and threads = num_cpus."""
-    from handler.doors.ray_serve import replica_threads
+    from handler.devices import threads_for_cpus
     from handler.model.files import read_model
 
     shapes = str(ROOT / "models" / "shapes")
@@ -87,4 +87,4 @@ def test_the_builder_sets_the_drain_the_replica_queue_and_autoscaling_from_the_m
     assert (autoscaling.min_replicas, autoscaling.max_replicas, autoscaling.target_ongoing_requests) == (1, 4, 2.0)
     with pytest.raises(ValueError, match="not both"):
         app({"model": shapes, "num_replicas": "2", "max_replicas": "4"})
-    assert [replica_threads(c) for c in (0.5, 1, 1.9, 4)] == [1, 1, 1, 4]
+    assert [threads_for_cpus(c) for c in (0.5, 1, 1.9, 4)] == [1, 1, 1, 4]

@@ -12,6 +12,7 @@ import pytest
 
 from handler.classifier import BatchResult, ImageClassifier
 from handler.config import HandlerConfig
+from handler.decode.inputs import ImageInput
 from handler.errors import RequestError
 from handler.protocols import parse_request
 from handler.protocols.options import RequestOptions, from_headers, from_parameters
@@ -61,13 +62,30 @@ def test_each_wire_format_carries_the_request_parameters(payload, headers, want)
     (IMAGE, {"x-top-k": "1.5"}, "X-Top-K"),
     (IMAGE, {"x-request-timeout-ms": "0"}, "X-Request-Timeout-Ms"),
     (IMAGE, {"x-request-timeout-ms": "nan"}, "X-Request-Timeout-Ms"),
+    (IMAGE, {"x-request-timeout-ms": "1_000"}, "X-Request-Timeout-Ms"),
+    (IMAGE, {"x-top-k": "\u0663"}, "X-Top-K"),  # an Arabic-Indic 3: digits, but not ASCII
+    (IMAGE, {"x-request-deadline-ms": "1765090000"}, "Unix time in milliseconds"),  # seconds
     ({"images": [b64(IMAGE)], "top_k": 2}, {"x-top-k": "3"}, "top_k is given twice"),
+    ({"images": [b64(IMAGE)], "timeout_ms": 20}, {"x-request-timeout-ms": "30"}, "the timeout is given twice"),
 ])
 def test_a_bad_parameter_is_a_400_that_names_it(payload, headers, named):
     with pytest.raises(RequestError) as caught:
         parse_request(payload, max_images=4, headers=headers)
     assert caught.value.status == 400 and caught.value.code == "invalid_parameter"
     assert named in caught.value.message
+
+
+def test_a_transport_deadline_is_one_more_limit_never_a_conflict():
+    # The KServe door turns a gRPC call's deadline into this header; the request may set its own.
+    v2 = {"inputs": [{"name": "i", "shape": [1], "datatype": "BYTES", "data": [b64(IMAGE)]}],
+          "parameters": {"timeout": 1_000_000}}
+    options = parse_request(v2, max_images=4, headers={"x-transport-timeout-ms": "450.5"}).options
+    assert options == RequestOptions(timeout_s=1.0, transport_timeout_s=0.4505)
+    assert options.deadline(100.0) == pytest.approx(100.4505)  # the earliest
+
+
+def test_a_v2_timeout_of_zero_means_none_as_in_triton():
+    assert from_parameters({"timeout": 0}) == RequestOptions()
 
 
 def test_grpc_parameters_are_read_from_their_messages():
@@ -214,10 +232,18 @@ def test_a_flood_past_the_bound_gets_503_with_retry_after_and_readiness_follows(
 
 
 def test_retry_after_follows_the_measured_throughput():
-    loop, _, _ = make_loop(max_queued_images=8)
-    loop._report(BatchResult([], {"InferenceMs": 1000.0}, 4, 0), 1)  # 4 images/s measured
-    loop.queued_images = 8
-    assert loop.retry_after_s() == 2
+    loop, fake, _ = make_loop(max_queued_images=8)
+    assert loop.retry_after_s() == 1  # nothing measured yet
+    slow = fake.classify_requests
+
+    def one_image_in_half_a_second(requests, top_k):
+        time.sleep(0.5)
+        return slow(requests, top_k)
+
+    fake.classify_requests = one_image_in_half_a_second
+    loop._classify_timed([[ImageInput(b"x")]], [None])  # 2 images/s (a little less), by the wall clock
+    loop.queued_images = 7
+    assert loop.retry_after_s() == 4  # ceil(7 images / ~2 per s)
     loop.queued_images = 4000
     assert loop.retry_after_s() == 60  # capped
 
@@ -247,7 +273,7 @@ def test_the_models_default_timeout_applies_to_requests_without_their_own():
 
     async def scenario():
         fake.gate.clear()
-        long = asyncio.ensure_future(loop.serve(*raw(b"long")))
+        long = asyncio.ensure_future(loop.serve(*raw(b"long", **{"X-Request-Timeout-Ms": "5000"})))
         await until(fake.running.is_set)
         behind = [loop.serve(*raw(b"default")), loop.serve(*raw(b"own", **{"X-Request-Timeout-Ms": "5000"}))]
         waiting = asyncio.gather(*behind)
@@ -256,9 +282,7 @@ def test_the_models_default_timeout_applies_to_requests_without_their_own():
         return await waiting, await long
 
     (default, own), long = run(scenario())
-    assert default.status == 504 and own.status == 200
-    # `long` was received before the gate closed and ran at once: 30 ms hold it to nothing.
-    assert long.status == 200
+    assert default.status == 504 and own.status == 200 and long.status == 200
 
 
 def test_serve_batch_drops_an_expired_request_before_the_model():
