@@ -60,7 +60,7 @@ from handler.telemetry import BatchFigures, MetricSpec
 log = logging.getLogger("handler.doors.kserve_door")
 
 INPUT = "images"
-GRPC_ANSWER_MARGIN_MS = 50.0
+GRPC_ANSWER_MARGIN_MS = 250.0
 
 
 def _labels(spec: MetricSpec) -> list[str]:
@@ -144,10 +144,12 @@ def grpc_headers(context: Any) -> dict[str, str]:
     remaining = context.time_remaining() if hasattr(context, "time_remaining") else None
     if remaining is not None:
         # The 504 must reach the client before its deadline (else gRPC cancels the call and the
-        # client learns nothing): it leaves a little early, 10 % of the time left, at most 50 ms.
+        # client learns nothing, and a loaded event loop can be late by tens of ms): it leaves
+        # early, a quarter of the time left, at most 250 ms. A request whose batch has not started
+        # by then would not be answered in time anyway.
         # Its own field: a request may also set parameters.timeout; the earliest applies.
         remaining_ms = remaining * 1000.0
-        early_ms = max(remaining_ms - min(GRPC_ANSWER_MARGIN_MS, remaining_ms / 10), 0.001)
+        early_ms = max(remaining_ms - min(GRPC_ANSWER_MARGIN_MS, remaining_ms / 4), 0.001)
         headers[TRANSPORT_TIMEOUT_HEADER] = f"{early_ms:.3f}"
     return headers
 

@@ -192,7 +192,8 @@ def app(args: dict[str, Any]) -> Application:
             raise ValueError("give num_replicas, or min_replicas and max_replicas (autoscaling), not both")
         replicas = {"autoscaling_config": {
             "min_replicas": int(args.get("min_replicas", 1)), "max_replicas": int(args.get("max_replicas", 1)),
-            # Requests per replica Ray aims at: a full model batch of typical requests waiting.
+            # Requests per replica Ray aims at (requests, not images: of the 30+ image requests
+            # this door is made for, 2 are about two model batches).
             "target_ongoing_requests": float(args.get("target_ongoing_requests", 2))}}
     deployment = serve.deployment(
         name=name, **replicas,

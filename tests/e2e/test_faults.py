@@ -125,7 +125,8 @@ def test_full_job_queue_answers_503_and_recovers(fault_server):
     refused = next(r for r in burst if r.status_code == 503)
     assert refused.json()["code"] == 503 and refused.json()["type"] == "ServiceUnavailableException", refused.text
     assert "Retry-After" not in refused.headers  # TorchServe's, not the handler's: none to give
-    assert all(pending + free == JOB_QUEUE for pending, free in depths), depths
+    # Two counters read one after the other, during a burst: each pair within one of the bound.
+    assert all(abs(pending + free - JOB_QUEUE) <= 1 for pending, free in depths), depths
     assert max(pending for pending, _ in depths) > 0, depths  # the queue depth was visible
     for i in range(3):
         assert good_request(fault_server, 80 + i).status_code == 200

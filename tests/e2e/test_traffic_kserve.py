@@ -99,8 +99,8 @@ def test_a_flood_past_the_bound_gets_only_200_and_503_with_retry_after(door):
     for outcome in grpc_outcomes:  # gRPC: served, or UNAVAILABLE with the door's error
         assert outcome == "OK" or ("UNAVAILABLE" in outcome and "overloaded" in outcome), outcome
     codes = [r.status_code for r in flood]
-    assert set(codes) == {200, 503}, codes
-    assert codes.count(200) >= BOUND // 64, codes  # what fits was served
+    assert set(codes) <= {200, 503} and 503 in codes, codes
+    assert codes.count(200) + grpc_outcomes.count("OK") >= BOUND // 64, (codes, grpc_outcomes)  # what fits was served
     for refused in (r for r in flood if r.status_code == 503):
         assert refused.json()["error"] == "overloaded", refused.text
         assert int(refused.headers["Retry-After"]) >= 1
@@ -117,16 +117,22 @@ def test_a_flood_past_the_bound_gets_only_200_and_503_with_retry_after(door):
 
 
 def long_requests(door, pool, count: int = 4):
-    """Requests of 64 larger images each, which keep the door busy for a while."""
+    """Requests of 64 larger images each, which keep the door busy for a while; returns once the
+    door holds three of them (its queue gauge), so that what is sent next waits behind at least
+    two whole requests."""
     batch = images(64, seed=7, side=480)
-    return [pool.submit(requests.post, url(door, "v2"), json=v2_body(batch), timeout=120) for _ in range(count)]
+    sent = [pool.submit(requests.post, url(door, "v2"), json=v2_body(batch), timeout=120) for _ in range(count)]
+    deadline = time.monotonic() + 60
+    while metric(door, "image_classifier_queued_images") < 64 * 3:  # one runs, two wait
+        assert time.monotonic() < deadline, "the long requests never queued"
+        time.sleep(0.02)
+    return sent
 
 
 def test_a_deadline_behind_a_long_batch_is_a_504_and_never_decoded(door):
     expired_before = metric(door, "image_classifier_expired_requests_total")
     with futures.ThreadPoolExecutor(4) as pool:
         long = long_requests(door, pool)
-        time.sleep(0.2)
         # Not an image: decoded, it would be a 400; a 504 shows it never was.
         started = time.monotonic()
         late = requests.post(url(door, "v2"), json={"inputs": [{"name": "images", "shape": [1], "datatype": "BYTES",
@@ -141,13 +147,12 @@ def test_a_deadline_behind_a_long_batch_is_a_504_and_never_decoded(door):
     # The same through the body (v2 parameters.timeout, microseconds) and over gRPC (the call's deadline).
     with futures.ThreadPoolExecutor(4) as pool:
         long = long_requests(door, pool)
-        time.sleep(0.2)
         by_body = requests.post(url(door, "v2"), json=v2_body([b"not an image"], timeout=100_000), timeout=60)
         client = triton_grpc.InferenceServerClient(door.grpc_target)
         tensor = triton_grpc.InferInput("images", [1], "BYTES")
         tensor.set_data_from_numpy(np.array([b"not an image"], dtype=np.object_))
         with pytest.raises(InferenceServerException) as grpc_late:
-            client.infer(NAME, [tensor], client_timeout=0.5)
+            client.infer(NAME, [tensor], client_timeout=1.0)
         assert all(f.result().status_code == 200 for f in long)
     assert by_body.status_code == 504, by_body.text
     # The door answers a little before the call's deadline: the client reads the door's own error.
@@ -249,9 +254,10 @@ def test_sigterm_under_steady_load_drains_and_exits_0(tmp_path):
           f"outcomes: { {str(o): sum(x == o for _, _, x in outcomes) for o in seen} }")
     assert door.process.returncode == 0, log[-3000:]
     assert exited_s < 20.0 + 15.0, exited_s  # the drain timeout, and the servers' own stop
-    # Admitted requests (sent well before the signal) all got their 200, those in flight included.
-    assert [o for sent, _, o in outcomes if sent < signalled - 0.2] and \
-        {o for sent, _, o in outcomes if sent < signalled - 0.2} == {200}, outcomes
+    # Admitted requests (sent well before the signal: a 64-image body takes a while to arrive
+    # whole on a busy machine) all got their 200, those in flight included.
+    assert [o for sent, _, o in outcomes if sent < signalled - 1.0] and \
+        {o for sent, _, o in outcomes if sent < signalled - 1.0} == {200}, outcomes
     assert 200 in in_flight, in_flight
     # New ones were refused: 503 shutting_down while draining, then no listener.
     assert seen <= {200, "shutting_down", "refused"}, seen

@@ -89,9 +89,10 @@ def test_a_deadline_that_passes_in_torchserves_queue_is_a_504_and_the_images_are
     long_files = [(f"f{i}", PHOTOS[i % 3]) for i in range(64)]
     with futures.ThreadPoolExecutor(4) as pool:
         long = [pool.submit(post, server, "predictions", files=long_files) for _ in range(3)]
-        time.sleep(0.3)  # the long requests run: the next one waits in TorchServe's queue
+        time.sleep(0.3)  # they run (192 photos: over a second here); the next request waits its turn
         # Not an image at all: decoding it would be a 400, so a 504 shows it was never decoded.
-        deadline_ms = int((time.time() + 0.25) * 1000)
+        # Its deadline passes while it waits in TorchServe's queue, out of the handler's sight.
+        deadline_ms = int((time.time() + 0.1) * 1000)
         late = post(server, "predictions", data=b"not an image, never decoded",
                     headers={"X-Request-Deadline-Ms": str(deadline_ms), "Content-Type": "application/octet-stream"})
         assert all(f.result().status_code == 200 for f in long)
@@ -140,7 +141,7 @@ def test_torchserves_stop_resets_the_requests_in_flight_and_exits(model_store, t
         for thread in threads:
             thread.join(120)
         assert not any(t.is_alive() for t in threads), "a client hangs after the stop"
-        server.process.wait(60)
+        server.process.wait(60)  # raises if the server outlives the stop by a minute
         gone_s = time.monotonic() - stopped_at
     finally:
         server.stop()
@@ -152,4 +153,3 @@ def test_torchserves_stop_resets_the_requests_in_flight_and_exits(model_store, t
     assert outcomes.count("ConnectionError") + outcomes.count("ChunkedEncodingError") == 6  # every client cut off
     with pytest.raises(requests.ConnectionError):
         requests.get(f"{server.inference_url}/ping", timeout=5)
-    assert gone_s < 60
