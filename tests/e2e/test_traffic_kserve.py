@@ -116,14 +116,14 @@ def test_a_flood_past_the_bound_gets_only_200_and_503_with_retry_after(door):
     assert requests.post(url(door, "v2"), json=v2_body(batch[:3]), timeout=60).status_code == 200
 
 
-def long_requests(door, pool, count: int = 4):
-    """Requests of 64 larger images each, which keep the door busy for a while; returns once the
-    door holds three of them (its queue gauge), so that what is sent next waits behind at least
-    two whole requests."""
-    batch = images(64, seed=7, side=480)
+def long_requests(door, pool, count: int = 5):
+    """Requests of 64 larger images each (five: the door's bound), which keep the door busy for a
+    while; returns once the door holds two of them (its queue gauge), so that what is sent next
+    waits behind at least one whole request and the rest of the running one."""
+    batch = images(64, seed=7, side=800)
     sent = [pool.submit(requests.post, url(door, "v2"), json=v2_body(batch), timeout=120) for _ in range(count)]
     deadline = time.monotonic() + 60
-    while metric(door, "image_classifier_queued_images") < 64 * 3:  # one runs, two wait
+    while metric(door, "image_classifier_queued_images") < 64 * 2:  # one runs, one waits
         assert time.monotonic() < deadline, "the long requests never queued"
         time.sleep(0.02)
     return sent
@@ -131,7 +131,7 @@ def long_requests(door, pool, count: int = 4):
 
 def test_a_deadline_behind_a_long_batch_is_a_504_and_never_decoded(door):
     expired_before = metric(door, "image_classifier_expired_requests_total")
-    with futures.ThreadPoolExecutor(4) as pool:
+    with futures.ThreadPoolExecutor(5) as pool:
         long = long_requests(door, pool)
         # Not an image: decoded, it would be a 400; a 504 shows it never was.
         started = time.monotonic()
@@ -144,24 +144,47 @@ def test_a_deadline_behind_a_long_batch_is_a_504_and_never_decoded(door):
     assert late.json()["error"] == "deadline_exceeded"
     assert waited < 5.0, waited  # answered at its deadline, not after the long batches
     assert metric(door, "image_classifier_expired_requests_total") == expired_before + 1
-    # The same through the body (v2 parameters.timeout, microseconds) and over gRPC (the call's deadline).
-    with futures.ThreadPoolExecutor(4) as pool:
+    # The same through the body (v2 parameters.timeout, microseconds).
+    with futures.ThreadPoolExecutor(5) as pool:
         long = long_requests(door, pool)
         by_body = requests.post(url(door, "v2"), json=v2_body([b"not an image"], timeout=100_000), timeout=60)
-        client = triton_grpc.InferenceServerClient(door.grpc_target)
-        tensor = triton_grpc.InferInput("images", [1], "BYTES")
-        tensor.set_data_from_numpy(np.array([b"not an image"], dtype=np.object_))
-        with pytest.raises(InferenceServerException) as grpc_late:
-            client.infer(NAME, [tensor], client_timeout=1.0)
         assert all(f.result().status_code == 200 for f in long)
     assert by_body.status_code == 504, by_body.text
-    # The door answers a little before the call's deadline: the client reads the door's own error.
-    assert "DEADLINE_EXCEEDED" in str(grpc_late.value.status()), grpc_late.value
-    assert "deadline_exceeded" in grpc_late.value.message(), grpc_late.value.message()
-    assert metric(door, "image_classifier_expired_requests_total") == expired_before + 3
+    assert metric(door, "image_classifier_expired_requests_total") == expired_before + 2
     # A deadline not passed: the bad image is decoded, and is a 400.
     assert requests.post(url(door, "v2"), json=v2_body([b"not an image"]),
                          headers={"X-Request-Timeout-Ms": "30000"}, timeout=60).status_code == 400
+
+
+@pytest.fixture(scope="module")
+def slow_door(tmp_path_factory):
+    """A door whose batches wait 1.5 s to fill: a lone request waits that long, an idle server's
+    deterministic stand-in for a queue."""
+    model = demo_model_dir(tmp_path_factory.mktemp("slow") / NAME, compile=False)
+    instance = start_door(model, NAME, tmp_path_factory.mktemp("slow_door"), max_batch_delay_ms=1500)
+    try:
+        yield instance
+    finally:
+        instance.stop()
+
+
+def test_the_grpc_deadline_is_the_requests_own_and_its_504_arrives_before_it(slow_door):
+    client = triton_grpc.InferenceServerClient(slow_door.grpc_target)
+    tensor = triton_grpc.InferInput("images", [1], "BYTES")
+    tensor.set_data_from_numpy(np.array([b"not an image"], dtype=np.object_))
+    started = time.monotonic()
+    with pytest.raises(InferenceServerException) as late:
+        client.infer(NAME, [tensor], client_timeout=1.0, timeout=5_000_000)  # tritonclient sends parameters.timeout
+    waited = time.monotonic() - started
+    # The door answers a quarter of the time early: the client reads the door's own error, and a
+    # parameters.timeout beside the deadline is no conflict (the earliest applies).
+    assert "DEADLINE_EXCEEDED" in str(late.value.status()), late.value
+    assert "deadline_exceeded" in late.value.message(), late.value.message()
+    assert 0.6 < waited < 1.0, waited
+    # Without a deadline the same request waits for its batch, is decoded: INVALID_ARGUMENT.
+    with pytest.raises(InferenceServerException) as decoded:
+        client.infer(NAME, [tensor], client_timeout=30)
+    assert "INVALID_ARGUMENT" in str(decoded.value.status()) and "invalid_image" in decoded.value.message()
 
 
 def test_top_k_per_request_in_every_form_mixed_in_one_batch(door):
