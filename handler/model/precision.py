@@ -103,9 +103,9 @@ def resolve_precision(setting: str, device: torch.device, *, has_int8_program: b
             return "fp32", ("handler.precision is int8 but the model has no calibrated int8 program "
                             "(build the archive with scripts/build_mar.py --precision int8 --calibrate DIR)")
         if record is None or weights_hash is None or record.passed("int8", runtime, int8_sha256) is None:
-            return "fp32", (f"handler.precision is int8 but no gate record of these weights vouches for this int8 "
-                            f"program (a program the gate did not measure may be stale): build it again with "
-                            f"build_mar.py --precision int8 --calibrate DIR --eval DIR")
+            return "fp32", ("handler.precision is int8 but no gate record of these weights vouches for this int8 "
+                            "program (a program the gate did not measure may be stale): build it again with "
+                            "build_mar.py --precision int8 --calibrate DIR --eval DIR")
     if setting == "bf16" and device.type == "cpu" and bf16_is_fast() is None:
         return "bf16", "handler.precision is bf16 (bf16 is not faster than fp32 on this CPU: no AMX)"
     return setting, f"handler.precision is {setting}"
