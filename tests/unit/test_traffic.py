@@ -88,11 +88,23 @@ def test_a_v2_timeout_of_zero_means_none_as_in_triton():
     assert from_parameters({"timeout": 0}) == RequestOptions()
 
 
-def test_grpc_parameters_are_read_from_their_messages():
-    # KServe's gRPC InferRequest keeps request parameters as InferParameter messages.
-    from kserve.protocol.grpc.grpc_predict_v2_pb2 import InferParameter
+class InferParameterLike:
+    """Stands in for KServe's gRPC ``InferParameter`` message (a oneof ``parameter_choice``):
+    importing KServe's generated proto here would clash in the test process with tritonclient's,
+    which declares the same ``inference`` package. The real messages: tests/e2e/test_traffic_kserve.py."""
 
-    options = from_parameters({"top_k": InferParameter(int64_param=4), "timeout": InferParameter(int64_param=2000)})
+    def __init__(self, **field) -> None:
+        ((self.name, self.value),) = field.items()
+        setattr(self, self.name, self.value)
+
+    def WhichOneof(self, group: str) -> str:  # noqa: N802 (protobuf's name)
+        assert group == "parameter_choice"
+        return self.name
+
+
+def test_grpc_parameters_are_read_from_their_messages():
+    options = from_parameters({"top_k": InferParameterLike(int64_param=4),
+                               "timeout": InferParameterLike(int64_param=2000)})
     assert options == RequestOptions(4, 0.002)
 
 
