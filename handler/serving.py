@@ -120,10 +120,10 @@ class ServingLoop:
         if self.batcher is None:
             raise RuntimeError("this loop batches nothing itself (max_batch_delay_s is None): use serve_batch")
         deadline = self.deadline(request, received if received is not None else time.monotonic())
-        refusal = self.admit(len(request.images))
+        images = len(request.images)
+        refusal = self.admit(images)
         if refusal is not None:
             return refusal
-        images = len(request.images)
         self.queued_requests += 1
         self.queued_images += images
         try:

@@ -137,9 +137,10 @@ async def rejected_response(_request: Any, exc: RequestRejected | BatchFailed | 
 
 
 def grpc_headers(context: Any) -> dict[str, str]:
-    """KServe's gRPC metadata-to-headers, plus the call's deadline as ``X-Request-Timeout-Ms``:
-    gRPC consumes the client's ``grpc-timeout`` itself, and only the call's context tells how
-    long the client still waits. (KServe's servicer calls this for every ModelInfer.)"""
+    """KServe's gRPC metadata-to-headers, plus the call's deadline as the transport's timeout
+    (``TRANSPORT_TIMEOUT_HEADER``): gRPC consumes the client's ``grpc-timeout`` itself, and only
+    the call's context tells how long the client still waits. (KServe's servicer calls this for
+    every ModelInfer.)"""
     headers = _kserve_grpc_headers(context)
     remaining = context.time_remaining() if hasattr(context, "time_remaining") else None
     if remaining is not None:

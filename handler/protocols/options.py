@@ -104,11 +104,11 @@ def from_headers(headers: Mapping[str, str]) -> RequestOptions:
     )
 
 
-def from_body(top_k: Any = None, timeout_ms: Any = None, *, where: str = "") -> RequestOptions:
-    """The options a JSON body sets (``where`` names where they were, for the error)."""
+def from_body(top_k: Any = None, timeout_ms: Any = None) -> RequestOptions:
+    """The options a JSON images body sets."""
     return RequestOptions(
-        top_k=None if top_k is None else top_k_value(top_k, f"{where}top_k"),
-        timeout_s=None if timeout_ms is None else _positive(timeout_ms, f"{where}timeout_ms") / 1000.0,
+        top_k=None if top_k is None else top_k_value(top_k, "top_k"),
+        timeout_s=None if timeout_ms is None else _positive(timeout_ms, "timeout_ms") / 1000.0,
     )
 
 

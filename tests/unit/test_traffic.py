@@ -195,6 +195,14 @@ def run(scenario):
     return asyncio.run(asyncio.wait_for(scenario, TIMEOUT_S * 2))
 
 
+async def running_batch(loop: ServingLoop, fake: GatedClassifier, tag: bytes, **headers: str) -> asyncio.Future:
+    """A request whose batch runs and is held there (the gate closed) until the test opens it."""
+    fake.gate.clear()
+    held = asyncio.ensure_future(loop.serve(*raw(tag, **headers)))
+    await until(fake.running.is_set)
+    return held
+
+
 def test_requests_with_different_top_k_share_one_batch_and_each_gets_its_own():
     loop, fake, _ = make_loop()
 
@@ -219,9 +227,7 @@ def test_a_flood_past_the_bound_gets_503_with_retry_after_and_readiness_follows(
     loop, fake, recorder = make_loop(max_queued_images=8)  # two full batches
 
     async def scenario():
-        fake.gate.clear()
-        first = asyncio.ensure_future(loop.serve(*raw(b"first")))
-        await until(fake.running.is_set)
+        first = await running_batch(loop, fake, b"first")
         flood = [asyncio.ensure_future(loop.serve(b"x", {})) for _ in range(20)]
         await until(lambda: sum(f.done() for f in flood) >= 13)  # 7 fit beside the first, the others at once
         refused = [f.result() for f in flood if f.done()]
@@ -264,9 +270,7 @@ def test_a_request_whose_deadline_passes_behind_a_long_batch_gets_504_and_is_nev
     loop, fake, recorder = make_loop()
 
     async def scenario():
-        fake.gate.clear()
-        long = asyncio.ensure_future(loop.serve(*raw(b"long")))
-        await until(fake.running.is_set)
+        long = await running_batch(loop, fake, b"long")
         started = time.monotonic()
         late = await loop.serve(*raw(b"late", **{"X-Request-Timeout-Ms": "50"}))
         waited = time.monotonic() - started
@@ -284,9 +288,7 @@ def test_the_models_default_timeout_applies_to_requests_without_their_own():
     loop, fake, _ = make_loop(request_timeout_ms=30.0)
 
     async def scenario():
-        fake.gate.clear()
-        long = asyncio.ensure_future(loop.serve(*raw(b"long", **{"X-Request-Timeout-Ms": "5000"})))
-        await until(fake.running.is_set)
+        long = await running_batch(loop, fake, b"long", **{"X-Request-Timeout-Ms": "5000"})
         behind = [loop.serve(*raw(b"default")), loop.serve(*raw(b"own", **{"X-Request-Timeout-Ms": "5000"}))]
         waiting = asyncio.gather(*behind)
         await asyncio.sleep(0.2)
@@ -312,9 +314,7 @@ def test_draining_refuses_new_requests_and_waits_for_the_admitted():
     loop, fake, recorder = make_loop()
 
     async def scenario():
-        fake.gate.clear()
-        admitted = asyncio.ensure_future(loop.serve(*raw(b"admitted")))
-        await until(fake.running.is_set)
+        admitted = await running_batch(loop, fake, b"admitted")
         loop.start_draining()
         refused = await loop.serve(*raw(b"new"))
         too_soon = await loop.drained(timeout_s=0.05)
